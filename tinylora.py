@@ -1,0 +1,295 @@
+"""TinyLoRA: adapt every linear layer of a frozen LLM with a handful of numbers.
+
+"Learning to Reason in 13 Parameters" (Morris et al., 2026, arXiv 2602.04118, Sec. 3).
+For each adapted linear layer with frozen weight W (d_out x d_in):
+
+    W = U S V^T                 exact SVD in fp32, keep the top r: U (d_out, r), S (r,), V (d_in, r)
+    R = sum_i v_i P_i           v (u,) trainable, P (u, r, r) fixed random
+    W' = W + U diag(S) R V^T    forward: y = x W^T + ((x V) R^T diag(S)) U^T, dW never materialised
+
+One v is shared by a tie group of n_tie modules (default: all of them, so u=13 means 13
+trainable numbers). Choices this file makes, and why:
+  - v starts at exactly 0, so the adapted model is bit-identical to the base at step 0.
+  - SVD signs are canonicalised (largest-|entry| of each column of U is positive; V flips
+    with it): (u_i, v_i) and (-u_i, -v_i) are both valid SVDs but give different adapters,
+    so without this an adapter trained on a GPU would be a different model on a CPU.
+  - P is drawn on the CPU from torch.Generator(seed * 2**20 + module index), fp32, entries
+    N(0, 1/(u*r)): identical on every machine; with the 1/u factor the scale of R, and so
+    the useful learning rate, does not depend on u. (PEFT uses N(0, 1/r).)
+  - v is trained in fp32; with v_dtype bf16/fp16 the forward sees v rounded to that dtype
+    (straight-through gradient), so the saved adapter is exactly the trained model.
+  - Modules are ordered by depth, then type (q,k,v,o,gate,up,down); "tiled" ties
+    consecutive runs of n_tie in that order (the paper's better choice), "structured"
+    orders by type first, then depth.
+
+Use:  v = tinylora.apply(model, u=13)   # only v is trainable; see README.md
+Test: python -m pytest test_tinylora.py
+"""
+import hashlib
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TIE_MODES = ("tiled", "structured")
+V_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+P_SCALE = "normal(0, 1/(u*r))"  # recorded in every adapter file
+CACHE_DIR = os.environ.get("TINYLORA_CACHE", os.path.expanduser("~/.cache/tinylora"))
+CONFIG_KEYS = ("u", "r", "n_tie", "tie", "targets", "seed", "v_dtype", "p_scale", "modules", "fingerprint")
+
+# -----------------------------------------------------------------------------
+# which modules, in which order, tied how (names only: no weights needed)
+
+
+def find_modules(names, targets=TARGETS):
+    """Names of decoder-block linears to adapt, ordered by depth then target type."""
+    found = []
+    for name in names:
+        m = re.search(r"\.(\d+)\.", "." + name)  # the block index, e.g. model.layers.12.mlp.up_proj
+        kind = name.rsplit(".", 1)[-1]
+        if m and kind in targets:
+            found.append((int(m.group(1)), targets.index(kind), name))
+    return [name for _, _, name in sorted(found)]
+
+
+def tie_groups(modules, n_tie, tie="tiled", targets=TARGETS):
+    """Group index of each module (same order as `modules`): n_tie modules share one v."""
+    n = len(modules)
+    check(1 <= n_tie <= n, f"n_tie={n_tie} must be in [1, {n}] (the number of adapted modules)")
+    check(tie in TIE_MODES, f"tie={tie!r} must be one of {TIE_MODES}")
+    order = list(range(n))  # tiled: modules already sorted by depth, then type
+    if tie == "structured":
+        kind = lambda i: targets.index(modules[i].rsplit(".", 1)[-1])
+        order.sort(key=lambda i: (kind(i), i))  # by type, then depth
+    groups = [0] * n
+    for rank, i in enumerate(order):
+        groups[i] = rank // n_tie
+    return groups
+
+
+def check(ok, msg):
+    if not ok:
+        raise ValueError(msg)
+
+
+# -----------------------------------------------------------------------------
+# the frozen pieces: SVD (cached) and P
+
+
+def fingerprint(weights):
+    """Short hash of named weights from 4096 evenly spaced entries each, rounded to bf16, so a
+    bf16 and an fp32 load of one checkpoint agree on every device. It tells models and
+    fine-tunes apart; it does not notice a single edited entry."""
+    h = hashlib.sha256()
+    for name, W in weights:
+        idx = torch.linspace(0, W.numel() - 1, 4096, device=W.device).long()
+        sample = W.detach().reshape(-1)[idx].to(torch.bfloat16).view(torch.int16).cpu()
+        h.update(f"{name}{tuple(W.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def svd_top_r(W, r):
+    """Exact top-r SVD of W (d_out, d_in) in fp32 with canonical signs: U (d_out,r), S (r,), V (d_in,r)."""
+    U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+    U, S, V = U[:, :r], S[:r], Vh[:r].T
+    sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))  # (1, r): sign of the largest |entry|
+    return U * sign, S, V * sign
+
+
+def make_P(seed, index, u, r):
+    """The fixed random tensor P (u, r, r) of module `index`: CPU generator, fp32, N(0, 1/(u*r))."""
+    g = torch.Generator(device="cpu").manual_seed(seed * 2**20 + index)
+    return torch.randn(u, r, r, generator=g) / math.sqrt(u * r)
+
+
+def load_svd(linears, r, fp, cache_dir):
+    """[(U, S, V)] for each linear, from cache_dir when present, else computed and cached."""
+    path = cache_dir and os.path.join(cache_dir, f"svd-{fp}-r{r}.safetensors")
+    if path and os.path.exists(path):
+        t = load_file(path)
+        return [(t[f"{i}.U"], t[f"{i}.S"], t[f"{i}.V"]) for i in range(len(linears))]
+    out = [tuple(x.cpu() for x in svd_top_r(lin.weight, r)) for lin in linears]
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tensors = {f"{i}.{k}": x.contiguous() for i, usv in enumerate(out) for k, x in zip("USV", usv)}
+        save_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a killed run never leaves half a cache
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the adapted layer
+
+
+class TinyLoRALinear(nn.Module):
+    """y = base(x) + ((x V) R^T diag(S)) U^T with R = sum_i v[group]_i P_i. Only v trains."""
+
+    def __init__(self, base, U, S, V, P, v, group, v_dtype="fp32"):
+        super().__init__()
+        self.base, self.v, self.group, self.v_dtype = base, v, group, V_DTYPES[v_dtype]
+        dev = base.weight.device
+        # the definition, fp32: U (d_out, r), S (r,), V (d_in, r), P (u, r, r)
+        for k, x in zip("USVP", (U, S, V, P)):
+            self.register_buffer(k, x.to(dev, torch.float32), persistent=False)
+        self.register_buffer("US", self.U * self.S, persistent=False)  # U diag(S), fixed
+        self.register_buffer("V_x", self.V.to(base.weight.dtype), persistent=False)  # V in the compute dtype
+
+    def R(self):
+        v = self.v[self.group]  # (u,), fp32
+        if self.v_dtype != torch.float32:  # straight-through: forward sees v as it will be stored
+            v = v + (v.to(self.v_dtype).float() - v).detach()
+        return torch.einsum("i,ijk->jk", v, self.P)  # (r, r)
+
+    def delta_weight(self):
+        """dW = U diag(S) R V^T, fp32, (d_out, d_in)."""
+        return self.US @ self.R() @ self.V.T
+
+    def forward(self, x):
+        B = (self.US @ self.R()).to(x.dtype)  # (d_out, r): U diag(S) R, so dW = B V^T
+        return self.base(x) + (x @ self.V_x) @ B.T  # (..., d_in) -> (..., r) -> (..., d_out)
+
+
+def layers(model):
+    """[(hf_name, TinyLoRALinear)] in module order (depth, then type)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TinyLoRALinear)]
+
+
+# -----------------------------------------------------------------------------
+# apply / merge / save / load / export
+
+
+def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_dtype="fp32",
+          cache_dir=CACHE_DIR, verbose=True):
+    """Freeze `model`, wrap its target linears in TinyLoRALinear, return the shared v (n_groups, u).
+
+    n_tie=None ties all modules to one v. cache_dir=None disables the SVD cache.
+    Every argument is checked before any SVD is computed."""
+    check(not layers(model), "TinyLoRA is already applied to this model")
+    targets = tuple(targets)
+    named = dict(model.named_modules())
+    names = [n for n in find_modules(named, targets) if isinstance(named[n], nn.Linear)]
+    matched = {n.rsplit(".", 1)[-1] for n in names}
+    check(names and matched == set(targets),
+          f"targets {sorted(set(targets) - matched) or list(targets)} match no nn.Linear in a decoder block")
+    check(isinstance(u, int) and u >= 1, f"u={u} must be an integer >= 1")
+    max_r = min(min(named[n].weight.shape) for n in names)
+    check(isinstance(r, int) and 1 <= r <= max_r, f"r={r} must be in [1, {max_r}] (min(d_in, d_out) of the adapted layers)")
+    check(v_dtype in V_DTYPES, f"v_dtype={v_dtype!r} must be one of {list(V_DTYPES)}")
+    n_tie = len(names) if n_tie is None else n_tie
+    groups = tie_groups(names, n_tie, tie, targets)  # checks n_tie and tie
+
+    linears = [named[n] for n in names]
+    fp = fingerprint((n, lin.weight) for n, lin in zip(names, linears))
+    usv = load_svd(linears, r, fp, cache_dir)
+    dev = linears[0].weight.device
+    v = nn.Parameter(torch.zeros(max(groups) + 1, u, device=dev))  # exactly 0: step 0 == base model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i, (name, lin) in enumerate(zip(names, linears)):
+        parent, _, child = name.rpartition(".")
+        layer = TinyLoRALinear(lin, *usv[i], make_P(seed, i, u, r), v, groups[i], v_dtype)
+        setattr(model.get_submodule(parent), child, layer)
+    model.tinylora_v = v  # registered once on the model: model.parameters() yields it once
+    model.tinylora_config = dict(u=u, r=r, n_tie=n_tie, tie=tie, targets=list(targets), seed=seed,
+                                 v_dtype=v_dtype, p_scale=P_SCALE, modules=names, fingerprint=fp)
+    if verbose:
+        print(summary(model))
+    return v
+
+
+def summary(model):
+    c, v = model.tinylora_config, model.tinylora_v
+    nbytes = v.numel() * V_DTYPES[c["v_dtype"]].itemsize
+    return (f"TinyLoRA: {len(c['modules'])} modules, {v.shape[0]} tie groups ({c['tie']}, n_tie={c['n_tie']}), "
+            f"u={c['u']}, r={c['r']}: {v.numel()} trainable params = {nbytes} bytes in {c['v_dtype']}")
+
+
+@torch.no_grad()
+def merged_weights(model, dtype=None):
+    """Yield (hf_name, W + dW) for each adapted module, computed in fp32 from the untouched base
+    weight and cast to `dtype` (default: the base dtype). The model is not modified: this is what
+    weight sync into vLLM and export consume."""
+    for name, layer in layers(model):
+        W = layer.base.weight
+        yield f"{name}.weight", (W.float() + layer.delta_weight()).to(dtype or W.dtype)
+
+
+@torch.no_grad()
+def merge_and_unload(model):
+    """Write W + dW into each base linear and put the plain nn.Linear back (for export)."""
+    for (name, layer), (_, W) in zip(layers(model), list(merged_weights(model))):
+        layer.base.weight.copy_(W)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
+    del model.tinylora_v, model.tinylora_config
+    return model
+
+
+def save(model, path):
+    """The adapter: v in its storage dtype + the config needed to rebuild the rest. No pickle."""
+    c = model.tinylora_config
+    v = model.tinylora_v.detach().to(V_DTYPES[c["v_dtype"]]).cpu().contiguous()
+    tmp = path + ".tmp"
+    save_file({"v": v}, tmp, metadata={"tinylora": json.dumps(c)})
+    os.replace(tmp, path)  # atomic
+
+
+def read_config(path):
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    check("tinylora" in meta, f"{path} is not a TinyLoRA adapter (no 'tinylora' metadata)")
+    c = json.loads(meta["tinylora"])
+    missing, extra = set(CONFIG_KEYS) - set(c), set(c) - set(CONFIG_KEYS)
+    check(not missing and not extra, f"{path}: bad adapter config, missing {sorted(missing)}, unknown {sorted(extra)}")
+    check(c["p_scale"] == P_SCALE, f"{path}: P scaling {c['p_scale']!r} differs from this code's {P_SCALE!r}")
+    return c
+
+
+def load(model, path, cache_dir=CACHE_DIR, verbose=True):
+    """Apply TinyLoRA as recorded in `path` (if not applied yet) and load its v. Returns v.
+    Refuses an adapter made for another base model."""
+    c = read_config(path)
+    if not layers(model):
+        named = dict(model.named_modules())
+        check(all(n in named for n in c["modules"]), f"{path}: adapter modules are missing from this model")
+        fp = fingerprint((n, named[n].weight) for n in c["modules"])
+        check(fp == c["fingerprint"], f"{path} was trained on another base model (weights fingerprint "
+                                      f"{c['fingerprint']}, this model has {fp})")
+        apply(model, c["u"], c["r"], c["n_tie"], c["tie"], c["targets"], c["seed"], c["v_dtype"],
+              cache_dir, verbose)
+    mine = {k: x for k, x in model.tinylora_config.items()}
+    check(mine == c, f"{path}: adapter config differs from the TinyLoRA already applied to this model")
+    v = load_file(path)["v"]
+    check(v.shape == model.tinylora_v.shape, f"{path}: v has shape {tuple(v.shape)}, expected {tuple(model.tinylora_v.shape)}")
+    with torch.no_grad():
+        model.tinylora_v.copy_(v.float())
+    return model.tinylora_v
+
+
+def export_peft_lora(model, out_dir, base_model_name_or_path=""):
+    """Write the adapter as a standard rank-r LoRA (PEFT format, loadable by peft and vLLM's
+    --enable-lora): lora_A = V^T (r, d_in), lora_B = U diag(S) R (d_out, r), alpha = r so scale 1."""
+    os.makedirs(out_dir, exist_ok=True)
+    c, tensors = model.tinylora_config, {}
+    with torch.no_grad():
+        for name, layer in layers(model):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = layer.V.T.contiguous().cpu()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = (layer.US @ layer.R()).contiguous().cpu()
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=c["r"], lora_alpha=c["r"], lora_dropout=0.0,
+                  target_modules=c["targets"], bias="none", fan_in_fan_out=False, use_rslora=False,
+                  use_dora=False, base_model_name_or_path=base_model_name_or_path, inference_mode=True)
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def export_merged(model, out_dir):
+    """A plain Hugging Face checkpoint with W + dW merged (consumes the TinyLoRA wrapping)."""
+    merge_and_unload(model).save_pretrained(out_dir)
