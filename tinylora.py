@@ -98,9 +98,14 @@ def fingerprint(weights):
 def svd_top_r(W, r):
     """Exact top-r SVD of W (d_out, d_in) in fp32 with canonical signs: U (d_out,r), S (r,), V (d_in,r)."""
     U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
-    U, S, V = U[:, :r], S[:r], Vh[:r].T
-    sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))  # (1, r): sign of the largest |entry|
-    return U * sign, S, V * sign
+    U, V = canonical_signs(U[:, :r], Vh[:r].T)
+    return U, S[:r], V
+
+
+def canonical_signs(U, V):
+    """Flip each pair (u_i, v_i) so the largest-|entry| of u_i is positive (U V^T is unchanged)."""
+    sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))  # (1, r)
+    return U * sign, V * sign
 
 
 def make_P(seed, index, u, r):

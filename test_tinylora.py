@@ -1,0 +1,337 @@
+"""Tests of the TinyLoRA parameterization (tinylora.py): counts, shapes, gradients, equivalences.
+
+Each test is named after the claim it proves. All run on the CPU in seconds with a tiny
+random Qwen2 built in code (tiny.py, fixture `tiny_dir` in conftest.py).
+
+    python -m pytest test_tinylora.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import tinylora
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKENS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
+
+
+def load(tiny_dir, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype).eval()
+
+
+def logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def randomize(v, scale=0.5, seed=0):
+    with torch.no_grad():
+        v.copy_(scale * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def qwen_names(layers, hidden, mlp, heads, kv_heads):
+    """Module names of a real Hugging Face Qwen2 built on the meta device (no weights)."""
+    config = Qwen2Config(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=mlp,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=1024)
+    with torch.device("meta"):
+        return [n for n, _ in Qwen2ForCausalLM(config).named_modules()]
+
+
+QWEN7B = dict(layers=28, hidden=3584, mlp=18944, heads=28, kv_heads=4)
+
+# -----------------------------------------------------------------------------
+# counts and groups, from module names alone
+
+
+def test_qwen7b_has_196_modules_in_depth_then_type_order():
+    mods = tinylora.find_modules(qwen_names(**QWEN7B))
+    assert len(mods) == 196
+    assert mods[:8] == [f"model.layers.0.self_attn.{t}" for t in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        [f"model.layers.0.mlp.{t}" for t in ("gate_proj", "up_proj", "down_proj")] + ["model.layers.1.self_attn.q_proj"]
+    assert "lm_head" not in mods and mods[-1] == "model.layers.27.mlp.down_proj"
+
+
+@pytest.mark.parametrize("u,n_tie,expected", [(1, 1, 196), (13, None, 13), (13, 196, 13), (2, 7, 56), (1, 4, 49)])
+def test_qwen7b_param_counts(u, n_tie, expected):
+    mods = tinylora.find_modules(qwen_names(**QWEN7B))
+    groups = tinylora.tie_groups(mods, n_tie or len(mods))
+    assert (max(groups) + 1) * u == expected
+
+
+def test_tiled_vs_structured_membership():
+    mods = tinylora.find_modules(qwen_names(layers=2, hidden=128, mlp=256, heads=2, kv_heads=1))
+    # tiled: consecutive pairs in (depth, type) order
+    assert tinylora.tie_groups(mods, 2, "tiled") == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+    # structured: by type first -> q of both layers, k of both layers, ...
+    assert tinylora.tie_groups(mods, 2, "structured") == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6]
+    # uneven: the last group is smaller
+    assert tinylora.tie_groups(mods, 4, "tiled") == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 2
+
+
+def test_u13_all_tied_has_13_params(tiny_dir):
+    model = load(tiny_dir)
+    v = tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0] is v and v.numel() == 13
+    assert v.dtype == torch.float32 and torch.count_nonzero(v) == 0
+    assert "13 trainable params = 52 bytes in fp32" in tinylora.summary(model)
+
+
+# -----------------------------------------------------------------------------
+# the frozen pieces
+
+
+def test_shapes_of_U_S_V_P(tiny_dir):
+    model = load(tiny_dir)
+    v = tinylora.apply(model, u=5, r=3, n_tie=1, cache_dir=None, verbose=False)
+    assert v.shape == (14, 5)  # 2 layers x 7 modules, n_tie=1
+    for name, layer in tinylora.layers(model):
+        d_out, d_in = layer.base.weight.shape
+        assert layer.U.shape == (d_out, 3) and layer.S.shape == (3,) and layer.V.shape == (d_in, 3)
+        assert layer.P.shape == (5, 3, 3)
+        # U, V orthonormal columns; S the top singular values, descending
+        torch.testing.assert_close(layer.U.T @ layer.U, torch.eye(3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.V.T @ layer.V, torch.eye(3), atol=1e-5, rtol=0)
+        top = torch.linalg.svdvals(layer.base.weight.float())[:3]
+        torch.testing.assert_close(layer.S, top, atol=1e-5, rtol=1e-5)
+
+
+def test_sign_flipped_svd_gives_the_same_model():
+    W = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, V = U[:, :4], Vh[:4].T
+    flip = torch.tensor([1.0, -1.0, -1.0, 1.0])  # another valid SVD: (u_i, v_i) -> (-u_i, -v_i)
+    a, b = tinylora.canonical_signs(U, V), tinylora.canonical_signs(U * flip, V * flip)
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
+    R = torch.randn(4, 4)
+    dW = lambda U, V: U * S[:4] @ R @ V.T
+    assert not torch.allclose(dW(U, V), dW(U * flip, V * flip))  # why canonicalising matters
+    torch.testing.assert_close(dW(*a), dW(*b))
+    assert (a[0].gather(0, a[0].abs().argmax(0, keepdim=True)) > 0).all()
+
+
+def test_P_is_identical_across_processes():
+    code = "import tinylora, sys; from safetensors.torch import save_file; " \
+           "save_file({'P': tinylora.make_P(7, 3, 13, 2)}, sys.argv[1])"
+    path = os.path.join(HERE, ".pytest_cache", "P.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    subprocess.run([sys.executable, "-c", code, path], check=True, cwd=HERE)
+    P = tinylora.make_P(7, 3, 13, 2)
+    assert torch.equal(load_file(path)["P"], P) and P.shape == (13, 2, 2)
+    assert not torch.equal(P, tinylora.make_P(7, 4, 13, 2)) and not torch.equal(P, tinylora.make_P(8, 3, 13, 2))
+    assert abs(P.std().item() - (13 * 2) ** -0.5) < 0.1  # N(0, 1/(u r))
+
+
+def test_svd_cache_is_read_on_second_apply(tiny_dir, tmp_path, monkeypatch):
+    first = load(tiny_dir)
+    tinylora.apply(first, u=2, cache_dir=str(tmp_path), verbose=False)
+    assert len(list(tmp_path.glob("svd-*.safetensors"))) == 1
+
+    def no_svd(*a, **k):
+        raise AssertionError("SVD recomputed despite the cache")
+
+    monkeypatch.setattr(tinylora, "svd_top_r", no_svd)
+    second = load(tiny_dir)
+    tinylora.apply(second, u=2, cache_dir=str(tmp_path), verbose=False)
+    for (_, a), (_, b) in zip(tinylora.layers(first), tinylora.layers(second)):
+        assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)
+
+
+# -----------------------------------------------------------------------------
+# the adapted model: identity at 0, gradients, merge equivalence
+
+
+def test_zero_v_is_identity(tiny_dir):
+    base = logits(load(tiny_dir))
+    model = load(tiny_dir)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    assert torch.equal(logits(model), base)  # bit-identical, not just close
+
+
+def test_gradients_reach_v_and_nothing_else(tiny_dir):
+    model = load(tiny_dir)
+    v = tinylora.apply(model, u=4, n_tie=7, cache_dir=None, verbose=False)  # 2 groups: one per layer
+    model(TOKENS).logits.logsumexp(-1).sum().backward()
+    assert v.grad is not None and v.grad.shape == (2, 4)
+    assert (v.grad.abs() > 0).all()  # every group of every entry gets a signal, even at v = 0
+    assert all(p.grad is None for n, p in model.named_parameters() if p is not v)
+
+
+def test_gradient_matches_finite_difference(tiny_dir):
+    model = load(tiny_dir).double()
+    v = tinylora.apply(model, u=3, cache_dir=None, verbose=False)
+    randomize(v, 0.3)
+    loss = lambda: model(TOKENS).logits.double().logsumexp(-1).sum()
+    loss().backward()
+    e, eps = torch.zeros_like(v), 1e-4
+    e[0, 1] = eps
+    with torch.no_grad():
+        v += e
+        up = loss()
+        v -= 2 * e
+        down = loss()
+        v += e
+    assert abs((up - down).item() / (2 * eps) - v.grad[0, 1].item()) < 1e-4 * max(1, abs(v.grad[0, 1].item()))
+
+
+def test_forward_equals_merged_model(tiny_dir):
+    model = load(tiny_dir)
+    v = tinylora.apply(model, u=13, n_tie=3, cache_dir=None, verbose=False)
+    randomize(v, 2.0)
+    adapted = logits(model)
+    assert not torch.allclose(adapted, logits(load(tiny_dir)), atol=1e-3)  # v changed the model
+    merged = dict(tinylora.merged_weights(model))
+    assert len(merged) == 14 and all(k.endswith(".weight") for k in merged)
+    plain = load(tiny_dir)
+    plain.load_state_dict(merged, strict=False)
+    torch.testing.assert_close(logits(plain), adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(tinylora.merge_and_unload(model)), adapted, atol=1e-5, rtol=1e-5)
+    assert not tinylora.layers(model)
+
+
+def test_merged_weights_leave_the_model_untouched(tiny_dir):
+    model = load(tiny_dir)
+    v = tinylora.apply(model, u=2, cache_dir=None, verbose=False)
+    randomize(v)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    for name, W in tinylora.merged_weights(model, torch.bfloat16):
+        assert W.dtype == torch.bfloat16
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_bf16_base_keeps_fp32_v(tiny_dir):
+    model = load(tiny_dir, torch.bfloat16)
+    v = tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    randomize(v, 2.0)
+    out = model(TOKENS).logits
+    assert out.dtype == torch.bfloat16 and v.dtype == torch.float32
+    out.float().logsumexp(-1).sum().backward()
+    assert v.grad.dtype == torch.float32 and v.grad.abs().sum() > 0
+    ref = load(tiny_dir)  # the same adapter on the fp32 model
+    tinylora.apply(ref, u=13, cache_dir=None, verbose=False)
+    randomize(ref.tinylora_v, 2.0)
+    torch.testing.assert_close(out.float(), logits(ref), atol=0.15, rtol=0.05)
+
+
+# -----------------------------------------------------------------------------
+# the adapter file and exports
+
+
+def test_save_load_round_trip_reproduces_logits(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    v = tinylora.apply(model, u=13, n_tie=5, tie="structured", seed=3, cache_dir=None, verbose=False)
+    randomize(v)
+    path = str(tmp_path / "adapter.safetensors")
+    tinylora.save(model, path)
+    assert load_file(path)["v"].shape == (3, 13)
+    fresh = load(tiny_dir)
+    tinylora.load(fresh, path, cache_dir=None, verbose=False)
+    assert torch.equal(logits(fresh), logits(model))
+
+
+def test_u13_adapter_file_is_tiny(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    path = str(tmp_path / "a.safetensors")
+    tinylora.save(model, path)
+    assert load_file(path)["v"].numel() * 4 == 52
+    assert os.path.getsize(path) < 4096  # 52 bytes of v + a JSON header
+
+
+def test_bf16_v_dtype_saves_exactly_the_trained_model(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    v = tinylora.apply(model, u=13, v_dtype="bf16", cache_dir=None, verbose=False)
+    randomize(v, 0.3)
+    with torch.no_grad():
+        v += 1e-4  # fp32 values that bf16 rounds
+    path = str(tmp_path / "a.safetensors")
+    tinylora.save(model, path)
+    assert load_file(path)["v"].dtype == torch.bfloat16 and os.path.getsize(path) < 4096
+    fresh = load(tiny_dir)
+    tinylora.load(fresh, path, cache_dir=None, verbose=False)
+    assert torch.equal(logits(fresh), logits(model))  # the forward already saw bf16-rounded v
+    model(TOKENS).logits.sum().backward()
+    assert v.grad.abs().sum() > 0  # straight-through: rounding does not block the gradient
+
+
+def test_loading_onto_another_base_is_refused(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    path = str(tmp_path / "a.safetensors")
+    tinylora.save(model, path)
+    other = load(tiny_dir)
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # a "fine-tune" of the base
+    with pytest.raises(ValueError, match="another base model"):
+        tinylora.load(other, path, cache_dir=None, verbose=False)
+
+
+@pytest.mark.parametrize("edit", ["missing", "extra", "no_meta", "p_scale"])
+def test_bad_adapter_file_is_refused(tiny_dir, tmp_path, edit):
+    model = load(tiny_dir)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    c = dict(model.tinylora_config)
+    if edit == "missing":
+        del c["seed"]
+    elif edit == "extra":
+        c["alpha"] = 16
+    elif edit == "p_scale":
+        c["p_scale"] = "normal(0, 1/r)"
+    path = str(tmp_path / "bad.safetensors")
+    save_file({"v": torch.zeros(1, 13)}, path, metadata=None if edit == "no_meta" else {"tinylora": json.dumps(c)})
+    with pytest.raises(ValueError, match={"missing": "missing \\['seed'\\]", "extra": "unknown \\['alpha'\\]",
+                                          "no_meta": "not a TinyLoRA adapter", "p_scale": "P scaling"}[edit]):
+        tinylora.load(load(tiny_dir), path, cache_dir=None, verbose=False)
+
+
+def test_peft_lora_export_gives_the_same_logits(tiny_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = load(tiny_dir)
+    v = tinylora.apply(model, u=13, n_tie=2, cache_dir=None, verbose=False)
+    randomize(v, 2.0)
+    tinylora.export_peft_lora(model, str(tmp_path / "lora"), tiny_dir)
+    lora = peft.PeftModel.from_pretrained(load(tiny_dir), str(tmp_path / "lora")).eval()
+    torch.testing.assert_close(logits(lora), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_export_gives_the_same_logits(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    v = tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    randomize(v, 2.0)
+    adapted = logits(model)
+    tinylora.export_merged(model, str(tmp_path / "merged"))
+    torch.testing.assert_close(logits(load(str(tmp_path / "merged"))), adapted, atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# bad input: a ValueError naming the value and the range, before any SVD
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(u=0), "u=0 must be an integer >= 1"),
+    (dict(r=0), r"r=0 must be in \[1, 64\]"),
+    (dict(r=65), r"r=65 must be in \[1, 64\]"),
+    (dict(n_tie=0), r"n_tie=0 must be in \[1, 14\]"),
+    (dict(n_tie=15), r"n_tie=15 must be in \[1, 14\]"),
+    (dict(tie="random"), "tie='random' must be one of"),
+    (dict(v_dtype="int8"), "v_dtype='int8' must be one of"),
+    (dict(targets=("q_proj", "qkv_proj")), r"targets \['qkv_proj'\] match no nn.Linear"),
+])
+def test_bad_input_raises_before_any_svd(tiny_dir, monkeypatch, kwargs, match):
+    monkeypatch.setattr(tinylora, "svd_top_r", lambda *a: pytest.fail("SVD ran before validation"))
+    with pytest.raises(ValueError, match=match):
+        tinylora.apply(load(tiny_dir), cache_dir=None, verbose=False, **kwargs)
+
+
+def test_apply_twice_is_refused(tiny_dir):
+    model = load(tiny_dir)
+    tinylora.apply(model, u=1, cache_dir=None, verbose=False)
+    with pytest.raises(ValueError, match="already applied"):
+        tinylora.apply(model, u=1, cache_dir=None, verbose=False)
