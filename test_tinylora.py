@@ -132,6 +132,12 @@ def test_P_is_identical_across_processes():
     assert abs(P.std().item() - (13 * 2) ** -0.5) < 0.1  # N(0, 1/(u r))
 
 
+def test_fingerprint_samples_large_weights_in_bounds():
+    W = torch.zeros(2**24 + 2, dtype=torch.int8)  # fp32 index arithmetic would round past the end here
+    W[-1] = 1
+    assert tinylora.fingerprint([("w", W)]) != tinylora.fingerprint([("w", torch.zeros_like(W))])
+
+
 def test_svd_cache_is_read_on_second_apply(tiny_dir, tmp_path, monkeypatch):
     first = load(tiny_dir)
     tinylora.apply(first, u=2, cache_dir=str(tmp_path), verbose=False)

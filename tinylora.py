@@ -88,7 +88,7 @@ def fingerprint(weights):
     fine-tunes apart; it does not notice a single edited entry."""
     h = hashlib.sha256()
     for name, W in weights:
-        idx = torch.linspace(0, W.numel() - 1, 4096, device=W.device).long()
+        idx = torch.arange(4096, device=W.device) * (W.numel() - 1) // 4095  # int64: exact for any size
         sample = W.detach().reshape(-1)[idx].to(torch.bfloat16).view(torch.int16).cpu()
         h.update(f"{name}{tuple(W.shape)}".encode())
         h.update(sample.numpy().tobytes())
