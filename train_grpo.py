@@ -73,7 +73,7 @@ def parse_args(argv=None):
     a("--backend", default="vllm" if importlib.util.find_spec("vllm") else "hf", choices=["vllm", "hf"], help="rollout engine")
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="dtype of the base model (trainer and vLLM)")
     a("--gpu-memory-utilization", type=float, default=0.4, help="vLLM's share of GPU memory (on CPU: of RAM)")
-    a("--max-model-len", type=int, default=None, help="vLLM context length (default: max-new-tokens + 1024)")
+    a("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's own)")
     a("--seed", type=int, default=0, help="seeds data order, P, and sampling")
     a("--run-dir", default=None, help="where metrics.jsonl, checkpoints and the adapter go (default: runs/<time>)")
     a("--save-every", type=int, default=10, help="checkpoint every N steps (0: only at the end)")
@@ -198,7 +198,8 @@ def resume_args(args):
 
 def train(args, reward_fn=task.gsm8k_reward, llm=None):
     """Run GRPO; returns (model, path of the final adapter). `llm` may be an existing vLLM engine."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1  # (vLLM may initialise torch.distributed for itself)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     if args.resume:
         args = resume_args(args)
     check_args(args, world)
@@ -231,7 +232,7 @@ def train(args, reward_fn=task.gsm8k_reward, llm=None):
 
     if args.backend == "vllm" and llm is None:
         llm = task.make_llm(args.model, args.dtype, args.seed + rank, args.gpu_memory_utilization,
-                            args.max_model_len or args.max_new_tokens + 1024)
+                            args.max_model_len)
     sync = lambda: task.sync_weights(llm, tinylora.merged_weights(model)) if llm is not None else 0
 
     def generate(prompts, n, temperature, max_new_tokens):
@@ -374,8 +375,11 @@ def all_mean(m, world, device, v):
 
 if __name__ == "__main__":
     args = parse_args()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1  # started by torchrun
+    if ddp:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     train(args)
-    if dist.is_initialized():
+    if ddp:
         dist.destroy_process_group()
