@@ -247,8 +247,11 @@ def save(model, path):
 
 
 def read_config(path):
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # missing file, not safetensors
+        raise ValueError(f"{path}: cannot read a TinyLoRA adapter ({e})") from e
     check("tinylora" in meta, f"{path} is not a TinyLoRA adapter (no 'tinylora' metadata)")
     c = json.loads(meta["tinylora"])
     missing, extra = set(CONFIG_KEYS) - set(c), set(c) - set(CONFIG_KEYS)

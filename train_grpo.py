@@ -230,15 +230,15 @@ def train(args, reward_fn=task.gsm8k_reward, llm=None):
     start = load_checkpoint(run_dir, model, v, opt, sched) if args.resume else 0
     model.train()  # (Qwen2 has no dropout; this only turns gradient checkpointing on)
 
-    if args.backend == "vllm" and llm is None:
-        llm = task.make_llm(args.model, args.dtype, args.seed + rank, args.gpu_memory_utilization,
-                            args.max_model_len)
+    if args.backend == "vllm" and llm is None:  # the engine gets the trainer's resolved dtype ("auto" may differ)
+        llm = task.make_llm(args.model, str(model.dtype).removeprefix("torch."), args.seed + rank,
+                            args.gpu_memory_utilization, args.max_model_len)
     sync = lambda: task.sync_weights(llm, tinylora.merged_weights(model)) if llm is not None else 0
 
-    def generate(prompts, n, temperature, max_new_tokens):
+    def generate(prompts, n, temperature, max_new_tokens, seed=None):
         if llm is not None:
-            return task.generate_vllm(llm, prompts, n, temperature, max_new_tokens)
-        return task.generate_hf(model, tok, prompts, n, temperature, max_new_tokens)
+            return task.generate_vllm(llm, prompts, n, temperature, max_new_tokens, seed=seed)
+        return task.generate_hf(model, tok, prompts, n, temperature, max_new_tokens)  # seeded by torch's RNG
 
     eval_rows = task.load_rows(args.eval_data, split="test", limit=args.eval_limit) if args.eval_every else None
     wandb = __import__("wandb") if args.wandb and rank == 0 else None
@@ -260,7 +260,9 @@ def train(args, reward_fn=task.gsm8k_reward, llm=None):
             prompts = [task.build_prompt(tok, r["question"], kind) for r in batch]
 
             t0 = time.time()
-            out = generate(prompts, args.group_size, args.temperature, args.max_new_tokens)
+            # vLLM rollouts are seeded per (seed, step, rank, prompt): a resumed run samples the same
+            out = generate(prompts, args.group_size, args.temperature, args.max_new_tokens,
+                           seed=1000 * (100_000 * args.seed + step) + rank * len(prompts))
             t_gen = time.time() - t0
             seqs, n_prompt, logp_vllm, rewards = [], [], [], []
             for r, o in zip(batch, out):

