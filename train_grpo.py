@@ -361,12 +361,13 @@ def all_mean(m, world, device, v):
     every rank holds exactly the same v (a max and a min over u numbers)."""
     if world == 1:
         return m
-    keys = sorted(m)
+    keys = sorted(k for k in m if k not in ("step", "epoch"))
     x = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=device)
     mx = x.clone()
     dist.all_reduce(x)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX)
     out = {k: mx[i].item() if k == "is_max" else x[i].item() / (1 if k == "tokens" else world) for i, k in enumerate(keys)}
+    out.update(step=m["step"], epoch=m["epoch"])
     hi, lo = v.detach().clone(), -v.detach()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MAX)
@@ -383,5 +384,5 @@ if __name__ == "__main__":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     train(args)
-    if ddp:
+    if ddp and args.backend == "hf":  # with vLLM, its engine tears the process groups down at exit
         dist.destroy_process_group()
