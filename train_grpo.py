@@ -241,12 +241,21 @@ def train(args, reward_fn=task.gsm8k_reward, llm=None):
         return task.generate_hf(model, tok, prompts, n, temperature, max_new_tokens)  # seeded by torch's RNG
 
     eval_rows = task.load_rows(args.eval_data, split="test", limit=args.eval_limit) if args.eval_every else None
-    wandb = __import__("wandb") if args.wandb and rank == 0 else None
-    if wandb:
+    wandb = None
+    if args.wandb and rank == 0:
+        import wandb
         wandb.init(project=args.wandb, config=vars(args), resume="allow")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if start:
         sync()  # the engine starts from the base weights; bring it to the resumed v
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        if rank == 0:  # drop lines of steps after the checkpoint (a crash between checkpoints): they rerun
+            with open(metrics_path) as f:
+                keep = [line for line in f if json.loads(line)["step"] <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(keep)
+    if rank == 0:
+        print(f"data: {len(rows)} {kind} rows ({skipped} skipped), {steps_per_epoch} steps per epoch, "
+              f"steps {start} -> {total}, run dir {run_dir}")
     bar = tqdm(range(start, total), initial=start, total=total, desc="grpo", disable=rank != 0)
     m, state = {}, capture(start, v, opt, sched)
     try:
