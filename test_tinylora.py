@@ -179,7 +179,7 @@ def test_gradient_matches_finite_difference(tiny_dir):
     randomize(v, 0.3)
     loss = lambda: model(TOKENS).logits.double().logsumexp(-1).sum()
     loss().backward()
-    e, eps = torch.zeros_like(v), 1e-4  # (fp64 model: the difference quotient is exact to ~1e-8)
+    e, eps = torch.zeros_like(v), 1e-3  # v, P, U, S, V stay fp32 in an fp64 model: a wide step
     e[0, 1] = eps
     with torch.no_grad():
         v += e
@@ -187,7 +187,7 @@ def test_gradient_matches_finite_difference(tiny_dir):
         v -= 2 * e
         down = loss()
         v += e
-    assert abs((up - down).item() / (2 * eps) - v.grad[0, 1].item()) < 1e-4 * max(1, abs(v.grad[0, 1].item()))
+    assert abs((up - down).item() / (2 * eps) - v.grad[0, 1].item()) < 1e-3 * max(1, abs(v.grad[0, 1].item()))
 
 
 def test_forward_equals_merged_model(tiny_dir):
@@ -361,4 +361,6 @@ def test_adapter_trained_on_gpu_gives_the_same_model_on_cpu(tiny_dir, tmp_path):
     cpu = load(tiny_dir, device="cpu")
     tinylora.load(cpu, path, cache_dir=None, verbose=False)
     assert v.abs().min() > 0
-    torch.testing.assert_close(logits(cpu), logits(gpu).cpu(), atol=1e-4, rtol=1e-4)
+    base = logits(load(tiny_dir, device="cpu"))
+    assert (logits(cpu) - base).abs().max() > 0.1  # the adapter matters...
+    torch.testing.assert_close(logits(cpu), logits(gpu).cpu(), atol=1e-3, rtol=1e-3)  # ...and is the same model

@@ -17,6 +17,7 @@ import tinylora
 import train_grpo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_ONLY = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # 2 ranks on gloo, also on a 1-GPU machine
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +167,9 @@ def test_two_ranks_take_the_same_step_as_one_process(tiny_dir, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
     out = str(tmp_path / "v")
-    subprocess.run([sys.executable, str(script), HERE, tiny_dir, out + "1", "1"], check=True)
+    subprocess.run([sys.executable, str(script), HERE, tiny_dir, out + "1", "1"], check=True, env=CPU_ONLY)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                    str(script), HERE, tiny_dir, out + "2", "2"], check=True)
+                    str(script), HERE, tiny_dir, out + "2", "2"], check=True, env=CPU_ONLY)
     one, r0, r1 = (torch.load(p, weights_only=True) for p in (out + "1.0", out + "2.0", out + "2.1"))
     assert torch.equal(r0, r1)  # both ranks hold the same v
     assert one.abs().sum() > 0
@@ -180,7 +181,7 @@ def test_two_process_smoke_run_writes_one_metrics_file_and_adapter(tiny_dir, dat
            os.path.join(HERE, "train_grpo.py"), "--model", tiny_dir, "--data", data, "--run-dir", str(tmp_path / "run"),
            "--u", "3", "--prompts-per-step", "8", "--mini-batch", "4", "--group-size", "2", "--max-new-tokens", "4",
            "--steps", "2", "--backend", "hf", "--svd-cache", ""]
-    subprocess.run(cmd, check=True, cwd=tmp_path)
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=CPU_ONLY)
     assert [x["step"] for x in metrics(tmp_path / "run")] == [1, 2]
     assert tinylora.read_config(str(tmp_path / "run" / "adapter.safetensors"))["u"] == 3
     assert sorted(os.listdir(tmp_path / "run")) == ["adapter.safetensors", "args.json", "metrics.jsonl", "trainer_state.pt"]
