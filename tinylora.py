@@ -33,6 +33,7 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -144,7 +145,9 @@ class TinyLoRALinear(nn.Module):
         for k, x in zip("USVP", (U, S, V, P)):
             self.register_buffer(k, x.to(dev, torch.float32), persistent=False)
         self.register_buffer("US", self.U * self.S, persistent=False)  # U diag(S), fixed
-        self.register_buffer("V_x", self.V.to(base.weight.dtype), persistent=False)  # V in the compute dtype
+        # U diag(S) and V in the compute dtype (the same tensors when the base is fp32)
+        self.register_buffer("US_x", self.US.to(base.weight.dtype), persistent=False)
+        self.register_buffer("V_x", self.V.to(base.weight.dtype), persistent=False)
 
     def R(self):
         v = self.v[self.group]  # (u,), fp32
@@ -157,8 +160,12 @@ class TinyLoRALinear(nn.Module):
         return self.US @ self.R() @ self.V.T
 
     def forward(self, x):
-        B = (self.US @ self.R()).to(x.dtype)  # (d_out, r): U diag(S) R, so dW = B V^T
-        return self.base(x) + (x @ self.V_x) @ B.T  # (..., d_in) -> (..., r) -> (..., d_out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        h = (x2 @ self.V_x) @ self.R().T.to(x.dtype)  # (N, r): x V R^T; backward reads dy once, for dy U diag(S)
+        y = F.linear(h, self.US_x, self.base.bias)  # (N, d_out): x V R^T diag(S) U^T + b
+        # + x W^T, accumulated into y by the base GEMM itself (beta=1): no separate add pass over (N, d_out).
+        # At v = 0, h is exactly 0 and y exactly b (or 0), so the output is bit-identical to the base.
+        return y.addmm_(x2, self.base.weight.T).view(*x.shape[:-1], -1)
 
 
 def layers(model):
