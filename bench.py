@@ -156,7 +156,8 @@ def make_methods(base, args, results):
     cache = tempfile.mkdtemp(prefix="tinylora-svd-") if "init" in args.sections else tinylora.CACHE_DIR
     if "init" in args.sections:
         print(f"init: tinylora cold (SVD of every module, cache -> {cache}) ...", flush=True)
-        init["tinylora_cold"], _ = timed(lambda: tinylora.apply(clone(base), U, R, cache_dir=cache, verbose=False), args.device)
+        cold = lambda: tinylora.apply(clone(base), U, R, cache_dir=cache, verbose=False)
+        init["tinylora_cold"], _ = timed(cold, args.device)
     models = {"floor": base, "tinylora": clone(base)}
     init["tinylora_cached"], _ = timed(lambda: tinylora.apply(models["tinylora"], U, R, cache_dir=cache), args.device)
     print("init: peft_tinylora (SVD of every module) ...", flush=True)
@@ -256,7 +257,8 @@ def sync_one(path, model, rollout, dtype, t_token=None):
     with torch.no_grad():
         v.normal_(0, 1.0)  # a trained-looking v, so the sync visibly changes the model
     merged = lambda: tinylora.merged_weights(model, dtype)
-    t_merge = statistics.median(timed(lambda: list(merged()), device)[0] for _ in range(3))
+    # the merge alone, streamed (one merged weight alive at a time) as the sync consumes it
+    t_merge = statistics.median(timed(lambda: [None for _ in merged()], device)[0] for _ in range(3))
     t_sync = statistics.median(timed(lambda: vllm_sync(llm, merged()), device)[0] for _ in range(3))
 
     seq = prompts[0] + [21, 22, 23, 24, 30, 31]  # after the sync, vLLM's prompt logprobs == the adapted model's
@@ -273,7 +275,7 @@ def sync_one(path, model, rollout, dtype, t_token=None):
         ids = torch.randint(0, len(tok), (4, len(prompts[0]) + T), device=v.device)
         batch = (model.get_input_embeddings()(ids).detach(), ids)
         train_step(model, batch)  # warm-up
-        t_token = statistics.median(timed(lambda: train_step(model, batch), device)[0] for _ in range(2)) / batch[1].numel()
+        t_token = statistics.median(timed(lambda: train_step(model, batch), device)[0] for _ in range(2)) / ids.numel()
     with torch.no_grad():
         v.zero_()
     del llm
@@ -286,7 +288,7 @@ def sync_one(path, model, rollout, dtype, t_token=None):
 def bench_sync(models, args, results):
     # the merge alone at the benchmark's shape (also where vLLM is missing, e.g. the GPU machines)
     model = models["tinylora"]
-    t, _ = timed(lambda: sum(w.numel() for _, w in tinylora.merged_weights(model, args.dtype)), args.device)
+    t, _ = timed(lambda: [None for _ in tinylora.merged_weights(model, args.dtype)], args.device)
     results["merge_at_bench_shape"] = t
     try:
         import vllm  # noqa: F401
@@ -378,8 +380,8 @@ def report(results, args):
         add("|---|---|---|---|---|---|")
         for m in METHODS:
             t = tr[m] if tr else None
-            add(f"| {m} | {results['trainable'][m]:,} | {results['adapter_bytes_in_memory'][m] / 2**20:.1f} MiB | "
-                + (f"{t['us_per_token']:.1f} | {t['ratio']:.3f} ({t['ratio_min']:.3f}-{t['ratio_max']:.3f}) | " if t else "- | - | ")
+            speed = f"{t['us_per_token']:.1f} | {t['ratio']:.3f} ({t['ratio_min']:.3f}-{t['ratio_max']:.3f})" if t else "- | -"
+            add(f"| {m} | {results['trainable'][m]:,} | {results['adapter_bytes_in_memory'][m] / 2**20:.1f} MiB | {speed} | "
                 + (f"{mem[m] / 2**20:,.0f} MiB |" if mem else "- |"))
     if tr:
         ok = tr["tinylora"]["ratio"] <= 1.02 and tr["tinylora"]["ratio"] <= tr["peft_tinylora"]["ratio"]
@@ -397,20 +399,25 @@ def report(results, args):
     if isinstance(sync, str):
         add(f"\nsync: {sync}")
     elif sync:
-        add("\n| vLLM sync | rollout | generate s | train s (est.) | merge s | sync s (merge incl.) | sync share of step | max abs logprob diff |")
+        add("\n| vLLM sync | rollout | generate s | train s (est.) | merge s | sync s (merge incl.) | sync share of step "
+            "| max abs logprob diff vLLM vs HF after sync |")
         add("|---|---|---|---|---|---|---|---|")
         for shape, s in sync.items():
             add(f"| {shape} | {s['rollout']} | {s['t_generate']:.2f} | {s['t_train_est']:.2f} | {s['t_merge']:.4f} | "
                 f"{s['t_sync']:.4f} | {100 * s['sync_share']:.3f}% | {s['max_abs_logprob_diff']:.1e} |")
         shares = ", ".join(f"{shape} {100 * s['sync_share']:.3f}%" for shape, s in sync.items())
         goals["sync"] = (all(s["sync_share"] <= 0.01 for s in sync.values()),
-                         f"sync share of a step: {shares} (goal <= 1%; step = rollout generate + est. train on its tokens)")
+                         f"sync share of a step: {shares} (goal <= 1%; step = rollout generate + est. train "
+                         "on its tokens)")
     if "generate" in results:
         g = results["generate"]
         add(f"\nHF generate ({g['batch']}): {g['seconds']:.2f} s, {g['new_tokens_per_s']:,.0f} new tokens/s")
     if "grpo" in results:
         g = results["grpo"]
         add(f"\nGRPO ({g['steps']} steps): " + ", ".join(f"{k} {100 * s:.1f}%" for k, s in g["share"].items()))
+        if "t_sync" in g["share"]:  # the sync goal, measured on a real run
+            goals["grpo_sync"] = (g["share"]["t_sync"] <= 0.01, f"sync {100 * g['share']['t_sync']:.2f}% of the "
+                                                                "GRPO run's step time (goal <= 1%)")
     if "file" in results:
         add("\n| adapter file | bytes |\n|---|---|")
         for k, b in results["file"].items():
@@ -423,24 +430,24 @@ def report(results, args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="default: cuda if available")
     p.add_argument("--shape", default=None, choices=list(SHAPES), help="default: qwen0.5b on cpu, qwen7b on cuda")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on cpu, bf16 on cuda")
     p.add_argument("--vocab", type=int, default=None,
-                   help="vocab size; default: the shape's, cut to 32000 on cpu (saves RAM and time, same for all methods)")
+                   help="vocab size; default: the shape's, cut to 32000 on cpu (saves RAM and time; same for all)")
     p.add_argument("--batch", type=int, default=None, help="default: 2 on cpu, 8 on cuda")
     p.add_argument("--seq", type=int, default=None, help="default: 256 on cpu, 1024 on cuda")
-    p.add_argument("--reps", type=int, default=5, help="timed fwd+bwd repetitions per method (after one warm-up)")
+    p.add_argument("--reps", type=int, default=5, help="timed fwd+bwd repetitions per method, after a warm-up (5)")
     p.add_argument("--grad-ckpt", action="store_true", default=None, help="gradient checkpointing (default on cuda)")
-    p.add_argument("--rollout", default="64x4x128", help="prompts x n x new tokens of a rollout batch (tiny model)")
-    p.add_argument("--rollout-big", default="16x4x32", help="rollout batch at Qwen2.5-0.5B shapes in vLLM (CPU-sized)")
-    p.add_argument("--no-sync-big", dest="sync_big", action="store_false", help="skip vLLM at Qwen2.5-0.5B shapes")
+    p.add_argument("--rollout", default="64x4x128", help="prompts x n x new tokens of a rollout batch, tiny model (64x4x128)")
+    p.add_argument("--rollout-big", default="16x4x32", help="the same at the --shape model in vLLM (16x4x32: CPU-sized)")
+    p.add_argument("--no-sync-big", dest="sync_big", action="store_false", help="vLLM on the tiny model only")
     p.add_argument("--sections", default=None, help=f"comma list of {','.join(SECTIONS)}; "
                    "default: all but generate on cpu, all but sync on cuda; grpo only with --grpo-metrics")
     p.add_argument("--grpo-metrics", default=None, help="metrics.jsonl of a train_grpo.py run (grpo section)")
-    p.add_argument("--out", default="bench.json")
+    p.add_argument("--out", default="runs/bench.json", help="results as JSON (runs/bench.json)")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     args.shape = args.shape or ("qwen7b" if gpu else "qwen0.5b")
@@ -449,7 +456,8 @@ def parse_args(argv=None):
     args.batch, args.seq = args.batch or (8 if gpu else 2), args.seq or (1024 if gpu else 256)
     args.grad_ckpt = gpu if args.grad_ckpt is None else args.grad_ckpt
     args.rollout, args.rollout_big = [tuple(int(x) for x in r.split("x")) for r in (args.rollout, args.rollout_big)]
-    default = [s for s in SECTIONS if s != ("sync" if gpu else "generate") and s != "grpo"] + ["grpo"] * bool(args.grpo_metrics)
+    default = [s for s in SECTIONS if s not in ("sync" if gpu else "generate", "grpo")]
+    default += ["grpo"] if args.grpo_metrics else []
     args.sections = args.sections.split(",") if args.sections else default
     bad = set(args.sections) - set(SECTIONS)
     if bad:
@@ -483,6 +491,7 @@ def main(argv=None):
     goals = report(results, args)
     results["goals"] = {k: dict(ok=ok, text=text) for k, (ok, text) in goals.items()}
     results["seconds"], results["loadavg_end"] = time.perf_counter() - start, os.getloadavg()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     load = "/".join(f"{x:.1f}" for x in results["loadavg_start"][:1] + results["loadavg_end"][:1])
