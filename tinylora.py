@@ -279,8 +279,7 @@ def load(model, path, cache_dir=CACHE_DIR, verbose=True):
                                       f"{c['fingerprint']}, this model has {fp})")
         apply(model, c["u"], c["r"], c["n_tie"], c["tie"], c["targets"], c["seed"], c["v_dtype"],
               cache_dir, verbose)
-    mine = {k: x for k, x in model.tinylora_config.items()}
-    check(mine == c, f"{path}: adapter config differs from the TinyLoRA already applied to this model")
+    check(model.tinylora_config == c, f"{path}: adapter config differs from the TinyLoRA already applied to this model")
     v = load_file(path)["v"]
     check(v.shape == model.tinylora_v.shape, f"{path}: v has shape {tuple(v.shape)}, expected {tuple(model.tinylora_v.shape)}")
     with torch.no_grad():
