@@ -338,7 +338,8 @@ def main(argv=None):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
         if args.adapter:
             try:
-                tinylora.load(model, args.adapter, verbose=False)  # refuses an adapter of another base model
+                # refuses an adapter of another base model; for vLLM the merged weights are made once, not kept
+                tinylora.load(model, args.adapter, verbose=False, keep_merged=backend == "hf")
             except ValueError as e:
                 p.error(str(e))
     if backend == "vllm":

@@ -157,10 +157,12 @@ def test_svd_cache_is_read_on_second_apply(tiny_dir, tmp_path, monkeypatch):
 # the adapted model: identity at 0, gradients, merge equivalence
 
 
-def test_zero_v_is_identity(tiny_dir):
-    base = logits(load(tiny_dir))
-    model = load(tiny_dir)
-    tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keep_merged", [True, False])
+def test_zero_v_is_identity(tiny_dir, keep_merged, dtype):
+    base = logits(load(tiny_dir, dtype))
+    model = load(tiny_dir, dtype)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False, keep_merged=keep_merged)
     assert torch.equal(logits(model), base)  # bit-identical, not just close
 
 
@@ -173,9 +175,10 @@ def test_gradients_reach_v_and_nothing_else(tiny_dir):
     assert all(p.grad is None for n, p in model.named_parameters() if p is not v)
 
 
-def test_gradient_matches_finite_difference(tiny_dir):
+@pytest.mark.parametrize("keep_merged", [True, False])
+def test_gradient_matches_finite_difference(tiny_dir, keep_merged):
     model = load(tiny_dir).double()
-    v = tinylora.apply(model, u=3, cache_dir=None, verbose=False)
+    v = tinylora.apply(model, u=3, cache_dir=None, verbose=False, keep_merged=keep_merged)
     randomize(v, 0.3)
     loss = lambda: model(TOKENS).logits.double().logsumexp(-1).sum()
     loss().backward()
@@ -190,9 +193,10 @@ def test_gradient_matches_finite_difference(tiny_dir):
     assert abs((up - down).item() / (2 * eps) - v.grad[0, 1].item()) < 1e-3 * max(1, abs(v.grad[0, 1].item()))
 
 
-def test_forward_equals_merged_model(tiny_dir):
+@pytest.mark.parametrize("keep_merged", [True, False])
+def test_forward_equals_merged_model(tiny_dir, keep_merged):
     model = load(tiny_dir)
-    v = tinylora.apply(model, u=13, n_tie=3, cache_dir=None, verbose=False)
+    v = tinylora.apply(model, u=13, n_tie=3, cache_dir=None, verbose=False, keep_merged=keep_merged)
     randomize(v, 2.0)
     adapted = logits(model)
     assert not torch.allclose(adapted, logits(load(tiny_dir)), atol=1e-3)  # v changed the model
@@ -203,6 +207,71 @@ def test_forward_equals_merged_model(tiny_dir):
     torch.testing.assert_close(logits(plain), adapted, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits(tinylora.merge_and_unload(model)), adapted, atol=1e-5, rtol=1e-5)
     assert not tinylora.layers(model)
+
+
+def test_kept_merged_and_per_call_paths_agree_in_output_and_gradient(tiny_dir):
+    out, grad = {}, {}
+    for keep in (True, False):
+        model = load(tiny_dir)
+        v = tinylora.apply(model, u=5, n_tie=7, cache_dir=None, verbose=False, keep_merged=keep)
+        randomize(v, 1.0)
+        y = model(TOKENS).logits
+        y.logsumexp(-1).sum().backward()
+        out[keep], grad[keep] = y.detach(), v.grad
+    assert (grad[True].abs() > 0).all()
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad[True], grad[False], atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_dir):
+    grad = {}
+    for ckpt in (False, True):
+        model = load(tiny_dir).train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        v = tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+        randomize(v, 1.0)
+        model(TOKENS, use_cache=False).logits.logsumexp(-1).sum().backward()
+        grad[ckpt] = v.grad
+    assert grad[True].abs().sum() > 0
+    torch.testing.assert_close(grad[True], grad[False], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["adamw", "fused_adamw", "data", "load"])
+def test_kept_merged_weights_follow_every_change_of_v(tiny_dir, tmp_path, how):
+    model = load(tiny_dir)
+    v = tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    before = logits(model)
+    if how == "load":  # an adapter file with another v
+        other = load(tiny_dir)
+        randomize(tinylora.apply(other, u=13, cache_dir=None, verbose=False))
+        tinylora.save(other, str(tmp_path / "a.safetensors"))
+        tinylora.load(model, str(tmp_path / "a.safetensors"))
+    elif how == "data":  # bypasses autograd's version counter
+        v.data.copy_(torch.full_like(v, 0.3))
+    else:  # fused AdamW also leaves the version counter alone
+        opt = torch.optim.AdamW([v], lr=0.1, fused=True) if how == "fused_adamw" else torch.optim.AdamW([v], lr=0.1)
+        model(TOKENS).logits.logsumexp(-1).sum().backward()
+        opt.step()
+    assert v.abs().sum() > 0
+    fresh = load(tiny_dir)  # the per-call path with the same v: the reference
+    tinylora.apply(fresh, u=13, cache_dir=None, verbose=False, keep_merged=False)
+    with torch.no_grad():
+        fresh.tinylora_v.copy_(v)
+    after = logits(model)
+    assert not torch.allclose(after, before, atol=1e-4)
+    torch.testing.assert_close(after, logits(fresh), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_forward_runs_exactly_the_weights_sent_to_vllm(tiny_dir):
+    model = load(tiny_dir, torch.bfloat16)
+    randomize(tinylora.apply(model, u=13, cache_dir=None, verbose=False), 2.0)
+    adapted = logits(model)
+    merged = dict(tinylora.merged_weights(model))  # what train_grpo.py syncs into vLLM
+    assert all(merged[f"{n}.weight"] is layer.W_merged for n, layer in tinylora.layers(model))
+    plain = load(tiny_dir, torch.bfloat16)
+    plain.load_state_dict(merged, strict=False)
+    assert torch.equal(logits(plain), adapted)  # bit for bit, rounding of the tiny dW included
 
 
 def test_merged_weights_leave_the_model_untouched(tiny_dir):

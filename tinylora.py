@@ -5,7 +5,7 @@ For each adapted linear layer with frozen weight W (d_out x d_in):
 
     W = U S V^T                 exact SVD in fp32, keep the top r: U (d_out, r), S (r,), V (d_in, r)
     R = sum_i v_i P_i           v (u,) trainable, P (u, r, r) fixed random
-    W' = W + U diag(S) R V^T    forward: y = x W^T + ((x V) R^T diag(S)) U^T, dW never materialised
+    W' = W + U diag(S) R V^T
 
 One v is shared by a tie group of n_tie modules (default: all of them, so u=13 means 13
 trainable numbers). Choices this file makes, and why:
@@ -16,6 +16,11 @@ trainable numbers). Choices this file makes, and why:
   - P is drawn on the CPU from torch.Generator(seed * 2**20 + module index), fp32, entries
     N(0, 1/(u*r)): identical on every machine; with the 1/u factor the scale of R, and so
     the useful learning rate, does not depend on u. (PEFT uses N(0, 1/r).)
+  - W' is kept merged in the base dtype and recomputed (in fp32, from the untouched W) only
+    when v changes, so forward and input gradient are the frozen model's own GEMMs, and the
+    trainer runs exactly the weights synced into vLLM; the gradient of R needs only two skinny
+    products. The cost is one copy of the adapted weights; keep_merged=False computes
+    y = x W^T + ((x V) R^T diag(S)) U^T per call instead (dW never formed, slower).
   - v is trained in fp32; with v_dtype bf16/fp16 the forward sees v rounded to that dtype
     (straight-through gradient), so the saved adapter is exactly the trained model.
   - Modules are ordered by depth, then type (q,k,v,o,gate,up,down); "tiled" ties
@@ -134,12 +139,55 @@ def load_svd(linears, r, fp, cache_dir):
 # the adapted layer
 
 
-class TinyLoRALinear(nn.Module):
-    """y = base(x) + ((x V) R^T diag(S)) U^T with R = sum_i v[group]_i P_i. Only v trains."""
+class VStamp:
+    """Counts the changes of v, compared by value: optimizers that bypass autograd's version
+    counter (fused AdamW, writes through .data) are seen too. One host sync per check."""
 
-    def __init__(self, base, U, S, V, P, v, group, v_dtype="fp32"):
+    def __init__(self, v):
+        self.v, self.seen, self.n = v, None, 0
+
+    def check(self):
+        if self.seen is None or not torch.equal(self.v.detach(), self.seen):
+            self.seen, self.n = self.v.detach().clone(), self.n + 1
+
+
+class MergedLinear(torch.autograd.Function):
+    """y = x W'^T + b for a precomputed W' = W + U diag(S) R V^T, with gradients to x and R.
+
+    The forward and the input gradient are the frozen model's own GEMMs, with W' in place of W;
+    the only extra work is dL/dR = (dy U diag(S))^T (x V), two skinny products in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, R, W, bias, US, V):
+        ctx.save_for_backward(x, W, US, V)
+        return F.linear(x, W, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, W, US, V = ctx.saved_tensors
+        dx = dy @ W if ctx.needs_input_grad[0] else None
+        dR = None
+        if ctx.needs_input_grad[1]:
+            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+            dR = (dy2 @ US).float().T @ (x2 @ V).float()  # (r, r), summed over tokens in fp32
+        return dx, dR, None, None, None, None
+
+
+class TinyLoRALinear(nn.Module):
+    """A frozen nn.Linear adapted to W' = W + U diag(S) R V^T with R = sum_i v[group]_i P_i.
+
+    keep_merged=True (default): W' is kept in memory in the base dtype (one extra copy of the
+    adapted weights) and recomputed only when v changes, i.e. once per optimizer update. The
+    forward and the input gradient then cost exactly what the frozen model's do, and the model
+    computes with exactly the weights that are synced into vLLM. v's change is detected when
+    module 0 runs (first = True), which a forward of the whole model always does first.
+    keep_merged=False: y = x W^T + ((x V) R^T diag(S)) U^T per call, no extra weight memory,
+    slower (skinny products over the activations in the forward and the backward)."""
+
+    def __init__(self, base, U, S, V, P, v, group, v_dtype="fp32", stamp=None, first=False):
         super().__init__()
         self.base, self.v, self.group, self.v_dtype = base, v, group, V_DTYPES[v_dtype]
+        self.stamp, self.first, self.merged_at = stamp, first, None  # stamp None: keep_merged=False
         dev = base.weight.device
         # the definition, fp32: U (d_out, r), S (r,), V (d_in, r), P (u, r, r)
         for k, x in zip("USVP", (U, S, V, P)):
@@ -148,6 +196,7 @@ class TinyLoRALinear(nn.Module):
         # U diag(S) and V in the compute dtype (the same tensors when the base is fp32)
         self.register_buffer("US_x", self.US.to(base.weight.dtype), persistent=False)
         self.register_buffer("V_x", self.V.to(base.weight.dtype), persistent=False)
+        self.register_buffer("W_merged", None, persistent=False)  # W' in the base dtype, if kept
 
     def R(self):
         v = self.v[self.group]  # (u,), fp32
@@ -159,13 +208,29 @@ class TinyLoRALinear(nn.Module):
         """dW = U diag(S) R V^T, fp32, (d_out, d_in)."""
         return self.US @ self.R() @ self.V.T
 
+    @torch.no_grad()
+    def merged(self, dtype=None):
+        """W' = W + dW, added in fp32 (or wider) from the untouched base W, cast to `dtype`
+        (default: the base dtype). With keep_merged, the kept copy (refreshed if v changed)."""
+        W = self.base.weight
+        dtype = dtype or W.dtype
+        if self.stamp is None or dtype != W.dtype:
+            return (W + self.delta_weight()).to(dtype)  # type promotion: a bf16 W is added in fp32
+        if self.first:
+            self.stamp.check()
+        if self.merged_at != self.stamp.n:
+            self.W_merged, self.merged_at = None, None  # free the old copy before making the new one
+            self.W_merged, self.merged_at = (W + self.delta_weight()).to(dtype), self.stamp.n
+        return self.W_merged
+
     def forward(self, x):
+        if self.stamp is not None:
+            return MergedLinear.apply(x, self.R(), self.merged(), self.base.bias, self.US_x, self.V_x)
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-        h = (x2 @ self.V_x) @ self.R().T.to(x.dtype)  # (N, r): x V R^T; backward reads dy once, for dy U diag(S)
-        y = F.linear(h, self.US_x, self.base.bias)  # (N, d_out): x V R^T diag(S) U^T + b
-        # + x W^T, accumulated into y by the base GEMM itself (beta=1): no separate add pass over (N, d_out).
-        # At v = 0, h is exactly 0 and y exactly b (or 0), so the output is bit-identical to the base.
-        return y.addmm_(x2, self.base.weight.T).view(*x.shape[:-1], -1)
+        y = F.linear(x2, self.base.weight, self.base.bias)  # exactly the frozen layer's output
+        h = (x2 @ self.V_x) @ self.R().T.to(x.dtype)  # (N, r): x V R^T
+        # + h diag(S) U^T, accumulated into y in place (no extra pass); adds exact zeros at v = 0
+        return y.addmm_(h, self.US_x.T).view(*x.shape[:-1], -1)
 
 
 def layers(model):
@@ -178,10 +243,11 @@ def layers(model):
 
 
 def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_dtype="fp32",
-          cache_dir=CACHE_DIR, verbose=True):
+          cache_dir=CACHE_DIR, verbose=True, keep_merged=True):
     """Freeze `model`, wrap its target linears in TinyLoRALinear, return the shared v (n_groups, u).
 
-    n_tie=None ties all modules to one v. cache_dir=None disables the SVD cache.
+    n_tie=None ties all modules to one v. cache_dir=None disables the SVD cache. keep_merged:
+    see TinyLoRALinear (fast, one extra copy of the adapted weights; False saves that memory).
     Every argument is checked before any SVD is computed."""
     check(not layers(model), "TinyLoRA is already applied to this model")
     targets = tuple(targets)
@@ -202,11 +268,12 @@ def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_
     usv = load_svd(linears, r, fp, cache_dir)
     dev = linears[0].weight.device
     v = nn.Parameter(torch.zeros(max(groups) + 1, u, device=dev))  # exactly 0: step 0 == base model
+    stamp = VStamp(v) if keep_merged else None  # shared by all modules: when to recompute W'
     for p in model.parameters():
         p.requires_grad_(False)
     for i, (name, lin) in enumerate(zip(names, linears)):
         parent, _, child = name.rpartition(".")
-        layer = TinyLoRALinear(lin, *usv[i], make_P(seed, i, u, r), v, groups[i], v_dtype)
+        layer = TinyLoRALinear(lin, *usv[i], make_P(seed, i, u, r), v, groups[i], v_dtype, stamp, first=i == 0)
         setattr(model.get_submodule(parent), child, layer)
     model.tinylora_v = v  # registered once on the model: model.parameters() yields it once
     model.tinylora_config = dict(u=u, r=r, n_tie=n_tie, tie=tie, targets=list(targets), seed=seed,
@@ -226,11 +293,11 @@ def summary(model):
 @torch.no_grad()
 def merged_weights(model, dtype=None):
     """Yield (hf_name, W + dW) for each adapted module, computed in fp32 from the untouched base
-    weight and cast to `dtype` (default: the base dtype). The model is not modified: this is what
-    weight sync into vLLM and export consume."""
-    for name, layer in layers(model):
-        W = layer.base.weight
-        yield f"{name}.weight", (W.float() + layer.delta_weight()).to(dtype or W.dtype)
+    weight and cast to `dtype` (default: the base dtype). The base weights are not modified. This
+    is what weight sync into vLLM and export consume; with keep_merged, in the base dtype, these
+    are the very tensors the model's forward uses."""
+    for name, layer in layers(model):  # module 0 first: it checks whether v changed
+        yield f"{name}.weight", layer.merged(dtype)
 
 
 @torch.no_grad()
@@ -267,7 +334,7 @@ def read_config(path):
     return c
 
 
-def load(model, path, cache_dir=CACHE_DIR, verbose=True):
+def load(model, path, cache_dir=CACHE_DIR, verbose=True, keep_merged=True):
     """Apply TinyLoRA as recorded in `path` (if not applied yet) and load its v. Returns v.
     Refuses an adapter made for another base model."""
     c = read_config(path)
@@ -278,7 +345,7 @@ def load(model, path, cache_dir=CACHE_DIR, verbose=True):
         check(fp == c["fingerprint"], f"{path} was trained on another base model (weights fingerprint "
                                       f"{c['fingerprint']}, this model has {fp})")
         apply(model, c["u"], c["r"], c["n_tie"], c["tie"], c["targets"], c["seed"], c["v_dtype"],
-              cache_dir, verbose)
+              cache_dir, verbose, keep_merged)
     check(model.tinylora_config == c, f"{path}: adapter config differs from the TinyLoRA already applied to this model")
     v = load_file(path)["v"]
     check(v.shape == model.tinylora_v.shape, f"{path}: v has shape {tuple(v.shape)}, expected {tuple(model.tinylora_v.shape)}")
