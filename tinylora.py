@@ -152,25 +152,26 @@ class VStamp:
 
 
 class MergedLinear(torch.autograd.Function):
-    """y = x W'^T + b for a precomputed W' = W + U diag(S) R V^T, with gradients to x and R.
+    """y = x W'^T + b for a precomputed W' = W + U diag(S) R V^T, R = sum_i v_i P_i; gradients to x and v.
 
     The forward and the input gradient are the frozen model's own GEMMs, with W' in place of W;
-    the only extra work is dL/dR = (dy U diag(S))^T (x V), two skinny products in the backward."""
+    the extra work is dL/dR = (dy U diag(S))^T (x V) (two skinny products) and dL/dv_i = <dL/dR, P_i>."""
 
     @staticmethod
-    def forward(ctx, x, R, W, bias, US, V):
-        ctx.save_for_backward(x, W, US, V)
+    def forward(ctx, x, v, W, bias, US, V, P):
+        ctx.save_for_backward(x, W, US, V, P)
         return F.linear(x, W, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, W, US, V = ctx.saved_tensors
+        x, W, US, V, P = ctx.saved_tensors
         dx = dy @ W if ctx.needs_input_grad[0] else None
-        dR = None
+        dv = None
         if ctx.needs_input_grad[1]:
             dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
             dR = (dy2 @ US).float().T @ (x2 @ V).float()  # (r, r), summed over tokens in fp32
-        return dx, dR, None, None, None, None
+            dv = P.flatten(1) @ dR.flatten()  # (u,)
+        return dx, dv, None, None, None, None, None
 
 
 class TinyLoRALinear(nn.Module):
@@ -198,11 +199,16 @@ class TinyLoRALinear(nn.Module):
         self.register_buffer("V_x", self.V.to(base.weight.dtype), persistent=False)
         self.register_buffer("W_merged", None, persistent=False)  # W' in the base dtype, if kept
 
-    def R(self):
-        v = self.v[self.group]  # (u,), fp32
-        if self.v_dtype != torch.float32:  # straight-through: forward sees v as it will be stored
+    def v_row(self):
+        """This module's v (u,), fp32, as the forward sees it: rounded to v_dtype (straight-through)."""
+        v = self.v[self.group]
+        if self.v_dtype != torch.float32:
             v = v + (v.to(self.v_dtype).float() - v).detach()
-        return torch.einsum("i,ijk->jk", v, self.P)  # (r, r)
+        return v
+
+    def R(self):
+        """R = sum_i v_i P_i, (r, r)."""
+        return (self.v_row() @ self.P.flatten(1)).view(self.P.shape[1:])
 
     def delta_weight(self):
         """dW = U diag(S) R V^T, fp32, (d_out, d_in)."""
@@ -225,7 +231,7 @@ class TinyLoRALinear(nn.Module):
 
     def forward(self, x):
         if self.stamp is not None:
-            return MergedLinear.apply(x, self.R(), self.merged(), self.base.bias, self.US_x, self.V_x)
+            return MergedLinear.apply(x, self.v_row(), self.merged(), self.base.bias, self.US_x, self.V_x, self.P)
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         y = F.linear(x2, self.base.weight, self.base.bias)  # exactly the frozen layer's output
         h = (x2 @ self.V_x) @ self.R().T.to(x.dtype)  # (N, r): x V R^T
