@@ -17,6 +17,7 @@ ratios are medians of per-repetition ratios to the floor.
     python bench.py                                  # CPU: Qwen2.5-0.5B shapes (vocab cut to 32000), fp32
     python bench.py --device cuda --shape qwen7b     # GPU: Qwen2.5-7B shapes, bf16, 8 x 1024, grad ckpt
     python bench.py --sections train,memory --reps 9
+    python bench.py --device cuda --shape qwen7b --layers 4 --no-grad-ckpt --sections train
     python bench.py --sections grpo --grpo-metrics runs/x/metrics.jsonl
 
 Sections: init, train (fwd+bwd time per token), memory (peak), sync (merged weights into an
@@ -110,6 +111,7 @@ def median_ratio(times, ref):
 def build_base(args):
     """The frozen random-weight base model of args.shape (seed 0), on args.device in args.dtype."""
     shape = dict(SHAPES[args.shape], vocab_size=args.vocab)
+    shape["num_hidden_layers"] = args.layers or shape["num_hidden_layers"]
     config = Qwen2Config(**shape, max_position_embeddings=max(4096, args.seq), use_cache=False)
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -453,6 +455,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=None, help="default: 256 on cpu, 1024 on cuda")
     p.add_argument("--reps", type=int, default=5, help="timed fwd+bwd repetitions per method, after a warm-up (5)")
     p.add_argument("--grad-ckpt", action="store_true", default=None, help="gradient checkpointing (default on cuda)")
+    p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="no gradient checkpointing")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's); a slice is quicker")
     p.add_argument("--rollout", default="64x4x128", help="prompts x n x new tokens of a rollout batch, tiny model (64x4x128)")
     p.add_argument("--rollout-big", default="16x4x32", help="the same at the --shape model in vLLM (16x4x32: CPU-sized)")
     p.add_argument("--no-sync-big", dest="sync_big", action="store_false", help="vLLM on the tiny model only")
@@ -482,7 +486,7 @@ def main(argv=None):
     start = time.perf_counter()
     cut = f" (cut from {SHAPES[args.shape]['vocab_size']})" if args.vocab != SHAPES[args.shape]["vocab_size"] else ""
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    print(f"bench: {args.shape} shapes, vocab {args.vocab}{cut}, {args.dtype}, {device_name}, batch {args.batch} x "
+    print(f"bench: {args.shape} shapes{f' ({args.layers} layers)' if args.layers else ''}, vocab {args.vocab}{cut}, {args.dtype}, {device_name}, batch {args.batch} x "
           f"{args.seq}, grad ckpt {args.grad_ckpt}, u={U} r={R} on {len(tinylora.TARGETS)} module types, "
           f"sections {','.join(args.sections)}", flush=True)
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__, "device": device_name,

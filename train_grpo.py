@@ -9,9 +9,11 @@ Each step (the paper's GSM8K recipe, DESIGN.md "GRPO"):
         -min(ratio * A, clip(ratio, 1 - 0.2, 1 + 0.4) * A) * min(exp(logp_old - logp_vllm), 2)
      with ratio = exp(logp - logp_old); the last factor is truncated importance sampling,
      which corrects for vLLM sampling from a slightly different model than the trainer's
-     (bf16 merge of a tiny dW, other kernels). AdamW on v only, grad clip 1.0, warmup 5%.
+     (other kernels; with --low-memory also the bf16 rounding of W + dW, which the trainer
+     then does not see). AdamW on v only, grad clip 1.0, warmup 5%.
   5. sync: the merged weights W + dW of the adapted modules (fp32 from the pristine base,
-     never merged in place) are loaded into vLLM after every update; nothing else is re-sent.
+     never merged in place; by default the very tensors the trainer computes with) are
+     loaded into vLLM after every update; nothing else is re-sent.
 Simplifications on purpose: no KL term, no entropy bonus, no reference model, one epoch
 per batch. Multi-GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel: each
 rank its own engine and prompts; v's gradient, u numbers, is all-reduced).
@@ -70,7 +72,7 @@ def parse_args(argv=None):
     a("--warmup", type=float, default=0.05, help="fraction of updates with a linear lr warmup, then constant")
     a("--grad-ckpt", action="store_true", help="gradient checkpointing in the trainer (less memory, ~30%% slower)")
     a("--low-memory", action="store_true", help="do not keep merged W + dW weights in the trainer (saves one "
-      "copy of the adapted weights, ~13 GB at 7B in bf16; training fwd+bwd becomes ~1.1-1.25x slower)")
+      "copy of the adapted weights, 12.5 GiB at 7B in bf16; training fwd+bwd 7-11%% slower on an H100)")
     # machinery
     a("--backend", default="vllm" if importlib.util.find_spec("vllm") else "hf", choices=["vllm", "hf"], help="rollout engine")
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="dtype of the base model (trainer and vLLM)")
