@@ -262,8 +262,11 @@ def sync_one(path, model, rollout, dtype, t_token=None):
     v = model.tinylora_v
     with torch.no_grad():
         v.normal_(0, 1.0)  # a trained-looking v, so the sync visibly changes the model
-    merged = lambda: tinylora.merged_weights(model, dtype)
-    # the merge alone, streamed (one merged weight alive at a time) as the sync consumes it
+
+    def merged():  # v changed, as after an optimizer update: every kept W + dW is recomputed
+        with torch.no_grad():
+            v.add_(1e-3)
+        return tinylora.merged_weights(model, dtype)
     t_merge = statistics.median(timed(lambda: [None for _ in merged()], device)[0] for _ in range(3))
     t_sync = statistics.median(timed(lambda: vllm_sync(llm, merged()), device)[0] for _ in range(3))
 
@@ -330,7 +333,7 @@ def bench_sync(models, args, results):
             base.save_pretrained(path)
             tok.save_pretrained(path)
             t_token = results["train"]["tinylora"]["us_per_token"] / 1e6 if "train" in results else None
-            results["sync"][args.shape] = sync_one(path, model, args.rollout_big, args.dtype, t_token)
+            results["sync"][args.shape] = sync_one(path, models["tinylora"], args.rollout_big, args.dtype, t_token)
 
 
 # -----------------------------------------------------------------------------

@@ -147,8 +147,9 @@ class VStamp:
         self.v, self.seen, self.n = v, None, 0
 
     def check(self):
-        if self.seen is None or not torch.equal(self.v.detach(), self.seen):
-            self.seen, self.n = self.v.detach().clone(), self.n + 1
+        v = self.v.detach()
+        if self.seen is None or self.seen.device != v.device or not torch.equal(v, self.seen):
+            self.seen, self.n = v.clone(), self.n + 1
 
 
 class MergedLinear(torch.autograd.Function):
