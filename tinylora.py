@@ -216,18 +216,20 @@ class TinyLoRALinear(nn.Module):
         return self.US @ self.R() @ self.V.T
 
     @torch.no_grad()
+    def merge(self, dtype):
+        """W' = W + dW, added in fp32 (or wider) from the untouched base W, cast to `dtype`."""
+        return (self.base.weight + self.delta_weight()).to(dtype)  # type promotion: bf16 W + fp32 dW -> fp32
+
     def merged(self, dtype=None):
-        """W' = W + dW, added in fp32 (or wider) from the untouched base W, cast to `dtype`
-        (default: the base dtype). With keep_merged, the kept copy (refreshed if v changed)."""
-        W = self.base.weight
-        dtype = dtype or W.dtype
-        if self.stamp is None or dtype != W.dtype:
-            return (W + self.delta_weight()).to(dtype)  # type promotion: a bf16 W is added in fp32
+        """W' in `dtype` (default: the base dtype); with keep_merged, the kept copy, refreshed if v changed."""
+        dtype = dtype or self.base.weight.dtype
+        if self.stamp is None or dtype != self.base.weight.dtype:
+            return self.merge(dtype)
         if self.first:
             self.stamp.check()
         if self.merged_at != self.stamp.n:
-            self.W_merged, self.merged_at = None, None  # free the old copy before making the new one
-            self.W_merged, self.merged_at = (W + self.delta_weight()).to(dtype), self.stamp.n
+            self.W_merged = None  # free the old copy before making the new one
+            self.W_merged, self.merged_at = self.merge(dtype), self.stamp.n
         return self.W_merged
 
     def forward(self, x):
