@@ -240,7 +240,8 @@ def sync_one(path, model, rollout, dtype, t_token=None):
     prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for r in tiny.problems(P)]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    llm = task.make_llm(path, str(dtype).split(".")[-1], 0, 0.5 if device == "cuda" else 0.1, 1024)
+    # a fixed KV cache: vLLM's memory fraction would count the benchmark's other models against it
+    llm = task.make_llm(path, str(dtype).split(".")[-1], 0, max_model_len=1024, kv_cache_memory_bytes=2 << 30)
     params = SamplingParams(n=n, max_tokens=T, temperature=1.0, ignore_eos=True, seed=0)  # exactly T new tokens
     rollout_batch = lambda: llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     rollout_batch()  # warm-up: compiled graphs for these batch sizes

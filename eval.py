@@ -151,8 +151,10 @@ def score(task, completion, gold):
 # generation: vLLM in-process (with weight sync) and Hugging Face generate
 
 
-def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_len=None, weight_sync=True):
-    """An in-process vLLM engine, so that its torch model is reachable for sync_weights."""
+def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_len=None, weight_sync=True,
+             **engine_args):
+    """An in-process vLLM engine, so that its torch model is reachable for sync_weights.
+    engine_args go to vllm.LLM as they are (e.g. kv_cache_memory_bytes)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import vllm
     import vllm.model_executor.layers.utils as vllm_utils
@@ -172,7 +174,7 @@ def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_
         ddp = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         return vllm.LLM(model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                         max_model_len=max_model_len, logprobs_mode="processed_logprobs",
-                        **({"distributed_executor_backend": "external_launcher"} if ddp else {}))
+                        **({"distributed_executor_backend": "external_launcher"} if ddp else {}), **engine_args)
     finally:
         vllm_utils.dispatch_cpu_unquantized_gemm = dispatch
 
