@@ -249,7 +249,7 @@ def sync_one(path, model, rollout, dtype, t_token=None):
 
     v = model.tinylora_v
     with torch.no_grad():
-        v.normal_(0, 1.0)  # a trained-looking v, so the sync visibly changes the model
+        v.normal_(0, 0.05)  # a trained-looking v, so the sync visibly changes the model
 
     def merged():  # v changed, as after an optimizer update: every kept W + dW is recomputed
         with torch.no_grad():

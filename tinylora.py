@@ -14,13 +14,24 @@ trainable numbers). Choices this file makes, and why:
     with it): (u_i, v_i) and (-u_i, -v_i) are both valid SVDs but give different adapters,
     so without this an adapter trained on a GPU would be a different model on a CPU.
   - P is drawn on the CPU from torch.Generator(seed * 2**20 + module index), fp32, entries
-    N(0, 1/(u*r)): identical on every machine; with the 1/u factor the scale of R, and so
-    the useful learning rate, does not depend on u. (PEFT uses N(0, 1/r).)
+    N(0, 1) * ALPHA / (r * sqrt(u)) with ALPHA = 32. This is the scale of the paper authors'
+    code (their verl fork: P ~ N(0, 1), R divided by sqrt(u), times PEFT's LoRA scaling
+    lora_alpha / r with lora_alpha = 32 in their GSM8K scripts), so a learning rate means
+    here what it means there: Adam moves each v_i by about lr per update whatever the
+    gradient's size, and the same v gives the same size of dW. (Adapters saved with the
+    earlier N(0, 1/(u*r)) scaling, 22.6x smaller at r = 2, still load: v is converted.)
   - W' is kept merged in the base dtype and recomputed (in fp32, from the untouched W) only
     when v changes, so forward and input gradient are the frozen model's own GEMMs, and the
     trainer runs exactly the weights synced into vLLM; the gradient of R needs only two skinny
-    products. The cost is one copy of the adapted weights; keep_merged=False computes
+    products. v is compared by value once per forward of the model (a pre-hook on the module
+    that holds all adapted layers), which also sees fused optimizers and writes through .data.
+    The cost is one copy of the adapted weights; keep_merged=False computes
     y = x W^T + ((x V) R^T diag(S)) U^T per call instead (dW never formed, slower).
+  - Rounding W + dW into bf16: "nearest" erases every entry of dW smaller than half a bf16
+    step of W, so a small v changes nothing at all. "stochastic" rounds each entry up with
+    probability equal to its position between the two bf16 neighbours, using a fixed random
+    threshold per entry (seeded per module): W' is then unbiased (E[W'] = W + dW over the
+    entries), a deterministic function of v, and still exactly W at v = 0.
   - v is trained in fp32; with v_dtype bf16/fp16 the forward sees v rounded to that dtype
     (straight-through gradient), so the saved adapter is exactly the trained model.
   - Modules are ordered by depth, then type (q,k,v,o,gate,up,down); "tiled" ties
@@ -35,6 +46,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -45,9 +57,13 @@ from safetensors.torch import load_file, save_file
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TIE_MODES = ("tiled", "structured")
 V_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-P_SCALE = "normal(0, 1/(u*r))"  # recorded in every adapter file
+ALPHA = 32  # the paper authors' lora_alpha: dW per unit of v matches their code (see the docstring)
+P_SCALE = "normal(0, 1) * 32 / (r * sqrt(u))"  # recorded in every adapter file
+OLD_P_SCALES = {"normal(0, 1/(u*r))": lambda u, r: 1 / math.sqrt(u * r)}  # earlier adapters: std of P
+ROUNDINGS = ("nearest", "stochastic")
 CACHE_DIR = os.environ.get("TINYLORA_CACHE", os.path.expanduser("~/.cache/tinylora"))
-CONFIG_KEYS = ("u", "r", "n_tie", "tie", "targets", "seed", "v_dtype", "p_scale", "modules", "fingerprint")
+CONFIG_KEYS = ("u", "r", "n_tie", "tie", "targets", "seed", "v_dtype", "p_scale", "rounding", "modules",
+               "fingerprint")
 
 # -----------------------------------------------------------------------------
 # which modules, in which order, tied how (names only: no weights needed)
@@ -114,25 +130,50 @@ def canonical_signs(U, V):
     return U * sign, V * sign
 
 
+def p_std(u, r):
+    """Standard deviation of the entries of P: ALPHA / (r * sqrt(u))."""
+    return ALPHA / (r * math.sqrt(u))
+
+
 def make_P(seed, index, u, r):
-    """The fixed random tensor P (u, r, r) of module `index`: CPU generator, fp32, N(0, 1/(u*r))."""
+    """The fixed random tensor P (u, r, r) of module `index`: CPU generator, fp32, N(0, 1) * p_std(u, r)."""
     g = torch.Generator(device="cpu").manual_seed(seed * 2**20 + index)
-    return torch.randn(u, r, r, generator=g) / math.sqrt(u * r)
+    return torch.randn(u, r, r, generator=g) * p_std(u, r)
 
 
 def load_svd(linears, r, fp, cache_dir):
-    """[(U, S, V)] for each linear, from cache_dir when present, else computed and cached."""
+    """[(U, S, V)] for each linear, from cache_dir when present and sound, else computed and cached."""
     path = cache_dir and os.path.join(cache_dir, f"svd-{fp}-r{r}.safetensors")
     if path and os.path.exists(path):
-        t = load_file(path)
-        return [(t[f"{i}.U"], t[f"{i}.S"], t[f"{i}.V"]) for i in range(len(linears))]
+        try:
+            t = load_file(path)
+            out = [(t[f"{i}.U"], t[f"{i}.S"], t[f"{i}.V"]) for i in range(len(linears))]
+            for lin, (U, S, V) in zip(linears, out):
+                d_out, d_in = lin.weight.shape
+                check(U.shape == (d_out, r) and S.shape == (r,) and V.shape == (d_in, r), "shapes differ")
+                check(all(torch.isfinite(x).all() for x in (U, S, V)), "non-finite entries")
+            return out
+        except Exception as e:  # truncated, edited or foreign file: never apply it, replace it
+            warnings.warn(f"SVD cache {path} is unusable ({e}); recomputing it")
     out = [tuple(x.cpu() for x in svd_top_r(lin.weight, r)) for lin in linears]
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         tensors = {f"{i}.{k}": x.contiguous() for i, usv in enumerate(out) for k, x in zip("USV", usv)}
-        save_file(tensors, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a killed run never leaves half a cache
+        tmp = f"{path}.{os.getpid()}.tmp"  # one temp file per process: torchrun ranks write at once
+        save_file(tensors, tmp)
+        os.replace(tmp, path)  # atomic: a killed run never leaves half a cache
     return out
+
+
+def round_stochastic(x, seed):
+    """fp32 -> bf16, rounding each entry up with probability equal to its position between its two
+    bf16 neighbours (so E[result] = x), with a fixed random threshold per entry drawn from `seed`.
+    Works on the bit pattern: add a random 16-bit number below bf16's last mantissa bit, then cut
+    those 16 bits off (a carry is exactly a round-up; an x already on the bf16 grid is unchanged)."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=g, device=x.device, dtype=torch.int32)
+    bits = (x.contiguous().view(torch.int32) + noise) & -65536  # -65536 = 0xFFFF0000
+    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
 # -----------------------------------------------------------------------------
@@ -141,12 +182,13 @@ def load_svd(linears, r, fp, cache_dir):
 
 class VStamp:
     """Counts the changes of v, compared by value: optimizers that bypass autograd's version
-    counter (fused AdamW, writes through .data) are seen too. One host sync per check."""
+    counter (fused AdamW, writes through .data) are seen too. One host sync per check, made once
+    per forward by a pre-hook on the module that holds every adapted layer (apply() registers it)."""
 
     def __init__(self, v):
-        self.v, self.seen, self.n = v, None, 0
+        self.v, self.seen, self.n, self.hook = v, None, 0, None
 
-    def check(self):
+    def check(self, *_):
         v = self.v.detach()
         if self.seen is None or self.seen.device != v.device or not torch.equal(v, self.seen):
             self.seen, self.n = v.clone(), self.n + 1
@@ -166,11 +208,12 @@ class MergedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, W, US, V, P = ctx.saved_tensors
-        dx = dy @ W if ctx.needs_input_grad[0] else None
+        # under torch.autocast, dy (like the forward's output) may be in another dtype than W and x
+        dx = dy @ W.to(dy.dtype) if ctx.needs_input_grad[0] else None
         dv = None
         if ctx.needs_input_grad[1]:
             dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-            dR = (dy2 @ US).float().T @ (x2 @ V).float()  # (r, r), summed over tokens in fp32
+            dR = (dy2 @ US.to(dy.dtype)).float().T @ (x2 @ V.to(x.dtype)).float()  # (r, r), summed over tokens in fp32
             dv = P.flatten(1) @ dR.flatten()  # (u,)
         return dx, dv, None, None, None, None, None
 
@@ -181,15 +224,18 @@ class TinyLoRALinear(nn.Module):
     keep_merged=True (default): W' is kept in memory in the base dtype (one extra copy of the
     adapted weights) and recomputed only when v changes, i.e. once per optimizer update. The
     forward and the input gradient then cost exactly what the frozen model's do, and the model
-    computes with exactly the weights that are synced into vLLM. v's change is detected when
-    module 0 runs (first = True), which a forward of the whole model always does first.
+    computes with exactly the weights that are synced into vLLM. v's change is detected by the
+    stamp's pre-hook, once per forward of the model: call a single adapted layer on its own
+    after changing v and it still uses the old W' (call stamp.check() first).
     keep_merged=False: y = x W^T + ((x V) R^T diag(S)) U^T per call, no extra weight memory,
-    slower (skinny products over the activations in the forward and the backward)."""
+    slower (skinny products over the activations in the forward and the backward).
+    round_seed: None rounds W' to the base dtype to nearest; an int rounds bf16 stochastically
+    with thresholds drawn from it (see round_stochastic)."""
 
-    def __init__(self, base, U, S, V, P, v, group, v_dtype="fp32", stamp=None, first=False):
+    def __init__(self, base, U, S, V, P, v, group, v_dtype="fp32", stamp=None, round_seed=None):
         super().__init__()
         self.base, self.v, self.group, self.v_dtype = base, v, group, V_DTYPES[v_dtype]
-        self.stamp, self.first, self.merged_at = stamp, first, None  # stamp None: keep_merged=False
+        self.stamp, self.round_seed, self.merged_at = stamp, round_seed, None  # stamp None: keep_merged=False
         dev = base.weight.device
         # the definition, fp32: U (d_out, r), S (r,), V (d_in, r), P (u, r, r)
         for k, x in zip("USVP", (U, S, V, P)):
@@ -217,16 +263,18 @@ class TinyLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, dtype):
-        """W' = W + dW, added in fp32 (or wider) from the untouched base W, cast to `dtype`."""
-        return (self.base.weight + self.delta_weight()).to(dtype)  # type promotion: bf16 W + fp32 dW -> fp32
+        """W' = W + dW, added in fp32 (or wider) from the untouched base W, rounded to `dtype`."""
+        with torch.autocast(self.base.weight.device.type, enabled=False):  # dW in fp32 even under AMP
+            W = self.base.weight + self.delta_weight()  # type promotion: bf16 W + fp32 dW -> fp32
+        if dtype == torch.bfloat16 and self.round_seed is not None and W.dtype == torch.float32:
+            return round_stochastic(W, self.round_seed)
+        return W.to(dtype)
 
     def merged(self, dtype=None):
         """W' in `dtype` (default: the base dtype); with keep_merged, the kept copy, refreshed if v changed."""
         dtype = dtype or self.base.weight.dtype
         if self.stamp is None or dtype != self.base.weight.dtype:
             return self.merge(dtype)
-        if self.first:
-            self.stamp.check()
         if self.merged_at != self.stamp.n:
             self.W_merged = None  # free the old copy before making the new one
             self.W_merged, self.merged_at = self.merge(dtype), self.stamp.n
@@ -237,9 +285,10 @@ class TinyLoRALinear(nn.Module):
             return MergedLinear.apply(x, self.v_row(), self.merged(), self.base.bias, self.US_x, self.V_x, self.P)
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         y = F.linear(x2, self.base.weight, self.base.bias)  # exactly the frozen layer's output
-        h = (x2 @ self.V_x) @ self.R().T.to(x.dtype)  # (N, r): x V R^T
-        # + h diag(S) U^T, accumulated into y in place (no extra pass); adds exact zeros at v = 0
-        return y.addmm_(h, self.US_x.T).view(*x.shape[:-1], -1)
+        h = (x2 @ self.V_x.to(x2.dtype)) @ self.R().T.to(x2.dtype)  # (N, r): x V R^T
+        # + h diag(S) U^T, accumulated into y in place (no extra pass); adds exact zeros at v = 0.
+        # (dtypes follow y: under torch.autocast it may differ from the weights')
+        return y.addmm_(h.to(y.dtype), self.US_x.T.to(y.dtype)).view(*x.shape[:-1], -1)
 
 
 def layers(model):
@@ -252,12 +301,13 @@ def layers(model):
 
 
 def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_dtype="fp32",
-          cache_dir=CACHE_DIR, verbose=True, keep_merged=True):
+          cache_dir=CACHE_DIR, verbose=True, keep_merged=True, rounding="nearest"):
     """Freeze `model`, wrap its target linears in TinyLoRALinear, return the shared v (n_groups, u).
 
     n_tie=None ties all modules to one v. cache_dir=None disables the SVD cache. keep_merged:
     see TinyLoRALinear (fast, one extra copy of the adapted weights; False saves that memory).
-    Every argument is checked before any SVD is computed."""
+    rounding: how W + dW is rounded to a bf16 base ("nearest" or "stochastic", see the docstring
+    at the top). Every argument is checked before any SVD is computed."""
     check(not layers(model), "TinyLoRA is already applied to this model")
     targets = tuple(targets)
     named = dict(model.named_modules())
@@ -269,6 +319,7 @@ def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_
     max_r = min(min(named[n].weight.shape) for n in names)
     check(isinstance(r, int) and 1 <= r <= max_r, f"r={r} must be in [1, {max_r}] (min(d_in, d_out) of the adapted layers)")
     check(v_dtype in V_DTYPES, f"v_dtype={v_dtype!r} must be one of {list(V_DTYPES)}")
+    check(rounding in ROUNDINGS, f"rounding={rounding!r} must be one of {ROUNDINGS}")
     n_tie = len(names) if n_tie is None else n_tie
     groups = tie_groups(names, n_tie, tie, targets)  # checks n_tie and tie
 
@@ -282,14 +333,30 @@ def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_
         p.requires_grad_(False)
     for i, (name, lin) in enumerate(zip(names, linears)):
         parent, _, child = name.rpartition(".")
-        layer = TinyLoRALinear(lin, *usv[i], make_P(seed, i, u, r), v, groups[i], v_dtype, stamp, first=i == 0)
+        round_seed = 2**62 + seed * 2**20 + i if rounding == "stochastic" else None  # not P's stream
+        layer = TinyLoRALinear(lin, *usv[i], make_P(seed, i, u, r), v, groups[i], v_dtype, stamp, round_seed)
         setattr(model.get_submodule(parent), child, layer)
-    model.tinylora_v = v  # registered once on the model: model.parameters() yields it once
+    if stamp:  # check v once per forward, before any adapted layer runs, whatever their order
+        stamp.hook = holder(model, names).register_forward_pre_hook(stamp.check)
+    # v is registered in every adapted layer, so model.parameters() yields it (once). It is not
+    # registered on the model itself: Hugging Face's model.dtype is the dtype of the model's first
+    # parameter, which must stay the base dtype (the dtype vLLM is started in), not v's fp32.
+    object.__setattr__(model, "tinylora_v", v)
     model.tinylora_config = dict(u=u, r=r, n_tie=n_tie, tie=tie, targets=list(targets), seed=seed,
-                                 v_dtype=v_dtype, p_scale=P_SCALE, modules=names, fingerprint=fp)
+                                 v_dtype=v_dtype, p_scale=P_SCALE, rounding=rounding, modules=names,
+                                 fingerprint=fp)
     if verbose:
         print(summary(model))
     return v
+
+
+def holder(model, names):
+    """The innermost module containing every adapted layer that runs a forward of its own (e.g. the
+    decoder, Qwen2Model, for model.layers.*): a forward of the model always passes through it first."""
+    parts = os.path.commonprefix([n.split(".") for n in names])  # common leading name parts
+    while parts and isinstance(model.get_submodule(".".join(parts)), (nn.ModuleList, nn.ModuleDict)):
+        parts = parts[:-1]  # containers never run a forward
+    return model.get_submodule(".".join(parts))
 
 
 def summary(model):
@@ -302,20 +369,43 @@ def summary(model):
 @torch.no_grad()
 def merged_weights(model, dtype=None):
     """Yield (hf_name, W + dW) for each adapted module, computed in fp32 from the untouched base
-    weight and cast to `dtype` (default: the base dtype). The base weights are not modified. This
+    weight and rounded to `dtype` (default: the base dtype). The base weights are not modified. This
     is what weight sync into vLLM and export consume; with keep_merged, in the base dtype, these
     are the very tensors the model's forward uses."""
-    for name, layer in layers(model):  # module 0 first: it checks whether v changed
+    named = layers(model)
+    if named and named[0][1].stamp:
+        named[0][1].stamp.check()  # v may have changed since the last forward
+    for name, layer in named:
         yield f"{name}.weight", layer.merged(dtype)
+
+
+@torch.no_grad()
+def dw_kept(model, n=4096):
+    """How much of dW survives in the merged weights in the base dtype (what vLLM samples from):
+    <W' - W, dW> / <dW, dW> over n evenly spaced entries of every adapted module. 1.0: all of it
+    (fp32, or a large v); 0.0: rounding erased it (bf16 W + a dW under half a bf16 step rounds back
+    to W). Stochastic rounding keeps it near 1 on average. None when dW = 0."""
+    num = den = 0.0
+    for (_, layer), (_, W2) in zip(layers(model), merged_weights(model)):  # checks v first
+        W = layer.base.weight
+        idx = torch.arange(n, device=W.device) * (W.numel() - 1) // (n - 1)  # int64: exact for any size
+        i, j = idx // W.shape[1], idx % W.shape[1]  # (row, column) of each sampled entry
+        d = ((layer.US[i] @ layer.R()) * layer.V[j]).sum(1)  # dW at the samples, fp32
+        kept = W2.reshape(-1)[idx].float() - W.reshape(-1)[idx].float()
+        num, den = num + (kept * d).sum().item(), den + (d * d).sum().item()
+    return num / den if den > 0 else None
 
 
 @torch.no_grad()
 def merge_and_unload(model):
     """Write W + dW into each base linear and put the plain nn.Linear back (for export)."""
-    for (name, layer), (_, W) in zip(layers(model), list(merged_weights(model))):
+    named = layers(model)
+    for (name, layer), (_, W) in zip(named, list(merged_weights(model))):
         layer.base.weight.copy_(W)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.base)
+    if named and named[0][1].stamp:
+        named[0][1].stamp.hook.remove()
     del model.tinylora_v, model.tinylora_config
     return model
 
@@ -337,16 +427,33 @@ def read_config(path):
         raise ValueError(f"{path}: cannot read a TinyLoRA adapter ({e})") from e
     check("tinylora" in meta, f"{path} is not a TinyLoRA adapter (no 'tinylora' metadata)")
     c = json.loads(meta["tinylora"])
+    c.setdefault("rounding", "nearest")  # adapters saved before rounding was an option
     missing, extra = set(CONFIG_KEYS) - set(c), set(c) - set(CONFIG_KEYS)
     check(not missing and not extra, f"{path}: bad adapter config, missing {sorted(missing)}, unknown {sorted(extra)}")
-    check(c["p_scale"] == P_SCALE, f"{path}: P scaling {c['p_scale']!r} differs from this code's {P_SCALE!r}")
+    check(c["p_scale"] == P_SCALE or c["p_scale"] in OLD_P_SCALES,
+          f"{path}: P scaling {c['p_scale']!r} is unknown to this code (it knows {[P_SCALE, *OLD_P_SCALES]})")
     return c
+
+
+def read_v(path, c):
+    """v of the adapter at `path` (config c) in fp32, in this code's P scaling; checked finite."""
+    try:
+        v = load_file(path)["v"].float()
+    except KeyError:
+        raise ValueError(f"{path}: no tensor 'v' in this adapter file") from None
+    check(bool(torch.isfinite(v).all()), f"{path}: v has non-finite entries (NaN or inf): a diverged run?")
+    if c["p_scale"] != P_SCALE:  # same random draws, another scale: the same model with a rescaled v
+        v = v * (OLD_P_SCALES[c["p_scale"]](c["u"], c["r"]) / p_std(c["u"], c["r"]))
+        warnings.warn(f"{path}: made with P scaling {c['p_scale']!r}; v converted to {P_SCALE!r} (same model)")
+    return v
 
 
 def load(model, path, cache_dir=CACHE_DIR, verbose=True, keep_merged=True):
     """Apply TinyLoRA as recorded in `path` (if not applied yet) and load its v. Returns v.
     Refuses an adapter made for another base model."""
     c = read_config(path)
+    v = read_v(path, c)
+    c["p_scale"] = P_SCALE
     if not layers(model):
         named = dict(model.named_modules())
         check(all(n in named for n in c["modules"]), f"{path}: adapter modules are missing from this model")
@@ -354,12 +461,11 @@ def load(model, path, cache_dir=CACHE_DIR, verbose=True, keep_merged=True):
         check(fp == c["fingerprint"], f"{path} was trained on another base model (weights fingerprint "
                                       f"{c['fingerprint']}, this model has {fp})")
         apply(model, c["u"], c["r"], c["n_tie"], c["tie"], c["targets"], c["seed"], c["v_dtype"],
-              cache_dir, verbose, keep_merged)
+              cache_dir, verbose, keep_merged, c["rounding"])
     check(model.tinylora_config == c, f"{path}: adapter config differs from the TinyLoRA already applied to this model")
-    v = load_file(path)["v"]
     check(v.shape == model.tinylora_v.shape, f"{path}: v has shape {tuple(v.shape)}, expected {tuple(model.tinylora_v.shape)}")
     with torch.no_grad():
-        model.tinylora_v.copy_(v.float())
+        model.tinylora_v.copy_(v)
     return model.tinylora_v
 
 
