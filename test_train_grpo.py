@@ -1,7 +1,9 @@
-"""Tests of the GRPO loop (train_grpo.py): the loss by hand, resume, interrupts, data parallel, vLLM.
+"""Tests of the GRPO loop (train_grpo.py): the loss by hand, the trainer's shortcuts (skipped groups,
+packing, memory plan), bad input, resume and interrupts, data parallel, vLLM.
 
     python -m pytest test_train_grpo.py
 """
+import itertools
 import json
 import math
 import os
@@ -30,7 +32,7 @@ def data(tmp_path_factory):
 def args_for(tiny_dir, data, run_dir, *extra):
     return train_grpo.parse_args(["--model", tiny_dir, "--data", data, "--run-dir", str(run_dir), "--u", "3",
                                   "--prompts-per-step", "4", "--mini-batch", "2", "--group-size", "2",
-                                  "--max-new-tokens", "4", "--lr", "0.05", "--warmup", "0", "--svd-cache", "",
+                                  "--max-new-tokens", "4", "--lr", "0.01", "--warmup", "0", "--svd-cache", "",
                                   "--backend", "hf", "--save-every", "1", *extra])
 
 
@@ -42,6 +44,40 @@ def metrics(run_dir):
 def length_reward(text, gold):
     """A reward with signal for a random model: longer first word (so advantages are non-zero)."""
     return float(len(text.split(" ")[0]) >= 3)
+
+
+def policy(tiny_dir, u=3):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    v = tinylora.apply(model, u=u, cache_dir=None, verbose=False)
+    return model.train(), v
+
+
+def fake_rollouts(model, n_groups, group_size, rewards, seed=1):
+    """Fixed "rollouts": random prompt + completion ids, vLLM logprobs near the trainer's, advantages
+    from `rewards` (one per sample)."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n_groups * group_size):
+        n, p = int(torch.randint(6, 14, (1,), generator=g)), int(torch.randint(2, 5, (1,), generator=g))
+        samples.append(dict(ids=torch.randint(0, 300, (n,), generator=g).tolist(), n_prompt=p))
+    with torch.no_grad():
+        for s in samples:
+            lp = train_grpo.token_logprobs(model, [s["ids"]], [s["n_prompt"]], 1.0)
+            s["logp_vllm"] = lp + 0.01 * torch.randn(len(lp), generator=g)
+    for s, a in zip(samples, train_grpo.advantages(rewards, group_size)):
+        s["adv"] = a
+    return samples
+
+
+def update_args(*extra):
+    return train_grpo.parse_args(["--prompts-per-step", "6", "--mini-batch", "3", "--group-size", "2",
+                                  "--lr", "0.01", *extra])
+
+
+def optimizer(v, lr=0.01):
+    opt = torch.optim.AdamW([v], lr=lr, weight_decay=0.01)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -75,32 +111,206 @@ def test_advantages_are_group_normalised_and_zero_for_equal_groups():
 
 
 def test_token_logprobs_match_a_plain_forward(tiny_dir):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    tinylora.apply(model, u=2, cache_dir=None, verbose=False)
-    seqs, n_prompt = [[5, 6, 7, 8, 9], [10, 11, 12]], [2, 1]
+    model, _ = policy(tiny_dir, u=2)
+    seqs, n_prompt = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]], [2, 1, 3]
     with torch.no_grad():
-        got = train_grpo.token_logprobs(model, seqs, n_prompt, temperature=0.7)
-        for s, p, lp in zip(seqs, n_prompt, got):
+        got = train_grpo.token_logprobs(model, seqs, n_prompt, temperature=0.7)  # flat, padded batch
+        want = []
+        for s, p in zip(seqs, n_prompt):
             ref = (model(torch.tensor([s])).logits[0] / 0.7).log_softmax(-1)  # unpadded, one sequence
-            want = ref[torch.arange(p - 1, len(s) - 1), torch.tensor(s[p:])]
-            torch.testing.assert_close(lp, want, atol=1e-5, rtol=1e-5)
+            want.append(ref[torch.arange(p - 1, len(s) - 1), torch.tensor(s[p:])])
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprobs_in_lm_head_chunks_equal_one_chunk(tiny_dir, monkeypatch):
+    """The (tokens, vocab) logits are made a chunk at a time (never all at once): same values, same gradient."""
+    out = {}
+    for chunk in (10**6, 3):
+        monkeypatch.setattr(train_grpo, "logits_chunk", lambda vocab: chunk)
+        model, v = policy(tiny_dir)
+        tinylora_v = v
+        with torch.no_grad():
+            tinylora_v.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+        lp = train_grpo.token_logprobs(model, [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]], [2, 1], 1.0)
+        lp.sum().backward()
+        out[chunk] = (lp.detach(), v.grad.clone())
+    torch.testing.assert_close(out[3][0], out[10**6][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[3][1], out[10**6][1], atol=1e-6, rtol=1e-5)
 
 
 # -----------------------------------------------------------------------------
-# the loop on the HF backend: bad input, resume, Ctrl-C
+# the trainer's shortcuts: skipped groups, packing, memory
+
+
+def test_pack_keeps_each_micro_batch_within_the_token_budget():
+    samples = [dict(ids=[0] * n) for n in (5, 30, 12, 7, 30, 1, 18)]
+    packs = train_grpo.pack(samples, budget=40)
+    assert sorted(len(s["ids"]) for p in packs for s in p) == [1, 5, 7, 12, 18, 30, 30]  # each sample once
+    for p in packs:
+        assert len(p) * max(len(s["ids"]) for s in p) <= 40 or len(p) == 1  # padded size within budget
+        assert [len(s["ids"]) for s in p] == sorted((len(s["ids"]) for s in p), reverse=True)
+    assert [len(p) for p in packs] == [1, 1, 2, 3]  # longest first: 30 | 30 | 18 12 | 7 5 1
+
+
+def test_skipping_zero_advantage_groups_leaves_the_update_unchanged(tiny_dir):
+    """The update runs only groups with signal; the reference below runs every sample through the
+    loss (zero-advantage ones included) and must end at the same v."""
+    rewards = [1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0]  # 6 groups of 2: groups 1, 2 have no signal
+    model, v = policy(tiny_dir)
+    samples = fake_rollouts(model, 6, 2, rewards)
+    opt, sched = optimizer(v)
+    m = train_grpo.update(update_args(), model, opt, sched, v, samples, 1, None)
+    assert m["signal"] == 4 / 6 and m["micro_batches"] >= 2
+
+    ref, w = policy(tiny_dir)
+    opt, sched = optimizer(w)
+    with torch.no_grad():
+        old = [train_grpo.token_logprobs(ref, [s["ids"]], [s["n_prompt"]], 1.0) for s in samples]
+    for k in range(2):  # 2 mini-batches of 3 prompts = 6 samples, every sample through the loss
+        mb = range(6 * k, 6 * k + 6)
+        tokens = sum(len(samples[i]["logp_vllm"]) for i in mb)
+        for i in mb:
+            lp = train_grpo.token_logprobs(ref, [samples[i]["ids"]], [samples[i]["n_prompt"]], 1.0)
+            loss, _, _ = train_grpo.grpo_loss(lp, old[i], samples[i]["logp_vllm"], samples[i]["adv"], 0.2, 0.4, 2.0)
+            (loss / tokens).backward()
+        torch.nn.utils.clip_grad_norm_(w, 1.0)
+        opt.step()
+        opt.zero_grad()
+    assert v.abs().sum() > 0
+    torch.testing.assert_close(v.detach(), w.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_micro_batch_size_does_not_change_the_update(tiny_dir):
+    rewards = [1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1]
+    out = []
+    for tokens in ("8", "10000"):  # one sample per micro-batch vs all in one
+        model, v = policy(tiny_dir)
+        opt, sched = optimizer(v)
+        train_grpo.update(update_args("--micro-tokens", tokens), model, opt, sched, v,
+                          fake_rollouts(model, 6, 2, rewards), 1, None)
+        out.append(v.detach().clone())
+    torch.testing.assert_close(out[0], out[1], atol=1e-6, rtol=1e-5)
+
+
+def test_no_signal_still_steps_the_optimizer_and_measures_mismatch(tiny_dir):
+    model, v = policy(tiny_dir)
+    samples = fake_rollouts(model, 6, 2, [1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0])
+    opt, sched = optimizer(v, lr=0.1)
+    train_grpo.update(update_args(), model, opt, sched, v, samples, 1, None)  # AdamW gets momentum
+    v1 = v.detach().clone()
+    flat = fake_rollouts(model, 6, 2, [1] * 12)  # every group equal: nothing to train on
+    m = train_grpo.update(update_args(), model, opt, sched, v, flat, 1, None)
+    assert m["signal"] == 0 and m["trained_tokens"] == 0 and m["micro_batches"] == 0
+    assert not torch.equal(v.detach(), v1)  # momentum moved v, as a zero loss would
+    assert 0.003 < m["mismatch"] < 0.02  # measured on one group: the 0.01-noise of fake_rollouts
+
+
+def test_clip_frac_counts_only_updates_that_can_clip(tiny_dir, monkeypatch):
+    """The first update's ratio is exactly 1; clip_frac is over the later updates' tokens."""
+    real = train_grpo.grpo_loss
+
+    def every_moved_token_clips(logp, logp_old, *a):
+        loss, _, capped = real(logp, logp_old, *a)
+        return loss, int((logp.detach() != logp_old).sum()), capped  # ratio != 1: call it clipped
+    monkeypatch.setattr(train_grpo, "grpo_loss", every_moved_token_clips)
+    model, v = policy(tiny_dir)
+    samples = fake_rollouts(model, 6, 2, [1, 0] * 6)
+    opt, sched = optimizer(v, lr=0.1)
+    m = train_grpo.update(update_args(), model, opt, sched, v, samples, 1, None)
+    assert m["clip_frac"] == 1.0  # all of the second update's tokens, none of the first's
+
+
+def test_non_finite_gradient_skips_the_update(tiny_dir):
+    model, v = policy(tiny_dir)
+    samples = fake_rollouts(model, 6, 2, [1, 0] * 6)
+    samples[0]["logp_vllm"][0] = float("nan")  # poisons the first mini-batch's gradient
+    opt, sched = optimizer(v)
+    m = train_grpo.update(update_args(), model, opt, sched, v, samples, 1, None)
+    assert m["skipped"] == 1 and torch.isfinite(v).all()
+
+
+def test_activation_estimate_matches_what_autograd_keeps():
+    """The memory plan's per-token estimate of a decoder layer at Qwen2.5-7B's width, against the
+    bytes autograd actually saves for the backward (bf16, one layer, no gradient checkpointing)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(num_hidden_layers=1, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=64)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False)  # as in training: kept W', MergedLinear
+    layer = model.model.layers[0]
+    T, saved = 64, {}
+    x = torch.randn(1, T, 3584, dtype=torch.bfloat16, requires_grad=True)
+    pos = model.model.rotary_emb(x, torch.arange(T)[None])
+
+    def pack_hook(t):
+        saved[t.data_ptr()] = t.numel() * t.element_size()  # each storage once (q, k, v share their input)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        layer(x, position_embeddings=pos, attention_mask=None)
+    weights = {t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}  # (W' included)
+    measured = sum(b for ptr, b in saved.items() if ptr not in weights) / T
+    estimate = train_grpo.activation_bytes(config, 2, False) / (config.num_hidden_layers + 2)
+    assert 0.75 < measured / estimate < 1.25, (measured, estimate)
+
+
+def test_micro_batch_plan_checkpoints_only_when_the_longest_sequence_needs_it(tiny_dir):
+    model, _ = policy(tiny_dir)
+    per_token = train_grpo.activation_bytes(model.config, 4, False)
+    args = update_args()
+    ckpt, tokens = train_grpo.micro_batch_plan(args, model, 100, budget=per_token * 1000)
+    assert not ckpt and tokens == 1000 and not model.is_gradient_checkpointing
+    ckpt, tokens = train_grpo.micro_batch_plan(args, model, 2000, budget=per_token * 1000)
+    assert ckpt and model.is_gradient_checkpointing
+    assert tokens == per_token * 1000 // train_grpo.activation_bytes(model.config, 4, True)
+    ckpt, tokens = train_grpo.micro_batch_plan(update_args("--grad-ckpt", "never"), model, 2000, per_token * 1000)
+    assert not ckpt and tokens == 2000  # at least the longest sequence
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line, exit code 2, before any model loads
 
 
 @pytest.mark.parametrize("extra,match", [
     (["--mini-batch", "3"], "not a multiple of --mini-batch"),
     (["--group-size", "1"], "needs >= 2 samples"),
     (["--data", "/nonexistent/train.jsonl"], "cannot read data file"),
-    (["--model", "/nonexistent/model"], "no such model directory"),
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: cannot read its config"),
+    (["--r", "100000"], r"r=100000 must be in \[1, 64\]"),
+    (["--n-tie", "0"], "--n-tie 0 must be >= 1"),
+    (["--n-tie", "100000"], r"n_tie=100000 must be in \[1, 14\]"),
+    (["--targets", "q_proj,foo_proj"], r"targets \['foo_proj'\] match no nn.Linear"),
+    (["--lr", "-1"], "--lr -1.0 .* must be > 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+    (["--temperature", "0"], "--temperature 0.0 must be > 0"),
+    (["--steps", "0"], "--steps 0 must be >= 1"),
+    (["--gpu-memory-utilization", "1.5"], r"must be in \(0, 1\)"),
+    (["--resume", "/nonexistent/run"], "no args.json there"),
 ])
-def test_bad_input_fails_before_any_model_loads(tiny_dir, data, tmp_path, extra, match, monkeypatch):
+def test_bad_input_fails_before_any_model_loads(tiny_dir, data, tmp_path, extra, match, monkeypatch, capsys):
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
-    with pytest.raises(SystemExit, match=match):
+    with pytest.raises(SystemExit) as e:
         train_grpo.train(args_for(tiny_dir, data, tmp_path, *extra))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(match, err) and err.count("\n") == 1, err
+
+
+def test_an_unreachable_hub_id_fails_at_once():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train_grpo.py"), "--model", "nohub-org/no-such-model"],
+                       capture_output=True, text=True, env=env, cwd=HERE)
+    assert p.returncode == 2 and "--model nohub-org/no-such-model: cannot read its config" in p.stderr
+
+
+def test_prompts_longer_than_the_context_are_skipped_up_front(tiny_dir, tmp_path, capsys):
+    rows = tiny.problems(12, seed=4) + [{"question": "What is " + " + ".join(["1"] * 800) + "?", "answer": "#### 800"}]
+    path = str(tiny.write_jsonl(tmp_path / "long.jsonl", rows))
+    train_grpo.train(args_for(tiny_dir, path, tmp_path / "run", "--steps", "2"), length_reward)
+    assert "12 gsm8k rows (1 skipped)" in capsys.readouterr().out
+    assert [x["step"] for x in metrics(tmp_path / "run")] == [1, 2]
+
+
+# -----------------------------------------------------------------------------
+# the run directory: resume, Ctrl-C, crashes, history
 
 
 def test_resume_after_ctrl_c_ends_with_the_same_v(tiny_dir, data, tmp_path):
@@ -109,8 +319,9 @@ def test_resume_after_ctrl_c_ends_with_the_same_v(tiny_dir, data, tmp_path):
     assert v_full.abs().sum() > 0  # it trained
     m = metrics(tmp_path / "full")
     assert [x["step"] for x in m] == [1, 2, 3, 4]
-    assert all(math.isfinite(x[k]) for x in m for k in ("reward", "mismatch", "grad_norm", "v_norm", "t_train"))
-    assert m[-1]["mismatch"] < 1e-4  # HF backend: the sampler is the trainer's own model
+    for k in ("reward", "mismatch", "grad_norm", "v_norm", "t_update", "t_logp_old", "t_step", "dw_kept", "signal"):
+        assert all(math.isfinite(x[k]) for x in m), k
+    assert m[-1]["mismatch"] < 1e-4 and m[-1]["dw_kept"] == 1.0  # HF backend, fp32: the trainer is the sampler
 
     calls = {"n": 0}
 
@@ -130,6 +341,66 @@ def test_resume_after_ctrl_c_ends_with_the_same_v(tiny_dir, data, tmp_path):
     assert tinylora.read_config(adapter)["u"] == 3
 
 
+def test_a_crash_before_the_first_checkpoint_resumes_and_cleans_up(tiny_dir, data, tmp_path):
+    def crash(text, gold):
+        raise RuntimeError("reward server down")
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="reward server down"):
+        train_grpo.train(args_for(tiny_dir, data, run, "--steps", "2", "--save-every", "0"), crash)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "rew')  # a line cut off by a kill
+    (run / "trainer_state.pt.tmp").write_bytes(b"half a file")
+    train_grpo.train(train_grpo.parse_args(["--resume", str(run)]), length_reward)
+    assert [x["step"] for x in metrics(run)] == [1, 2] and not list(run.glob("*.tmp"))
+    assert torch.load(run / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+def test_resume_refuses_to_rewrite_history(tiny_dir, data, tmp_path, capsys):
+    train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "3"), length_reward)
+    with pytest.raises(SystemExit) as e:
+        train_grpo.train(train_grpo.parse_args(["--resume", str(tmp_path), "--steps", "2"]), length_reward)
+    assert e.value.code == 2 and "already at step 3" in capsys.readouterr().err
+    assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 3
+    with pytest.raises(SystemExit) as e:  # a new run into this run's directory
+        train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "1"), length_reward)
+    assert e.value.code == 2 and f"--resume {tmp_path}" in capsys.readouterr().err
+    assert [x["step"] for x in metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_resume_takes_new_machinery_flags_and_refuses_recipe_changes(tiny_dir, data, tmp_path, capsys):
+    train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "1", "--micro-tokens", "64"), length_reward)
+    args, step = train_grpo.open_run(train_grpo.parse_args(["--resume", str(tmp_path), "--micro-tokens", "8",
+                                                            "--grad-ckpt", "always", "--steps", "3"]))
+    assert (step, args.micro_tokens, args.grad_ckpt, args.steps, args.lr, args.u) == (1, 8, "always", 3, 0.01, 3)
+    args, _ = train_grpo.open_run(train_grpo.parse_args(["--resume", str(tmp_path)]))
+    assert args.micro_tokens == 64  # not given again: the run's own
+    with pytest.raises(SystemExit) as e:
+        train_grpo.open_run(train_grpo.parse_args(["--resume", str(tmp_path), "--lr", "0.5"]))
+    assert e.value.code == 2 and "--lr 0.5: the run was made with 0.01" in capsys.readouterr().err
+
+
+def test_logged_lr_is_the_one_used_and_warmup_ignores_steps(tiny_dir, data, tmp_path):
+    lrs = {}
+    for steps in ("2", "3"):  # 40 rows / 4 per step = 10 steps per epoch, 1 epoch: 20 updates, warmup 10
+        run = tmp_path / steps
+        train_grpo.train(args_for(tiny_dir, data, run, "--steps", steps, "--warmup", "0.5", "--epochs", "1"),
+                         length_reward)
+        lrs[steps] = [x["lr"] for x in metrics(run)]
+    assert lrs["2"] == lrs["3"][:2]  # the schedule is the run's, not the stopping point's
+    assert lrs["3"] == pytest.approx([0.01 * 2 / 10, 0.01 * 4 / 10, 0.01 * 6 / 10])  # updates 2, 4, 6 of warmup 10
+
+
+def test_rollout_seeds_never_overlap_between_steps_and_ranks():
+    P, G, world = 64, 4, 8
+    used = set()
+    for step in range(3):
+        for rank in range(world):
+            base = train_grpo.rollout_seed(0, step, rank, P, G)
+            seeds = {base + i * G + j for i in range(P // world) for j in range(G)}  # eval.generate_vllm's spacing
+            assert not used & seeds
+            used |= seeds
+
+
 # -----------------------------------------------------------------------------
 # data parallel: 2 CPU processes (gloo)
 
@@ -137,28 +408,21 @@ DDP_WORKER = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import tinylora, train_grpo
+from test_train_grpo import fake_rollouts, update_args
 from transformers import AutoModelForCausalLM
 world = int(sys.argv[4])
 if world > 1:
     dist.init_process_group("gloo")
 rank = dist.get_rank() if world > 1 else 0
-torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).train()
 v = tinylora.apply(model, u=3, cache_dir=None, verbose=False)
-g = torch.Generator().manual_seed(1)  # the same fixed "rollouts" in every process: 8 prompts x 2 samples
-seqs = [torch.randint(0, 300, (int(torch.randint(6, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(16)]
-n_prompt = [3] * 16
-adv = torch.randn(16, generator=g).tolist()
-with torch.no_grad():
-    logp = train_grpo.token_logprobs(model, seqs, n_prompt, 1.0)
-lv = [lp + 0.01 * torch.randn(len(lp), generator=g) for lp in logp]
+samples = fake_rollouts(model, 8, 2, [1, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0])  # the same in every process
 # rank r takes prompts r, r + world, ... (both samples of each), as train() does
-mine = [i for i in range(16) if (i // 2) % world == rank]
-args = train_grpo.parse_args(["--micro-batch", "3", "--lr", "0.1"])
+mine = [s for i, s in enumerate(samples) if (i // 2) % world == rank]
 opt = torch.optim.AdamW([v], lr=0.1)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-m = train_grpo.train_step(args, model, opt, sched, v, [seqs[i] for i in mine], [n_prompt[i] for i in mine],
-                          [lv[i] for i in mine], [adv[i] for i in mine], 2, lambda: 0, world)
+args = update_args("--prompts-per-step", "8", "--mini-batch", "4", "--micro-tokens", "20")
+train_grpo.update(args, model, opt, sched, v, mine, world, None)
 torch.save(v.detach(), sys.argv[3] + f".{rank}")
 """
 
@@ -167,9 +431,10 @@ def test_two_ranks_take_the_same_step_as_one_process(tiny_dir, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
     out = str(tmp_path / "v")
-    subprocess.run([sys.executable, str(script), HERE, tiny_dir, out + "1", "1"], check=True, env=CPU_ONLY)
+    env = dict(CPU_ONLY, PYTHONPATH=HERE)
+    subprocess.run([sys.executable, str(script), HERE, tiny_dir, out + "1", "1"], check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                    str(script), HERE, tiny_dir, out + "2", "2"], check=True, env=CPU_ONLY)
+                    str(script), HERE, tiny_dir, out + "2", "2"], check=True, env=env)
     one, r0, r1 = (torch.load(p, weights_only=True) for p in (out + "1.0", out + "2.0", out + "2.1"))
     assert torch.equal(r0, r1)  # both ranks hold the same v
     assert one.abs().sum() > 0
@@ -210,9 +475,9 @@ def test_two_vllm_steps_write_finite_metrics_and_an_adapter(tiny_dir, data, tmp_
     model, adapter = train_grpo.train(args, length_reward, llm=tiny_llm)
     try:
         m = metrics(tmp_path)
-        assert [x["step"] for x in m] == [1, 2] and "eval_strict" in m[-1]
-        for x in m:
-            assert all(math.isfinite(x[k]) for k in x), x
+        assert [x["step"] for x in m] == [0, 1, 2] and "eval_strict" in m[0] and "eval_strict" in m[-1]
+        for x in m[1:]:
+            assert all(x[k] is None or math.isfinite(x[k]) for k in x), x
             assert x["t_generate"] > 0 and x["t_sync"] > 0 and x["tokens"] > 0
             assert x["mismatch"] < 0.05  # fp32 engine and trainer: only kernel differences
         assert model.tinylora_v.abs().sum() > 0 and os.path.getsize(adapter) < 4096
@@ -224,12 +489,32 @@ def test_reward_rises_with_tinylora_on_vllm_rollouts(tiny_dir, tmp_path, tiny_ll
     data = str(tiny.write_jsonl(tmp_path / "train.jsonl", tiny.problems(400, seed=3)))
     args = train_grpo.parse_args(["--model", tiny_dir, "--data", data, "--run-dir", str(tmp_path), "--u", "13",
                                   "--n-tie", "1", "--prompts-per-step", "16", "--mini-batch", "16", "--group-size",
-                                  "4", "--max-new-tokens", "4", "--steps", "16", "--lr", "0.1", "--warmup", "0",
+                                  "4", "--max-new-tokens", "4", "--steps", "16", "--lr", "0.005", "--warmup", "0",
                                   "--svd-cache", "", "--save-every", "0"])
     model, _ = train_grpo.train(args, digit_reward, llm=tiny_llm)
     try:
-        r = [x["reward"] for x in metrics(tmp_path)]  # seeded rollouts: measured 0.22, 0.41, then ~0.65
+        r = [x["reward"] for x in metrics(tmp_path)]
         first, last = sum(r[:2]) / 2, sum(r[-8:]) / 8
         assert last > first + 0.2, r
     finally:
         reset(tiny_llm, model)
+
+
+def test_a_bf16_checkpoint_runs_engine_and_trainer_in_bf16(tmp_path, data, monkeypatch):
+    """--dtype auto: the engine starts in the checkpoint's dtype (bf16), never in v's fp32, and
+    samples from the very weights the trainer computes with."""
+    import eval as E
+    path = tiny.make_model_dir(str(tmp_path / "bf16"), dtype="bfloat16")
+    engines = []
+    make_llm = E.make_llm
+    monkeypatch.setattr(E, "make_llm", lambda *a, **k: engines.append(make_llm(*a, **k)) or engines[-1])
+    args = args_for(path, data, tmp_path / "run", "--backend", "vllm", "--steps", "2", "--gpu-memory-utilization",
+                    "0.05", "--max-model-len", "256", "--lr", "0.01")
+    model, _ = train_grpo.train(args, length_reward)
+    (llm,) = engines
+    assert llm.llm_engine.model_config.dtype == torch.bfloat16 == model.dtype
+    engine_model = E.vllm_model(llm)
+    assert next(engine_model.parameters()).dtype == torch.bfloat16
+    m = metrics(tmp_path / "run")
+    assert m[-1]["v_norm"] > 0 and m[-1]["mismatch"] < 0.05, m  # the same bf16 weights on both sides
+    del engines[:], llm, engine_model

@@ -46,8 +46,8 @@ def make_tokenizer(vocab_size=512):
                                    chat_template=CHAT_TEMPLATE)
 
 
-def make_model_dir(path, layers=2, seed=0):
-    """Save a random-weight tiny Qwen2 (fp32) + tokenizer to `path`; return path."""
+def make_model_dir(path, layers=2, seed=0, dtype="float32"):
+    """Save a random-weight tiny Qwen2 (in `dtype`) + tokenizer to `path`; return path."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -55,14 +55,14 @@ def make_model_dir(path, layers=2, seed=0):
     config = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
                          tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=None, dtype="float32")
+                         bos_token_id=None, dtype=dtype)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():  # peaked next-token distributions, like a trained LM's, not near-uniform noise
         model.lm_head.weight.mul_(10)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -300,6 +300,23 @@ def layers(model):
 # apply / merge / save / load / export
 
 
+def plan(named, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, v_dtype="fp32", rounding="nearest"):
+    """Check apply()'s arguments against {name: module} and return (adapted module names, tie group
+    of each). Needs module shapes only: a model built on the meta device (no weights) will do."""
+    targets = tuple(targets)
+    names = [n for n in find_modules(named, targets) if isinstance(named[n], nn.Linear)]
+    matched = {n.rsplit(".", 1)[-1] for n in names}
+    check(names and matched == set(targets),
+          f"targets {sorted(set(targets) - matched) or list(targets)} match no nn.Linear in a decoder block")
+    check(isinstance(u, int) and u >= 1, f"u={u} must be an integer >= 1")
+    max_r = min(min(named[n].weight.shape) for n in names)
+    check(isinstance(r, int) and 1 <= r <= max_r, f"r={r} must be in [1, {max_r}] (min(d_in, d_out) of the adapted layers)")
+    check(v_dtype in V_DTYPES, f"v_dtype={v_dtype!r} must be one of {list(V_DTYPES)}")
+    check(rounding in ROUNDINGS, f"rounding={rounding!r} must be one of {ROUNDINGS}")
+    groups = tie_groups(names, len(names) if n_tie is None else n_tie, tie, targets)  # checks n_tie and tie
+    return names, groups
+
+
 def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_dtype="fp32",
           cache_dir=CACHE_DIR, verbose=True, keep_merged=True, rounding="nearest"):
     """Freeze `model`, wrap its target linears in TinyLoRALinear, return the shared v (n_groups, u).
@@ -311,17 +328,8 @@ def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_
     check(not layers(model), "TinyLoRA is already applied to this model")
     targets = tuple(targets)
     named = dict(model.named_modules())
-    names = [n for n in find_modules(named, targets) if isinstance(named[n], nn.Linear)]
-    matched = {n.rsplit(".", 1)[-1] for n in names}
-    check(names and matched == set(targets),
-          f"targets {sorted(set(targets) - matched) or list(targets)} match no nn.Linear in a decoder block")
-    check(isinstance(u, int) and u >= 1, f"u={u} must be an integer >= 1")
-    max_r = min(min(named[n].weight.shape) for n in names)
-    check(isinstance(r, int) and 1 <= r <= max_r, f"r={r} must be in [1, {max_r}] (min(d_in, d_out) of the adapted layers)")
-    check(v_dtype in V_DTYPES, f"v_dtype={v_dtype!r} must be one of {list(V_DTYPES)}")
-    check(rounding in ROUNDINGS, f"rounding={rounding!r} must be one of {ROUNDINGS}")
+    names, groups = plan(named, u, r, n_tie, tie, targets, v_dtype, rounding)
     n_tie = len(names) if n_tie is None else n_tie
-    groups = tie_groups(names, n_tie, tie, targets)  # checks n_tie and tie
 
     linears = [named[n] for n in names]
     fp = fingerprint((n, lin.weight) for n, lin in zip(names, linears))

@@ -1,34 +1,38 @@
-"""GRPO on GSM8K with TinyLoRA: a frozen LLM, u trainable numbers, rollouts from vLLM.
+"""GRPO with TinyLoRA: a frozen LLM, u trainable numbers, rollouts from vLLM.
 
-Each step (the paper's GSM8K recipe, DESIGN.md "GRPO"):
-  1. rollout: 64 prompts x n=4 samples from the in-process vLLM engine (temperature 1.0),
-     keeping each sampled token's logprob under the sampler (logp_vllm)
-  2. reward: 1 if the last "#### <number>" equals the gold answer (eval.gsm8k_reward)
-  3. advantages: (reward - group mean) / (group std + 1e-6) per prompt's group of n
-  4. 2 optimizer updates (mini-batches of 32 prompts), each minimising the token-mean of
+One step, after the paper's GSM8K recipe (the authors' verl scripts):
+  1. rollout: 64 prompts x 4 samples from the in-process vLLM engine at temperature 1; the
+     logprob of each sampled token under the sampler is kept (logp_vllm)
+  2. reward: eval.reward, 1 if the answer is right (GSM8K: the number after the last "####";
+     MATH: the last \\boxed{}, judged by math-verify), else 0
+  3. advantages: (reward - group mean) / (group std + 1e-6) within each prompt's 4 samples. A
+     group whose samples all got the same reward has advantage 0 and no gradient, so it is never
+     run through the trainer (its tokens still count in the token-mean: the loss is unchanged)
+  4. updates: 2 AdamW updates of v (mini-batches of 32 prompts), each minimising the token-mean of
         -min(ratio * A, clip(ratio, 1 - 0.2, 1 + 0.4) * A) * min(exp(logp_old - logp_vllm), 2)
-     with ratio = exp(logp - logp_old); the last factor is truncated importance sampling,
-     which corrects for vLLM sampling from a slightly different model than the trainer's
-     (other kernels; with --low-memory also the bf16 rounding of W + dW, which the trainer
-     then does not see). AdamW on v only, grad clip 1.0, warmup 5%.
-  5. sync: the merged weights W + dW of the adapted modules (fp32 from the pristine base,
-     never merged in place; by default the very tensors the trainer computes with) are
-     loaded into vLLM after every update; nothing else is re-sent.
-Simplifications on purpose: no KL term, no entropy bonus, no reference model, one epoch
-per batch. Multi-GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel: each
-rank its own engine and prompts; v's gradient, u numbers, is all-reduced).
+     with ratio = exp(logp - logp_old) and logp_old the trainer's logprobs under the rollout-time
+     v. The last factor (truncated importance sampling) corrects for vLLM sampling from a slightly
+     different model than the trainer's (other kernels; with --low-memory also the bf16 rounding
+     of W + dW). Sequences go through the trainer in micro-batches packed by length under a token
+     budget sized to the free GPU memory, with gradient checkpointing only in steps that need it
+  5. sync: W + dW of the adapted modules (by default the very bf16 tensors the trainer computes
+     with) is loaded into vLLM before the next rollout; nothing else is sent
+Left out on purpose: KL term, entropy bonus, reference model, more than one epoch per batch.
+Multi-GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel: each rank has its own
+engine and prompts; v's gradient, u numbers, is all-reduced).
 
     python train_grpo.py --u 13 --model Qwen/Qwen2.5-7B-Instruct
-    python tiny.py tiny && python train_grpo.py --model tiny/model --data tiny/train.jsonl \
+    python tiny.py tiny && python train_grpo.py --model tiny/model --data tiny/train.jsonl \\
         --eval-data tiny/test.jsonl --prompts-per-step 8 --mini-batch 4 --max-new-tokens 16 --steps 3
 """
 import argparse
 import copy
+import glob
 import importlib.util
 import json
 import math
 import os
-import re
+import sys
 import time
 
 import torch
@@ -39,13 +43,19 @@ from tqdm import tqdm
 import eval as task  # the dataset, prompt, reward and generation backends live in eval.py
 import tinylora
 
+# Options that say how to run, not what to train: --resume takes them from its own command line
+# when given there; every other option is the run's recipe and comes from its args.json.
+MACHINERY = ("steps", "micro_tokens", "grad_ckpt", "low_memory", "backend", "gpu_memory_utilization",
+             "max_model_len", "save_every", "eval_every", "eval_limit", "eval_data", "svd_cache", "wandb")
 
-def parse_args(argv=None):
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="Qwen/Qwen2.5-7B-Instruct", help="hub id or local path of the frozen base model")
-    a("--data", default="gsm8k", help="'gsm8k' (hub openai/gsm8k train) or a local .jsonl with question/answer rows")
-    a("--eval-data", default="gsm8k", help="held-out set for --eval-every: 'gsm8k' (test split) or a .jsonl")
+    a("--data", default="gsm8k", help="'gsm8k' (hub openai/gsm8k train), 'math500', or a local .jsonl with "
+      "question/answer (GSM8K) or problem/answer (MATH) rows; the reward follows the task")
+    a("--eval-data", default="gsm8k", help="held-out set for --eval-every: 'gsm8k' (test split), 'math500' or a .jsonl")
     # TinyLoRA
     a("--u", type=int, default=13, help="trainable numbers per tie group (size of v)")
     a("--r", type=int, default=2, help="rank of the frozen truncated SVD of each adapted weight")
@@ -53,107 +63,136 @@ def parse_args(argv=None):
     a("--tie", default="tiled", choices=tinylora.TIE_MODES, help="how modules are grouped into tie groups")
     a("--targets", default=",".join(tinylora.TARGETS), help="comma-separated linear layer names to adapt")
     a("--v-dtype", default="fp32", choices=list(tinylora.V_DTYPES), help="storage dtype of v (forward sees v rounded to it)")
+    a("--rounding", default="nearest", choices=tinylora.ROUNDINGS, help="how W + dW is rounded to a bf16 base "
+      "(trainer and vLLM alike): 'nearest' erases entries of dW under half a bf16 step; 'stochastic' keeps "
+      "them on average (unbiased), at the same speed")
     a("--svd-cache", default=tinylora.CACHE_DIR, help="directory of cached SVD factors ('' disables)")
     # GRPO
     a("--prompts-per-step", type=int, default=64, help="prompts per GRPO step (x group size rollouts)")
     a("--group-size", type=int, default=4, help="samples per prompt; advantages are normalised within a group")
     a("--mini-batch", type=int, default=32, help="prompts per optimizer update (updates per step = prompts-per-step / this)")
-    a("--micro-batch", type=int, default=8, help="sequences per forward/backward chunk (memory only; gradients accumulate)")
     a("--epochs", type=float, default=3, help="passes over the training set")
-    a("--steps", type=int, default=None, help="stop after this many steps (default: all epochs)")
+    a("--steps", type=int, default=None, help="stop after this many steps (default: all epochs; the lr schedule is "
+      "always the full run's)")
     a("--max-new-tokens", type=int, default=4096, help="rollout length cap")
     a("--temperature", type=float, default=1.0, help="sampling temperature of rollouts (the trainer uses the same)")
     a("--clip-low", type=float, default=0.2, help="ratio clip below: 1 - clip_low")
     a("--clip-high", type=float, default=0.4, help="ratio clip above: 1 + clip_high (asymmetric, 'clip higher')")
     a("--tis-cap", type=float, default=2.0, help="cap of the truncated importance weight exp(logp_old - logp_vllm)")
-    a("--lr", type=float, default=1e-4, help="AdamW learning rate of v (the paper swept 1e-7..2e-4; not tuned here)")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate of v (P has the scale of the paper authors' "
+      "code, so their learning rates mean the same here; they swept 1e-7..2e-4)")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     a("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    a("--warmup", type=float, default=0.05, help="fraction of updates with a linear lr warmup, then constant")
-    a("--grad-ckpt", action="store_true", help="gradient checkpointing in the trainer (less memory, ~30%% slower)")
-    a("--low-memory", action="store_true", help="do not keep merged W + dW weights in the trainer (saves one "
-      "copy of the adapted weights, 12.5 GiB at 7B in bf16; training fwd+bwd 7-11%% slower on an H100)")
-    # machinery
-    a("--backend", default="vllm" if importlib.util.find_spec("vllm") else "hf", choices=["vllm", "hf"], help="rollout engine")
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="dtype of the base model (trainer and vLLM)")
-    a("--gpu-memory-utilization", type=float, default=0.4, help="vLLM's share of GPU memory (on CPU: of RAM)")
-    a("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's own)")
+    a("--warmup", type=float, default=0.05, help="fraction of the run's updates with a linear lr warmup, then constant")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="dtype of the base model (trainer and "
+      "vLLM): auto is the checkpoint's")
     a("--seed", type=int, default=0, help="seeds data order, P, and sampling")
-    a("--run-dir", default=None, help="where metrics.jsonl, checkpoints and the adapter go (default: runs/<time>)")
+    # machinery: how to run (may change on --resume)
+    a("--micro-tokens", type=int, default=None, help="padded tokens per forward/backward micro-batch (memory only; "
+      "gradients accumulate); default: what the free GPU memory holds, 8192 on a CPU")
+    a("--grad-ckpt", default="auto", choices=["auto", "always", "never"], help="gradient checkpointing in the trainer "
+      "(~30%% slower, far less memory); auto: on in a step whose longest sequence would not fit without it")
+    a("--low-memory", action="store_true", help="do not keep merged W + dW weights in the trainer (saves one "
+      "copy of the adapted weights, 12.5 GiB at 7B in bf16; training fwd+bwd ~11%% slower on an H100)")
+    a("--backend", default="vllm" if importlib.util.find_spec("vllm") else "hf", choices=["vllm", "hf"], help="rollout engine")
+    a("--gpu-memory-utilization", type=float, default=0.4, help="vLLM's share of the GPU's memory, its weights and KV "
+      "cache (on a CPU: of RAM); the trainer uses the rest")
+    a("--max-model-len", type=int, default=None, help="context length (default: the model's own); longer prompts are skipped")
+    a("--run-dir", default=None, help="where metrics.jsonl, checkpoints and the adapter go (default: runs/<time>); "
+      "must not hold another run")
     a("--save-every", type=int, default=10, help="checkpoint every N steps (0: only at the end)")
     a("--resume", default=None, help="RUN_DIR of an interrupted run: continue it from its last checkpoint")
-    a("--eval-every", type=int, default=0, help="greedy pass@1 on --eval-data every N steps (0: off)")
+    a("--eval-every", type=int, default=0, help="greedy pass@1 on --eval-data before training and every N steps (0: off)")
     a("--eval-limit", type=int, default=200, help="rows of --eval-data used by periodic eval")
     a("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    p.set_defaults(**{a.dest: argparse.SUPPRESS for a in p._actions})  # parse again: what was given
+    args.given = sorted(k for k, x in vars(p.parse_args(argv)).items() if x is not argparse.SUPPRESS)
+    return args
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit code 2 (as argparse does)."""
+    print(f"train_grpo.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def check_args(args, world=1):
-    """Every cheap check, before any model loads."""
+    """Every check that needs no model, before anything loads."""
     def need(ok, msg):
         if not ok:
-            raise SystemExit(f"error: {msg}")
+            fail(msg)
     need(args.group_size >= 2, f"--group-size {args.group_size}: GRPO needs >= 2 samples per prompt")
-    need(args.mini_batch > 0 and args.prompts_per_step % args.mini_batch == 0,
+    need(args.prompts_per_step >= 1 and args.mini_batch >= 1, "--prompts-per-step and --mini-batch must be >= 1")
+    need(args.prompts_per_step % args.mini_batch == 0,
          f"--prompts-per-step {args.prompts_per_step} is not a multiple of --mini-batch {args.mini_batch}")
     need(args.mini_batch % world == 0, f"--mini-batch {args.mini_batch} is not divisible by {world} ranks")
-    need(args.micro_batch >= 1 and args.u >= 1 and args.r >= 1, "--micro-batch, --u and --r must be >= 1")
-    local = os.path.exists(args.model) or not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model) \
-        or os.path.isdir(args.model.split("/")[0])
-    need(not local or os.path.isdir(args.model), f"--model {args.model}: no such model directory")
+    need(args.u >= 1 and args.r >= 1, f"--u {args.u} and --r {args.r} must be >= 1")
+    need(args.n_tie is None or args.n_tie >= 1, f"--n-tie {args.n_tie} must be >= 1")
+    need(args.steps is None or args.steps >= 1, f"--steps {args.steps} must be >= 1 (omit it to train all epochs)")
+    need(args.epochs > 0, f"--epochs {args.epochs} must be > 0")
+    need(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    need(args.temperature > 0, f"--temperature {args.temperature} must be > 0 (GRPO learns from sampled rollouts)")
+    need(args.lr > 0 and args.weight_decay >= 0 and args.grad_clip > 0,
+         f"--lr {args.lr} and --grad-clip {args.grad_clip} must be > 0, --weight-decay {args.weight_decay} >= 0")
+    need(0 <= args.warmup < 1, f"--warmup {args.warmup} must be in [0, 1)")
+    need(0 <= args.clip_low < 1 and args.clip_high >= 0 and args.tis_cap >= 1,
+         f"--clip-low {args.clip_low} must be in [0, 1), --clip-high {args.clip_high} >= 0, --tis-cap {args.tis_cap} >= 1")
+    need(0 < args.gpu_memory_utilization < 1, f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in (0, 1)")
+    need(args.micro_tokens is None or args.micro_tokens >= 1, f"--micro-tokens {args.micro_tokens} must be >= 1")
+    need(args.save_every >= 0 and args.eval_every >= 0 and args.eval_limit >= 1,
+         "--save-every and --eval-every must be >= 0, --eval-limit >= 1")
+    need(args.max_model_len is None or args.max_model_len >= 2, f"--max-model-len {args.max_model_len} must be >= 2")
     for path in (args.data, args.eval_data if args.eval_every else "gsm8k"):
-        need(path in ("gsm8k", "math500") or os.path.isfile(path), f"cannot read data file {path}")
+        need(path in task.HUB or os.path.isfile(path), f"cannot read data file {path} (expected gsm8k, math500 or a .jsonl)")
 
 
 # -----------------------------------------------------------------------------
-# the trainer's side: logprobs of sampled tokens, the GRPO loss
+# the run directory: new or resumed, metrics, atomic checkpoints
+
+RUN_FILES = ("args.json", "metrics.jsonl", "adapter.safetensors", "trainer_state.pt")
 
 
-def token_logprobs(model, seqs, n_prompt, temperature):
-    """logp of each completion token under `model`, at the sampling temperature.
-    seqs: list of (prompt + completion) id lists; n_prompt: prompt lengths. Returns a list of 1-D tensors."""
-    dev = model.tinylora_v.device
-    L = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), L, dtype=torch.long, device=dev)  # right-padded (B, L)
-    mask = torch.zeros(len(seqs), L, dtype=torch.long, device=dev)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
-    head, out = model.get_output_embeddings(), []
-    for i, (s, p) in enumerate(zip(seqs, n_prompt)):
-        # position t predicts token t+1: completion tokens s[p:] are predicted by positions p-1 .. len-2
-        h, target = hidden[i, p - 1:len(s) - 1], ids[i, p:len(s)]
-        if torch.is_grad_enabled():  # recompute the (T_i, vocab) logits in backward instead of storing them
-            out.append(torch.utils.checkpoint.checkpoint(_logp, head, h, target, temperature, use_reentrant=False))
-        else:
-            out.append(_logp(head, h, target, temperature))
-    return out
+def open_run(args):
+    """(args, first step): a new run directory, or the recipe and checkpoint of the one --resume names.
+    Refuses before any model loads: a new run into another run's directory, a recipe option changed on
+    resume, a --steps the checkpoint is already past."""
+    if not args.resume:
+        args.run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.run_dir, f))]
+        if found:
+            fail(f"--run-dir {args.run_dir} holds a run ({', '.join(found)}): --resume {args.run_dir} continues it")
+        return args, 0
+    if not os.path.isfile(os.path.join(args.resume, "args.json")):
+        fail(f"--resume {args.resume}: no args.json there, not a run directory")
+    with open(os.path.join(args.resume, "args.json")) as f:
+        saved = json.load(f)
+    defaults = vars(parse_args([]))
+    for k in args.given:
+        if k not in MACHINERY + ("resume", "run_dir") and getattr(args, k) != saved.get(k, defaults[k]):
+            fail(f"--{k.replace('_', '-')} {getattr(args, k)}: the run was made with {saved.get(k)}; "
+                 f"only {', '.join('--' + m.replace('_', '-') for m in MACHINERY)} may change on --resume")
+    mine = {k: getattr(args, k) for k in args.given if k in MACHINERY}
+    args = argparse.Namespace(**{**defaults, **saved, **mine, "resume": args.resume, "run_dir": args.resume,
+                                 "given": args.given})  # options newer than the run: defaults
+    for tmp in glob.glob(os.path.join(args.run_dir, "*.tmp")):
+        os.remove(tmp)  # left by a write that was killed; the file it was replacing is intact
+    state = os.path.join(args.run_dir, "trainer_state.pt")
+    step = torch.load(state, weights_only=True)["step"] if os.path.exists(state) else 0
+    if args.steps is not None and args.steps < step:
+        fail(f"--steps {args.steps}: the checkpoint in {args.run_dir} is already at step {step}")
+    return args, step
 
 
-def _logp(head, h, target, temperature):
-    logits = head(h).float() / temperature  # (T, vocab) in fp32: bf16 log_softmax would dominate the mismatch
-    return logits.log_softmax(-1).gather(-1, target[:, None])[:, 0]
-
-
-def grpo_loss(logp, logp_old, logp_vllm, adv, clip_low, clip_high, tis_cap):
-    """Per-token clipped surrogate x truncated IS weight. All (T,) tensors; adv broadcast (scalar or (T,)).
-    Returns (loss summed over tokens, number of clipped tokens, number of capped IS weights)."""
-    ratio = torch.exp(logp - logp_old)
-    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    surrogate = torch.minimum(ratio * adv, clipped * adv)
-    tis = torch.exp(logp_old - logp_vllm).clamp(max=tis_cap).detach()
-    return -(tis * surrogate).sum(), (surrogate != ratio * adv).sum().item(), (tis >= tis_cap).sum().item()
-
-
-def advantages(rewards, group_size):
-    """(reward - group mean) / (group std + 1e-6); a group with equal rewards gets 0, not NaN."""
-    r = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1).tolist()
-
-
-# -----------------------------------------------------------------------------
-# run directory: metrics, atomic checkpoints, resume
+def write_args(args):
+    os.makedirs(args.run_dir, exist_ok=True)
+    with open(os.path.join(args.run_dir, "args.json"), "w") as f:
+        json.dump({k: x for k, x in vars(args).items() if k != "given"}, f, indent=2)
 
 
 def capture(step, v, opt, sched):
@@ -183,190 +222,420 @@ def save_checkpoint(run_dir, model, state):
 
 def load_checkpoint(run_dir, model, v, opt, sched):
     tinylora.load(model, os.path.join(run_dir, "adapter.safetensors"), verbose=False)  # checks the base model
-    state = torch.load(os.path.join(run_dir, "trainer_state.pt"), weights_only=True)
-    restore(state, v, opt, sched)
-    return state["step"]
+    restore(torch.load(os.path.join(run_dir, "trainer_state.pt"), weights_only=True), v, opt, sched)
 
 
-def resume_args(args):
-    """The interrupted run's own arguments win (same recipe), except where to stop."""
-    with open(os.path.join(args.resume, "args.json")) as f:
-        saved = json.load(f)
-    saved.update(resume=args.resume, run_dir=args.resume, steps=args.steps or saved["steps"])
-    return argparse.Namespace(**{**vars(parse_args([])), **saved})  # options newer than the run: defaults
+def trim_metrics(path, step):
+    """Keep the lines of steps up to the checkpoint's: later ones (a crash between checkpoints) rerun,
+    and a line cut off by a kill is dropped."""
+    keep = []
+    if os.path.exists(path):
+        for line in open(path):
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError):
+                pass
+    with open(path, "w") as f:
+        f.writelines(keep)
 
 
 # -----------------------------------------------------------------------------
-# the loop
+# memory: what the GPU holds, how many tokens a micro-batch may have
 
 
-def train(args, reward_fn=task.gsm8k_reward, llm=None):
-    """Run GRPO; returns (model, path of the final adapter). `llm` may be an existing vLLM engine."""
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1  # (vLLM may initialise torch.distributed for itself)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    if args.resume:
-        args = resume_args(args)
-    check_args(args, world)
-    rows, skipped, kind = task.load_rows(args.data, split="train")
-    steps_per_epoch = len(rows) // args.prompts_per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {args.data} has {len(rows)} usable rows, fewer than --prompts-per-step")
-    total = min(int(args.epochs * steps_per_epoch), args.steps or 10**9)
-    run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+def activation_bytes(config, nbytes, ckpt):
+    """Estimated autograd memory per token of the trainer's forward + backward (Qwen2/Llama decoder).
+    A layer keeps ~(7 h + 2 kv + 4 m) values per token (norm inputs, q/k/v and attention output, MLP
+    gate/up/activation/product; measured 204 KiB at 7B in bf16); two layers' worth of gradients are in
+    flight. With checkpointing each layer keeps only its input, and one layer is recomputed at a time."""
+    h, m = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or h // config.num_attention_heads)
+    layer = nbytes * (7 * h + 2 * kv + 4 * m)
+    return (config.num_hidden_layers * nbytes * h + 3 * layer) if ckpt else (config.num_hidden_layers + 2) * layer
 
+
+def logits_chunk(vocab):
+    """Tokens per chunk of the LM head: ~256 MiB of fp32 logits at a time, never all (T, vocab)."""
+    return max(64, 2**26 // vocab)
+
+
+def meta_model(args):
+    """The model built on the meta device from its config alone (no weights), in the dtype it will
+    be loaded in: names, shapes, sizes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except Exception as e:  # no such directory, or a hub id with no hub
+        fail(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})")
+    dtype = getattr(config, "dtype", None) or torch.float32 if args.dtype == "auto" else args.dtype
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, str(dtype).removeprefix("torch.")))
+
+
+def check_memory(args, meta, names, longest):
+    """Before any weight loads: trainer weights + kept W + dW + vLLM's share + one longest sequence
+    (checkpointed) must fit the GPU; otherwise exit with the numbers and what to change."""
+    named = dict(meta.named_parameters())
+    nbytes = meta.get_input_embeddings().weight.element_size()
+    total = torch.cuda.mem_get_info()[1]
+    need = {"trainer weights": sum(p.numel() for p in named.values()) * nbytes,
+            "kept W + dW": 0 if args.low_memory else sum(named[f"{n}.weight"].numel() for n in names) * nbytes,
+            "vLLM (--gpu-memory-utilization)": args.gpu_memory_utilization * total if args.backend == "vllm" else 0,
+            f"activations of one {longest}-token sequence": longest * activation_bytes(meta.config, nbytes, True)
+            + logits_chunk(meta.config.vocab_size) * meta.config.vocab_size * 10,
+            "CUDA context and workspaces": 2 * 2**30}
+    if sum(need.values()) > total:
+        parts = ", ".join(f"{k} {x / 2**30:.1f}" for k, x in need.items())
+        fail(f"this GPU has {total / 2**30:.1f} GiB, the run needs {sum(need.values()) / 2**30:.1f} GiB ({parts}). "
+             f"Try --low-memory, a lower --gpu-memory-utilization or --max-new-tokens, or a larger GPU")
+
+
+def free_for_activations(config):
+    """Bytes the trainer may use for activations now: free device memory plus what PyTorch holds
+    unused, minus room for the logits chunks and workspaces."""
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    return free - logits_chunk(config.vocab_size) * config.vocab_size * 10 - 2**30
+
+
+def micro_batch_plan(args, model, longest, budget):
+    """(gradient checkpointing on?, padded tokens per micro-batch) for a step whose longest sequence
+    has `longest` tokens, given `budget` bytes for activations (None on a CPU)."""
+    nbytes = model.get_input_embeddings().weight.element_size()
+    per_token = lambda ckpt: activation_bytes(model.config, nbytes, ckpt)
+    if args.grad_ckpt == "auto":
+        ckpt = budget is not None and longest * per_token(False) > budget
+    else:
+        ckpt = args.grad_ckpt == "always"
+    tokens = args.micro_tokens or (int(budget // per_token(ckpt)) if budget is not None else 8192)
+    if ckpt != model.is_gradient_checkpointing:
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+    return ckpt, max(tokens, longest)
+
+
+# -----------------------------------------------------------------------------
+# the trainer's side: logprobs of sampled tokens, the GRPO loss
+
+
+def token_logprobs(model, seqs, n_prompt, temperature):
+    """log p of every completion token under `model` at the sampling temperature, flat: sequence 0's
+    completion tokens, then sequence 1's, ... seqs: (prompt + completion) id lists; n_prompt: prompt
+    lengths. One padded forward of the decoder (no KV cache), then the LM head in chunks."""
+    dev = model.get_input_embeddings().weight.device
+    lens = torch.tensor([len(s) for s in seqs], device=dev)
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True).to(dev)  # (B, L)
+    pos = torch.arange(ids.shape[1], device=dev)
+    mask = pos < lens[:, None]  # (B, L) real tokens
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
+    # position t predicts token t+1: completion tokens p..len-1 are predicted by positions p-1..len-2
+    pred = (pos >= torch.tensor(n_prompt, device=dev)[:, None] - 1) & (pos < lens[:, None] - 1)  # (B, L)
+    h, target = hidden[pred], ids[:, 1:][pred[:, :-1]]  # (N, H), (N,): row-major = sequence by sequence
+    head, chunk = model.get_output_embeddings(), logits_chunk(model.config.vocab_size)
+    out = []
+    for i in range(0, len(target), chunk):
+        if torch.is_grad_enabled():  # the (chunk, vocab) logits are recomputed in backward, not kept
+            out.append(torch.utils.checkpoint.checkpoint(_logp, head, h[i:i + chunk], target[i:i + chunk],
+                                                         temperature, use_reentrant=False))
+        else:
+            out.append(_logp(head, h[i:i + chunk], target[i:i + chunk], temperature))
+    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+
+def _logp(head, h, target, temperature):
+    logits = head(h).float() / temperature  # (T, vocab) in fp32: bf16 log_softmax would dominate the mismatch
+    return logits.gather(-1, target[:, None])[:, 0] - logits.logsumexp(-1)
+
+
+def grpo_loss(logp, logp_old, logp_vllm, adv, clip_low, clip_high, tis_cap):
+    """Per-token clipped surrogate x truncated IS weight. All (T,) tensors; adv a scalar or (T,).
+    Returns (loss summed over tokens, number of clipped tokens, number of capped IS weights)."""
+    ratio = torch.exp(logp - logp_old)
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    surrogate = torch.minimum(ratio * adv, clipped * adv)
+    tis = torch.exp(logp_old - logp_vllm).clamp(max=tis_cap).detach()
+    return -(tis * surrogate).sum(), (surrogate != ratio * adv).sum().item(), (tis >= tis_cap).sum().item()
+
+
+def advantages(rewards, group_size):
+    """(reward - group mean) / (group std + 1e-6); a group with equal rewards gets 0, not NaN."""
+    r = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1).tolist()
+
+
+def pack(samples, budget):
+    """Micro-batches of samples, longest first, each at most `budget` padded tokens (its size times
+    its longest sequence): sorting by length leaves little padding."""
+    out = []
+    for s in sorted(samples, key=lambda s: -len(s["ids"])):
+        if out and (len(out[-1]) + 1) * len(out[-1][0]["ids"]) <= budget:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
+def logprobs_of(model, micro, temperature):
+    """token_logprobs of a micro-batch of samples, and the same tensor split per sample."""
+    lp = token_logprobs(model, [s["ids"] for s in micro], [s["n_prompt"] for s in micro], temperature)
+    return lp, lp.split([len(s["ids"]) - s["n_prompt"] for s in micro])
+
+
+# -----------------------------------------------------------------------------
+# one GRPO step: rollout -> rewards -> advantages -> updates (-> sync, in train)
+
+
+def rollout(generate, rows, args, seed):
+    """args.group_size samples per row, prompt-major: dicts with ids (prompt + completion), n_prompt,
+    logp_vllm (per completion token) and text. Row i's samples use seeds seed + i * group_size + j."""
+    out = generate([r["prompt_ids"] for r in rows], args.group_size, args.temperature, args.max_new_tokens, seed=seed)
+    return [dict(ids=o["prompt_ids"] + s["ids"], n_prompt=len(o["prompt_ids"]), text=s["text"], gold=r["gold"],
+                 logp_vllm=torch.tensor(s["logprobs"], dtype=torch.float32))
+            for r, o in zip(rows, out) for s in o["samples"]]
+
+
+def update(args, model, opt, sched, v, samples, world, budget):
+    """The step's optimizer updates, one per mini-batch of prompts, on the samples with a non-zero
+    advantage; returns metrics. A mini-batch's loss is the token-mean over all its completion tokens
+    (all ranks), the zero-advantage ones included: skipping them changes no gradient."""
+    n_mb = args.prompts_per_step // args.mini_batch
+    per = len(samples) // n_mb  # samples per mini-batch on this rank
+    minis = [samples[k * per:(k + 1) * per] for k in range(n_mb)]
+    trained = [[s for s in mb if s["adv"] != 0] for mb in minis]
+    # no signal at all: still measure the trainer/vLLM mismatch, on one group (no update needs it)
+    probe = [] if any(trained) else samples[:args.group_size]
+    longest = max((len(s["ids"]) for mb in trained + [probe] for s in mb), default=1)
+    ckpt, tokens = micro_batch_plan(args, model, longest, budget)
+    packs = [pack(mb, tokens) for mb in trained]
+    dev = v.device
+    for s in samples:
+        s["logp_vllm"] = s["logp_vllm"].to(dev)
+
+    t0 = time.time()
+    with torch.no_grad():  # logp_old of later mini-batches: under the rollout-time v, before any update
+        for micro in [m for mbp in packs[1:] for m in mbp] + pack(probe, tokens):
+            for s, lp in zip(micro, logprobs_of(model, micro, args.temperature)[1]):
+                s["logp_old"] = lp
+    t_old = time.time() - t0
+
+    m = dict(clipped=0, capped=0, tokens_can_clip=0, grad_norm=0.0, skipped=0)
+    for k in range(n_mb):
+        tokens_k = torch.tensor(float(sum(len(s["logp_vllm"]) for s in minis[k])), device=dev)
+        if world > 1:
+            dist.all_reduce(tokens_k)  # the token-mean is over the whole mini-batch, all ranks
+        for micro in packs[k]:
+            lp, per_sample = logprobs_of(model, micro, args.temperature)
+            if k == 0:  # v is still the rollout-time v: these are logp_old
+                for s, x in zip(micro, per_sample):
+                    s["logp_old"] = x.detach()
+            cat = lambda key: torch.cat([s[key] for s in micro])
+            adv = torch.cat([torch.full_like(s["logp_vllm"], s["adv"]) for s in micro])
+            loss, clipped, capped = grpo_loss(lp, cat("logp_old"), cat("logp_vllm"), adv,
+                                              args.clip_low, args.clip_high, args.tis_cap)
+            (loss / tokens_k).backward()
+            m["capped"] += capped
+            if k > 0:  # the first update's ratio is exactly 1: it cannot clip
+                m["clipped"], m["tokens_can_clip"] = m["clipped"] + clipped, m["tokens_can_clip"] + len(lp)
+        if v.grad is None:  # no signal on this rank: AdamW still steps (momentum, decay), as with a zero loss
+            v.grad = torch.zeros_like(v)
+        if world > 1:
+            dist.all_reduce(v.grad)  # u numbers per group: the whole communication of data parallelism
+        if not torch.isfinite(v.grad).all():  # the same on every rank after the all-reduce
+            print("warning: non-finite gradient; update skipped, v unchanged")
+            m["skipped"] += 1
+        else:
+            m["grad_norm"] += torch.nn.utils.clip_grad_norm_(v, args.grad_clip).item() / n_mb
+            m["lr"] = opt.param_groups[0]["lr"]  # the lr this update used
+            opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    seen = [s for mb in trained + [probe] for s in mb]
+    n_tok = sum(len(s["logp_vllm"]) for s in seen)
+    diff = torch.cat([s["logp_old"] - s["logp_vllm"] for s in seen]) if seen else torch.zeros(0)
+    return dict(mismatch=diff.abs().sum().item() / max(n_tok, 1), is_max=diff.exp().max().item() if n_tok else 1.0,
+                is_capped=m["capped"] / max(n_tok, 1), clip_frac=m["clipped"] / max(m["tokens_can_clip"], 1),
+                grad_norm=m["grad_norm"], skipped=m["skipped"], lr=m.get("lr", opt.param_groups[0]["lr"]),
+                signal=sum(len(mb) for mb in trained) / len(samples), trained_tokens=n_tok if not probe else 0,
+                micro_batches=sum(len(p) for p in packs), grad_ckpt=int(ckpt), t_logp_old=t_old,
+                t_update=time.time() - t0 - t_old)
+
+
+# -----------------------------------------------------------------------------
+# setup and the loop
+
+
+def load_data(args, tok, kind_rows, split, limit=None):
+    """Rows of a data set with their prompt ids; rows whose prompt leaves no room to answer within the
+    context are skipped (and counted)."""
+    rows, skipped, kind = task.load_rows(kind_rows, split=split, limit=limit)
+    prompts = [task.build_prompt(tok, r["question"], kind) for r in rows]
+    rows, prompts, long = task.drop_long_prompts(rows, prompts, args.max_model_len)
+    for r, p in zip(rows, prompts):
+        r["prompt_ids"] = p
+    return rows, skipped + long, kind
+
+
+def load_policy(args, rank):
+    """(tokenizer, frozen model with TinyLoRA applied, v)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype).to(device)
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","), args.seed,
-                       args.v_dtype, args.svd_cache or None, verbose=rank == 0, keep_merged=not args.low_memory)
+                       args.v_dtype, args.svd_cache or None, verbose=rank == 0, keep_merged=not args.low_memory,
+                       rounding=args.rounding)
+    return tok, model.train(), v  # train mode: gradient checkpointing acts (Qwen2 has no dropout)
+
+
+def train(args, reward_fn=None, llm=None):
+    """Run GRPO; returns (model, path of the final adapter). reward_fn(text, gold) replaces the task's
+    reward (tests, benchmarks); `llm` may be an existing vLLM engine."""
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1  # (vLLM may initialise torch.distributed for itself)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    args, start = open_run(args)
+    check_args(args, world)
+    meta = meta_model(args)
+    try:
+        names, _ = tinylora.plan(dict(meta.named_modules()), args.u, args.r, args.n_tie, args.tie,
+                                 args.targets.split(","), args.v_dtype, args.rounding)
+    except ValueError as e:
+        fail(f"{e} (--u, --r, --n-tie, --tie, --targets for {args.model})")
+    args.max_model_len = args.max_model_len or meta.config.max_position_embeddings
+    if torch.cuda.is_available():
+        check_memory(args, meta, names, min(args.max_model_len, 512 + args.max_new_tokens))
+    if rank == 0 and not args.resume:
+        write_args(args)
+
+    tok, model, v = load_policy(args, rank)
+    rows, skipped, kind = load_data(args, tok, args.data, "train")
+    reward_fn = reward_fn or (lambda text, gold: task.reward(kind, text, gold))
+    steps_per_epoch = len(rows) // args.prompts_per_step
+    if steps_per_epoch == 0:
+        fail(f"{args.data} has {len(rows)} usable rows, fewer than --prompts-per-step {args.prompts_per_step}")
+    full = int(args.epochs * steps_per_epoch)  # the lr schedule's length, whatever --steps says
+    total = min(full, args.steps or full)
     updates_per_step = args.prompts_per_step // args.mini_batch
-    warmup = max(1, round(args.warmup * total * updates_per_step))
+    warmup = max(1, round(args.warmup * full * updates_per_step))
     opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
-    torch.manual_seed(args.seed * 1000 + rank)  # each rank samples differently
-    start = load_checkpoint(run_dir, model, v, opt, sched) if args.resume else 0
-    model.train()  # (Qwen2 has no dropout; this only turns gradient checkpointing on)
+    torch.manual_seed(args.seed * 1000 + rank)  # the HF backend samples with torch's RNG: each rank its own
+    if start:
+        load_checkpoint(args.run_dir, model, v, opt, sched)
 
-    if args.backend == "vllm" and llm is None:  # the engine gets the trainer's resolved dtype ("auto" may differ)
+    if args.backend == "vllm" and llm is None:  # the engine gets the base weights' dtype (never v's fp32)
         llm = task.make_llm(args.model, str(model.dtype).removeprefix("torch."), args.seed + rank,
                             args.gpu_memory_utilization, args.max_model_len)
+    budget = free_for_activations(model.config) if torch.cuda.is_available() else None
     sync = lambda: task.sync_weights(llm, tinylora.merged_weights(model)) if llm is not None else 0
 
     def generate(prompts, n, temperature, max_new_tokens, seed=None):
         if llm is not None:
             return task.generate_vllm(llm, prompts, n, temperature, max_new_tokens, seed=seed)
-        return task.generate_hf(model, tok, prompts, n, temperature, max_new_tokens)  # seeded by torch's RNG
+        model.eval()  # with the KV cache: Hugging Face turns it off under gradient checkpointing in training
+        try:
+            return task.generate_hf(model, tok, prompts, n, temperature, max_new_tokens)  # seeded by torch's RNG
+        finally:
+            model.train()
 
-    eval_rows = task.load_rows(args.eval_data, split="test", limit=args.eval_limit) if args.eval_every else None
+    def evaluate():
+        res = task.evaluate(lambda p: generate(p, 1, 0.0, args.max_new_tokens), tok, eval_rows, eval_kind,
+                            args.max_new_tokens)
+        return dict(eval_strict=res["strict"], eval_flexible=res["flexible"])
+
+    if args.eval_every:
+        eval_rows, _, eval_kind = load_data(args, tok, args.eval_data, "test", args.eval_limit)
+    metrics_path = os.path.join(args.run_dir, "metrics.jsonl")
     wandb = None
-    if args.wandb and rank == 0:
-        import wandb
-        wandb.init(project=args.wandb, config=vars(args), resume="allow")
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if start:
-        sync()  # the engine starts from the base weights; bring it to the resumed v
-        if rank == 0:  # drop lines of steps after the checkpoint (a crash between checkpoints): they rerun
-            with open(metrics_path) as f:
-                keep = [line for line in f if json.loads(line)["step"] <= start]
-            with open(metrics_path, "w") as f:
-                f.writelines(keep)
+        sync()  # every rank's engine starts from the base weights; bring it to the resumed v
     if rank == 0:
+        if args.wandb:
+            import wandb
+            wandb.init(project=args.wandb, config=vars(args), resume="allow")
+        if start:
+            trim_metrics(metrics_path, start)
+        else:
+            save_checkpoint(args.run_dir, model, capture(0, v, opt, sched))  # --resume works from here on
+            if args.eval_every:
+                log(metrics_path, dict(step=0, **evaluate()), wandb)
         print(f"data: {len(rows)} {kind} rows ({skipped} skipped), {steps_per_epoch} steps per epoch, "
-              f"steps {start} -> {total}, run dir {run_dir}")
+              f"steps {start} -> {total}, run dir {args.run_dir}")
     bar = tqdm(range(start, total), initial=start, total=total, desc="grpo", disable=rank != 0)
-    m, state = {}, capture(start, v, opt, sched)
+    m, first, state = {}, None, capture(start, v, opt, sched)
     try:
         for step in bar:
             state = capture(step, v, opt, sched)  # an interrupted step is rolled back to here
-            # this step's prompts: a seeded permutation per epoch, then a slice; each rank takes every world-th
-            epoch, offset = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-            batch = [rows[i] for i in order[offset * args.prompts_per_step:(offset + 1) * args.prompts_per_step]]
-            batch = batch[rank::world]
-            prompts = [task.build_prompt(tok, r["question"], kind) for r in batch]
-
             t0 = time.time()
-            # vLLM rollouts are seeded per (seed, step, rank, prompt): a resumed run samples the same
-            out = generate(prompts, args.group_size, args.temperature, args.max_new_tokens,
-                           seed=1000 * (100_000 * args.seed + step) + rank * len(prompts))
+            seed = rollout_seed(args.seed, step, rank, args.prompts_per_step, args.group_size)
+            samples = rollout(generate, prompts_for(rows, step, steps_per_epoch, args, rank, world), args, seed)
             t_gen = time.time() - t0
-            seqs, n_prompt, logp_vllm, rewards = [], [], [], []
-            for r, o in zip(batch, out):
-                for s in o["samples"]:
-                    seqs.append(o["prompt_ids"] + s["ids"])
-                    n_prompt.append(len(o["prompt_ids"]))
-                    logp_vllm.append(torch.tensor(s["logprobs"], dtype=torch.float32, device=device))
-                    rewards.append(reward_fn(s["text"], r["gold"]))
-            adv = advantages(rewards, args.group_size)
-
-            m = train_step(args, model, opt, sched, v, seqs, n_prompt, logp_vllm, adv, updates_per_step,
-                           sync, world)
-            m.update(step=step + 1, epoch=step / steps_per_epoch, t_generate=t_gen,
-                     reward=sum(rewards) / len(rewards), accuracy=sum(x == 1.0 for x in rewards) / len(rewards),
-                     tokens=sum(len(s["ids"]) for o in out for s in o["samples"]))
-            m = all_mean(m, world, device, v)
+            rewards = [reward_fn(s["text"], s["gold"]) for s in samples]
+            for s, a in zip(samples, advantages(rewards, args.group_size)):
+                s["adv"] = a
+            m = update(args, model, opt, sched, v, samples, world, budget)
+            t1 = time.time()
+            sync()
+            m.update(step=step + 1, epoch=step / steps_per_epoch, reward=sum(rewards) / len(rewards),
+                     accuracy=sum(x == 1.0 for x in rewards) / len(rewards), v_norm=v.norm().item(),
+                     dw_kept=tinylora.dw_kept(model), tokens=sum(len(s["logp_vllm"]) for s in samples),
+                     t_generate=t_gen, t_sync=time.time() - t1, t_step=time.time() - t0,
+                     peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
+            m = all_mean(m, world, v.device, v)
             if rank == 0 and args.eval_every and (step + 1) % args.eval_every == 0:
-                greedy = lambda p: generate(p, 1, 0.0, args.max_new_tokens)
-                res = task.evaluate(greedy, tok, eval_rows[0], eval_rows[2], args.max_new_tokens)
-                m.update(eval_strict=res["strict"], eval_flexible=res["flexible"])
+                m.update(evaluate())
             if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                if wandb:
-                    wandb.log(m, step=step + 1)
+                log(metrics_path, m, wandb)
                 if args.save_every and (step + 1) % args.save_every == 0:
-                    save_checkpoint(run_dir, model, capture(step + 1, v, opt, sched))
+                    save_checkpoint(args.run_dir, model, capture(step + 1, v, opt, sched))
+            first = first or m
             bar.set_postfix(reward=f"{m['reward']:.3f}", mismatch=f"{m['mismatch']:.1e}", v=f"{m['v_norm']:.2e}")
         state = capture(total, v, opt, sched)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted in step {state['step'] + 1}: saving the state after step {state['step']} to {run_dir}")
+    except BaseException as e:  # Ctrl-C or a crash: keep every step that finished, drop the cut one
+        print(f"\n{type(e).__name__} in step {state['step'] + 1}: saving the state after step {state['step']} "
+              f"to {args.run_dir} (--resume {args.run_dir} continues from there)")
         restore(state, v, opt, sched)
+        if not isinstance(e, KeyboardInterrupt):
+            if rank == 0:
+                save_checkpoint(args.run_dir, model, state)
+            raise
     if rank == 0:
-        save_checkpoint(run_dir, model, state)
-        print(f"done: {state['step']} steps, reward {m.get('reward', float('nan')):.3f}, mismatch "
-              f"{m.get('mismatch', float('nan')):.2e}, |v| {v.norm().item():.3e}, {v.numel()} params "
-              f"({v.numel() * tinylora.V_DTYPES[args.v_dtype].itemsize} bytes), adapter {run_dir}/adapter.safetensors")
-    return model, os.path.join(run_dir, "adapter.safetensors")
+        save_checkpoint(args.run_dir, model, state)
+        summary(args, state["step"], first, m, v)
+    return model, os.path.join(args.run_dir, "adapter.safetensors")
 
 
-def train_step(args, model, opt, sched, v, seqs, n_prompt, logp_vllm, adv, updates, sync, world):
-    """The step's updates over its rollouts (one mini-batch of prompts each), then a sync after each."""
-    t0, per_update = time.time(), len(seqs) // updates
-    m = dict(mismatch=0.0, is_max=0.0, is_capped=0.0, clip_frac=0.0, grad_norm=0.0, t_sync=0.0, skipped=0)
-    chunks = lambda idx: [idx[i:i + args.micro_batch] for i in range(0, len(idx), args.micro_batch)]
-    # logp_old: the trainer's logprobs under the rollout-time v. For the first mini-batch they equal
-    # the (detached) logprobs of its own forward, so only later mini-batches need an extra pass.
-    logp_old = [None] * len(seqs)
-    with torch.no_grad():
-        for idx in chunks(list(range(per_update, len(seqs)))):
-            for i, lp in zip(idx, token_logprobs(model, [seqs[i] for i in idx], [n_prompt[i] for i in idx], args.temperature)):
-                logp_old[i] = lp
-    n_tok = sum(len(x) for x in logp_vllm)
-    for u in range(updates):
-        idx_u = list(range(u * per_update, (u + 1) * per_update))
-        tokens = torch.tensor(float(sum(len(logp_vllm[i]) for i in idx_u)), device=v.device)
-        if world > 1:
-            dist.all_reduce(tokens)  # token-mean over the whole mini-batch, all ranks
-        loss_sum = 0.0
-        for idx in chunks(idx_u):
-            lps = token_logprobs(model, [seqs[i] for i in idx], [n_prompt[i] for i in idx], args.temperature)
-            loss = 0.0
-            for i, lp in zip(idx, lps):
-                if logp_old[i] is None:
-                    logp_old[i] = lp.detach()
-                l, clipped, capped = grpo_loss(lp, logp_old[i], logp_vllm[i], adv[i],
-                                               args.clip_low, args.clip_high, args.tis_cap)
-                loss = loss + l
-                m["clip_frac"] += clipped / n_tok
-                m["is_capped"] += capped / n_tok
-            (loss / tokens).backward()
-            loss_sum += loss.item()
-        if world > 1:
-            dist.all_reduce(v.grad)  # u numbers per group: the whole communication of data parallelism
-        if not math.isfinite(loss_sum) or not torch.isfinite(v.grad).all():
-            print(f"warning: non-finite loss/gradient ({loss_sum}); update skipped, v unchanged")
-            m["skipped"] += 1
-            opt.zero_grad(set_to_none=True)
-            continue
-        m["grad_norm"] += torch.nn.utils.clip_grad_norm_(v, args.grad_clip).item() / updates
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        t1 = time.time()
-        sync()
-        m["t_sync"] += time.time() - t1
-    for lo, lv in zip(logp_old, logp_vllm):
-        m["mismatch"] += (lo - lv).abs().sum().item() / n_tok
-        m["is_max"] = max(m["is_max"], torch.exp(lo - lv).max().item() if len(lv) else 0.0)
-    m.update(t_train=time.time() - t0 - m["t_sync"], v_norm=v.norm().item(), lr=sched.get_last_lr()[0])
-    return m
+def prompts_for(rows, step, steps_per_epoch, args, rank, world):
+    """This step's rows: a seeded permutation per epoch, then a slice; rank r takes every world-th."""
+    epoch, offset = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    batch = order[offset * args.prompts_per_step:(offset + 1) * args.prompts_per_step]
+    return [rows[i] for i in batch][rank::world]
+
+
+def rollout_seed(seed, step, rank, prompts, group_size):
+    """The first vLLM seed of a rank's rollout in a step. Sample j of prompt i uses seed + i * group_size
+    + j (eval.generate_vllm), so steps are 10**6 seeds apart and ranks prompts * group_size apart: no
+    two samples of a run share a noise stream, and a resumed run samples exactly what it would have."""
+    return (seed * 10**6 + step) * 10**6 + rank * prompts * group_size
+
+
+def log(path, m, wandb=None):
+    with open(path, "a") as f:
+        f.write(json.dumps(m) + "\n")
+    if wandb:
+        wandb.log(m, step=m["step"])
+
+
+def summary(args, steps, first, last, v):
+    """The one line a run ends with."""
+    f = lambda m, k, fmt: format(m[k], fmt) if m and m.get(k) is not None else "-"
+    print(f"done: {steps} steps, reward {f(first, 'reward', '.3f')} -> {f(last, 'reward', '.3f')}, "
+          f"mismatch {f(last, 'mismatch', '.2e')}, dw_kept {f(last, 'dw_kept', '.2f')}, |v| {v.norm().item():.3e}, "
+          f"{v.numel()} params ({v.numel() * tinylora.V_DTYPES[args.v_dtype].itemsize} bytes), "
+          f"s/step {f(last, 't_step', '.1f')}, adapter {args.run_dir}/adapter.safetensors")
 
 
 def all_mean(m, world, device, v):
@@ -374,12 +643,14 @@ def all_mean(m, world, device, v):
     every rank holds exactly the same v (a max and a min over u numbers)."""
     if world == 1:
         return m
-    keys = sorted(k for k in m if k not in ("step", "epoch"))
+    keys = sorted(k for k in m if k not in ("step", "epoch") and m[k] is not None)
     x = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=device)
     mx = x.clone()
     dist.all_reduce(x)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-    out = {k: mx[i].item() if k == "is_max" else x[i].item() / (1 if k == "tokens" else world) for i, k in enumerate(keys)}
+    sums = ("tokens", "trained_tokens", "micro_batches")
+    out = {k: mx[i].item() if k in ("is_max", "peak_gib") else x[i].item() / (1 if k in sums else world)
+           for i, k in enumerate(keys)}
     out.update(step=m["step"], epoch=m["epoch"])
     hi, lo = v.detach().clone(), -v.detach()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
