@@ -9,7 +9,7 @@ so "1,234", "$5", "72." and "72.0" all count, and huge numbers stay exact. "flex
 number anywhere in the completion. MATH500: the last \\boxed{...}, judged by math-verify.
 
 Also owned here, because training must use the very same thing: the prompt (build_prompt), the reward
-(gsm8k_reward), the in-process vLLM engine with weight sync (make_llm, sync_weights, generate_vllm),
+(reward), the in-process vLLM engine with weight sync (make_llm, sync_weights, generate_vllm),
 and the Hugging Face generate fallback (generate_hf) for machines without vLLM.
 Test: python -m pytest test_eval.py
 """
@@ -114,12 +114,6 @@ def extract_flexible(text):
     return normalize_number(found[-1]) if found else None
 
 
-def gsm8k_reward(completion, gold):
-    """THE training reward: 1.0 if the strict answer equals the gold number, else 0.0."""
-    pred = extract_strict(completion)
-    return float(pred is not None and pred == normalize_number(gold))
-
-
 def extract_boxed(text):
     """Content of the last \\boxed{...}, braces balanced ('\\boxed{\\frac{1}{2}}' -> '\\frac{1}{2}')."""
     i = text.rfind("\\boxed")
@@ -134,17 +128,40 @@ def extract_boxed(text):
     return None  # unbalanced: cut off mid-answer
 
 
-def score(task, completion, gold):
-    """{"extracted", "correct" (strict), "flexible"} of one completion."""
+def strict_answer(task, completion, gold):
+    """(extracted answer, correct) under the task's strict rule, the one definition that both the reward and
+    evaluate()'s "strict" use. gsm8k: the first number after the last '####' equals the gold number;
+    math500: the last \\boxed{...} is equal to the gold answer for math-verify."""
     if task == "gsm8k":
         extracted, gold = extract_strict(completion), normalize_number(gold)
-        return {"extracted": extracted, "correct": extracted is not None and extracted == gold,
-                "flexible": gold is not None and extract_flexible(completion) == gold}
+        return extracted, extracted is not None and extracted == gold
+    if task != "math500":
+        raise ValueError(f"unknown task {task!r}: expected one of {sorted(QUESTION)}")
     from math_verify import parse, verify
-    extracted, target = extract_boxed(completion), parse(f"${gold}$")
-    return {"extracted": extracted,
-            "correct": extracted is not None and bool(verify(target, parse(f"\\boxed{{{extracted}}}"))),
-            "flexible": bool(verify(target, parse(completion)))}  # math-verify's own answer search
+    extracted = extract_boxed(completion)
+    return extracted, extracted is not None and bool(verify(parse(f"${gold}$"), parse(f"\\boxed{{{extracted}}}")))
+
+
+def reward(task, completion, gold):
+    """THE training reward of either task: 1.0 if the completion is strictly correct, else 0.0."""
+    return float(strict_answer(task, completion, gold)[1])
+
+
+def gsm8k_reward(completion, gold):
+    """reward("gsm8k", ...), under its old name."""
+    return reward("gsm8k", completion, gold)
+
+
+def score(task, completion, gold):
+    """{"extracted", "correct" (strict), "flexible"} of one completion."""
+    extracted, correct = strict_answer(task, completion, gold)
+    if task == "gsm8k":
+        gold = normalize_number(gold)
+        flexible = gold is not None and extract_flexible(completion) == gold
+    else:
+        from math_verify import parse, verify
+        flexible = bool(verify(parse(f"${gold}$"), parse(completion)))  # math-verify's own answer search
+    return {"extracted": extracted, "correct": correct, "flexible": flexible}
 
 
 # -----------------------------------------------------------------------------

@@ -96,6 +96,23 @@ def test_math500_score_uses_math_verify():
     assert not E.score("math500", r"\boxed{0.6}", r"\frac{1}{2}")["correct"]
 
 
+def test_reward_follows_the_task():
+    """One training reward for both tasks, and it is exactly what evaluate() counts as strict."""
+    boxed, hashes = r"so x = 5, and the answer is \boxed{5}.", "so x = 5.\n#### 5"
+    assert E.reward("math500", boxed, "5") == 1.0
+    assert E.reward("math500", r"\boxed{0.5}", r"\frac{1}{2}") == 1.0  # math-verify, not string equality
+    assert E.reward("gsm8k", hashes, "5") == 1.0
+    assert E.reward("gsm8k", boxed, "5") == 0.0  # each task's format is part of its reward
+    assert E.reward("math500", hashes, "5") == 0.0
+    assert E.reward("math500", r"\boxed{6}", "5") == 0.0
+    assert E.gsm8k_reward(hashes, "5") == 1.0  # the old name still works
+    for task, text, gold in [("gsm8k", hashes, "5"), ("gsm8k", "#### 6", "5"), ("gsm8k", "5", "5"),
+                             ("math500", boxed, "5"), ("math500", r"$\frac{1}{2}$", r"\frac{1}{2}")]:
+        assert E.reward(task, text, gold) == float(E.score(task, text, gold)["correct"])
+    with pytest.raises(ValueError, match="gsm9k"):
+        E.reward("gsm9k", hashes, "5")
+
+
 def test_gsm8k_score_fields():
     assert E.score("gsm8k", "so 12 apples.\n#### 12", "12") == {"extracted": "12", "correct": True, "flexible": True}
     assert E.score("gsm8k", "it is 12", "12") == {"extracted": None, "correct": False, "flexible": True}
