@@ -226,12 +226,13 @@ def _sample(tokenizer, ids, logprobs):
 def generate_vllm(llm, prompts, n, temperature, max_new_tokens, stop_token_ids=None, seed=None):
     """Per prompt {"prompt_ids", "samples": n x {"ids", "logprobs", "text"}}; temperature 0 is greedy.
     logprobs: of the sampled distribution (make_llm asks for processed_logprobs: after temperature).
-    seed: prompt i is sampled with seed + i (reproducible rollouts); None: the engine's own generator."""
+    seed: reproducible rollouts; vLLM seeds sample j of a request seed + j, so prompt i gets seed + i * n and
+    every (prompt, sample) of the call has its own seed + i * n + j. None: the engine's own generator."""
     from vllm import SamplingParams
 
     room = llm.llm_engine.model_config.max_model_len  # cap each request at the context length
     params = [SamplingParams(n=n, temperature=temperature, max_tokens=max(1, min(max_new_tokens, room - len(p))),
-                             seed=None if seed is None else seed + i,
+                             seed=None if seed is None else seed + i * n,
                              logprobs=0, stop_token_ids=stop_token_ids, detokenize=False) for i, p in enumerate(prompts)]
     outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
     tok = llm.get_tokenizer()  # decode here, like generate_hf, so both backends give the same text

@@ -253,6 +253,16 @@ def test_vllm_seeded_batch_larger_than_the_token_budget(llm, tok):
     assert completion_ids(E.generate_vllm(llm, P, n=2, temperature=1.0, max_new_tokens=3, seed=0)) == completion_ids(a)
 
 
+def test_vllm_seeds_do_not_overlap_across_prompts(llm, tok):
+    """vLLM seeds sample j of a request seed + j: prompt i must start at seed + i * n, else prompt i sample j
+    and prompt i + 1 sample j - 1 draw the same noise (the same prompt twice would give equal samples)."""
+    P = prompts(tok, 1) * 2
+    outs = E.generate_vllm(llm, P, n=3, temperature=1.0, max_new_tokens=10, seed=5)
+    assert len(set(map(tuple, completion_ids(outs)))) == 6
+    again = E.generate_vllm(llm, P[:1], n=6, temperature=1.0, max_new_tokens=10, seed=5)  # seeds 5..10 in one
+    assert completion_ids(again) == completion_ids(outs)
+
+
 def test_vllm_keeps_the_stop_token(llm, tok):
     P = prompts(tok, 1)
     first = E.generate_vllm(llm, P, 1, 0.0, 5)[0]["samples"][0]["ids"][0]
