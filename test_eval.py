@@ -269,6 +269,30 @@ def test_vllm_keeps_the_stop_token(llm, tok):
     assert E.generate_vllm(llm, P, 1, 0.0, 5, stop_token_ids=[first])[0]["samples"][0]["ids"] == [first]
 
 
+def test_drop_long_prompts_keeps_what_vllm_accepts(llm, tok):
+    """A prompt needs room for one new token within the context: vLLM refuses the rest, failing the call."""
+    L = llm.llm_engine.model_config.max_model_len
+    long = prompts(tok, 1)[0] * 100
+    P = [prompts(tok, 1)[0], long[:L - 1], long[:L], long]
+    with pytest.warns(UserWarning, match=f"2 of 4 rows skipped.*context length {L}"):
+        rows, kept, dropped = E.drop_long_prompts(["a", "b", "c", "d"], P, L)
+    assert (rows, kept, dropped) == (["a", "b"], P[:2], 2)
+    assert [len(o["samples"][0]["ids"]) for o in E.generate_vllm(llm, kept, 1, 0.0, 4)] == [4, 1]
+    with pytest.raises(Exception, match="maximum (model|context) length"):
+        E.generate_vllm(llm, P[2:3], 1, 0.0, 4)  # what dropping avoids
+    assert E.drop_long_prompts(["a", "b"], P[:2], L, min_new_tokens=2)[2] == 1
+
+
+def test_evaluate_skips_rows_longer_than_the_context(llm, tok):
+    rows = [{"id": i, "question": r["question"], "gold": r["answer"].split("#### ")[-1]}
+            for i, r in enumerate(tiny.problems(3, seed=4))]
+    rows[1]["question"] = "What is 3 + 4? " * 150  # > 1024 tokens
+    greedy = lambda p: E.generate_vllm(llm, p, n=1, temperature=0.0, max_new_tokens=4)
+    with pytest.warns(UserWarning, match="1 of 3 rows skipped"):
+        s = E.evaluate(greedy, tok, rows, "gsm8k", 4, skipped=2, max_len=llm.llm_engine.model_config.max_model_len)
+    assert (s["n"], s["skipped"], s["tokens"]) == (2, 3, 8)
+
+
 def test_sync_is_exact(llm, tok, tiny_dir):
     """After sync, vLLM's logprobs of a fixed sequence equal the HF TinyLoRA model's: catches transposed,
     sign-flipped or stale (prefix-cached) updates."""
@@ -351,6 +375,22 @@ def test_cli_hf_end_to_end(tiny_dir, tmp_path, capsys):
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [0, 1, 2]
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("gsm8k hf: n=3 strict=0.0000") and "tokens/s=" in last
+
+
+def test_cli_skips_rows_longer_than_the_context(tiny_dir, tmp_path, capsys):
+    rows = tiny.problems(3, seed=5)
+    rows[1]["question"] = "What is 3 + 4? " * 150  # > 1024 tokens, the tiny model's context
+    data, out = tiny.write_jsonl(str(tmp_path / "t.jsonl"), rows), tmp_path / "out.jsonl"
+    with pytest.warns(UserWarning, match="1 of 3 rows skipped: .*no room"):
+        s = E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--max-new-tokens", "2", "--out", str(out),
+                    "--dtype", "float32"])
+    assert (s["n"], s["skipped"]) == (2, 1)
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [0, 2]
+    assert "skipped=1" in capsys.readouterr().out
+    tiny.write_jsonl(data, rows[1:2])
+    with pytest.warns(UserWarning), pytest.raises(SystemExit) as e:  # nothing left to evaluate: an error
+        E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--dtype", "float32"])
+    assert e.value.code == 2 and "no prompt fits the context length 1024" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_input_before_loading_a_model(tiny_dir, tmp_path, capsys):
