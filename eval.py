@@ -3,14 +3,17 @@
     python tiny.py /tmp/tiny && python eval.py --model /tmp/tiny/model --data /tmp/tiny/test.jsonl   # CPU smoke
     python eval.py --model Qwen/Qwen2.5-7B-Instruct --adapter runs/x/adapter.safetensors --data gsm8k
 
-Greedy decoding, n=1, pass@1 (DESIGN.md "Evaluation"). "strict" is exactly the training reward: the
-first number after the last "####" must equal the gold number. Numbers are compared as exact decimals,
-so "1,234", "$5", "72." and "72.0" all count, and huge numbers stay exact. "flexible" takes the last
-number anywhere in the completion. MATH500: the last \\boxed{...}, judged by math-verify.
+Greedy decoding, n=1, pass@1: each question is answered once, without sampling, and a score is the share
+answered correctly. "strict" is exactly the training reward (reward): GSM8K, the first number after the
+last "####" must equal the gold number; MATH500, the last \\boxed{...} must equal the gold answer for
+math-verify. Numbers are compared as exact decimals, so "1,234", "$5", "72." and "72.0" all count, and
+huge numbers stay exact. "flexible", reported beside it, takes the last number anywhere in the completion
+(MATH500: math-verify's own search). Rows without a usable question and answer, or whose prompt does not
+fit the context, are skipped and counted. Output: one summary line, and per-example JSONL with --out.
 
-Also owned here, because training must use the very same thing: the prompt (build_prompt), the reward
-(reward), the in-process vLLM engine with weight sync (make_llm, sync_weights, generate_vllm),
-and the Hugging Face generate fallback (generate_hf) for machines without vLLM.
+Also owned here, because training must use the very same thing: the prompt (build_prompt) and what fits
+the context (drop_long_prompts), the reward (reward), the in-process vLLM engine with weight sync
+(make_llm, sync_weights, generate_vllm), and the Hugging Face generate fallback (generate_hf).
 Test: python -m pytest test_eval.py
 """
 import argparse
