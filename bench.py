@@ -19,11 +19,14 @@ ratios are medians of per-repetition ratios to the floor.
     python bench.py --sections train,memory --reps 9
     python bench.py --device cuda --shape qwen7b --layers 4 --no-grad-ckpt --sections train
     python bench.py --sections grpo --grpo-metrics runs/x/metrics.jsonl
+    python bench.py --device cuda --shape qwen7b --sections step --step-tokens 300,4096   # the real GRPO step
 
 Sections: init, train (fwd+bwd time per token), memory (peak), sync (merged weights into an
 in-process vLLM vs one rollout batch; skipped without vllm), generate (HF generate throughput,
-default on cuda), grpo (time shares of a train_grpo.py run), file (adapter bytes). Prints
-markdown tables and PASS/MISS against the project's goals; writes --out (JSON).
+default on cuda), grpo (time shares of a train_grpo.py run), file (adapter bytes), step (the
+real train_grpo.py step with vLLM at fixed completion lengths: seconds per stage, peak memory;
+only when asked for). Prints markdown tables and PASS/MISS against the project's goals; writes
+--out (JSON).
 """
 import argparse
 import copy
@@ -54,7 +57,7 @@ SHAPES = {
                    num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
 METHODS = ("floor", "tinylora", "tinylora_lowmem", "peft_tinylora", "peft_lora")
-SECTIONS = ("init", "train", "memory", "sync", "generate", "grpo", "file")
+SECTIONS = ("init", "train", "memory", "sync", "generate", "grpo", "file", "step")
 U, R = 13, 2  # the paper's headline setting: 13 trainable numbers, rank-2 SVD
 
 # -----------------------------------------------------------------------------
@@ -350,6 +353,86 @@ def bench_grpo(path, results):
     results["grpo"] = dict(steps=len(rows), seconds=total, share={k: total[k] / step for k in parts})
 
 
+# -----------------------------------------------------------------------------
+# the real GRPO step: train_grpo.train on a random-weight model, vLLM rollouts of a fixed length
+
+
+def signal_reward(accuracy):
+    """A reward for random-weight rollouts (they earn nothing from the task): each completion is
+    "correct" with probability `accuracy`, decided by a hash of its text (fixed per text). At 0.9,
+    the paper's GSM8K accuracy, 1 - 0.9**4 - 0.1**4 = 34% of groups of 4 carry a signal."""
+    import hashlib
+    return lambda text, gold: float(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) < accuracy * 2**32)
+
+
+def every_group_reward():
+    """Rewards 1, 0, 1, 0, ... in sampling order: every group has a signal (the trainer's worst case)."""
+    count = itertools.count()
+    return lambda text, gold: float(next(count) % 2)
+
+
+def step_model(args):
+    """A random-weight model of args.shape (seed 0, args.dtype) with tiny.py's tokenizer, saved where
+    vLLM can load it; reused if it is already there."""
+    import tiny
+    path = args.step_model or os.path.join(tempfile.gettempdir(), f"bench-{args.shape}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"step: building a random {args.shape} in {path} ...", flush=True)
+        tok = tiny.make_tokenizer()
+        config = Qwen2Config(**dict(SHAPES[args.shape], vocab_size=args.vocab), max_position_embeddings=32768,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=args.dtype)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache() if args.device == "cuda" else None
+    return path
+
+
+def bench_step(args, results):
+    """train_grpo.train as a user runs it (default recipe: 64 prompts x 4, 2 updates, sync), for each
+    completion length in --step-tokens, once with --step-accuracy's share of groups carrying a signal
+    and once with every group carrying one. One vLLM engine serves all runs (an engine cannot be
+    freed and re-made in one process); each run loads its own trainer model."""
+    import eval as task
+    import train_grpo
+
+    path, longest = step_model(args), max(args.step_tokens)
+    data = args.step_data or tiny_rows(os.path.join(tempfile.gettempdir(), "bench-step.jsonl"))
+    max_len = longest + 1024  # + the prompt
+    llm = task.make_llm(path, str(args.dtype).split(".")[-1], 0, args.step_util, max_len)
+    results["step"] = []
+    for T in args.step_tokens:
+        cases = [("signal", signal_reward(args.step_accuracy))] + ([("all", every_group_reward())] if T <= 1024 else [])
+        for case, reward in cases:
+            run = tempfile.mkdtemp(prefix=f"bench-step-{T}-")
+            targs = train_grpo.parse_args(["--model", path, "--data", data, "--max-new-tokens", str(T), "--steps",
+                                           str(args.step_steps), "--run-dir", run, "--save-every", "0",
+                                           "--max-model-len", str(max_len), "--gpu-memory-utilization",
+                                           str(args.step_util)])
+            print(f"step: {T} new tokens, reward {case!r}, {args.step_steps} steps ...", flush=True)
+            model, _ = train_grpo.train(targs, reward, llm=llm)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache() if args.device == "cuda" else None
+            rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+            later = rows[1:] or rows  # the first step warms up kernels and the allocator
+            med = {k: statistics.median(r[k] for r in later) for k in
+                   ("t_generate", "t_logp_old", "t_update", "t_sync", "t_step", "tokens", "signal", "trained_tokens")}
+            results["step"].append(dict(tokens=T, case=case, steps=rows, median=med, first=rows[0],
+                                        peak_gib=max(r["peak_gib"] for r in rows),
+                                        grad_ckpt=[r["grad_ckpt"] for r in rows]))
+
+
+def tiny_rows(path):
+    """GSM8K-format rows from tiny.py (short prompts), when --step-data gives no real data."""
+    import tiny
+    return tiny.write_jsonl(path, tiny.problems(2048, seed=5))
+
+
 def du(path):
     """Bytes of a file, or of all files under a directory."""
     if os.path.isfile(path):
@@ -420,6 +503,26 @@ def report(results, args):
         if "t_sync" in g["share"]:  # the sync goal, measured on a real run
             goals["grpo_sync"] = (g["share"]["t_sync"] <= 0.01, f"sync {100 * g['share']['t_sync']:.2f}% of the "
                                                                 "GRPO run's step time (goal <= 1%)")
+    if "step" in results:
+        add("\n| new tokens | groups with signal | step s | generate s | logp_old s | update s | sync s | trainer share "
+            "| gen tokens/s | peak GiB | grad ckpt | first step s |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in results["step"]:
+            m = r["median"]
+            trainer = m["t_logp_old"] + m["t_update"] + m["t_sync"]
+            add(f"| {r['tokens']} | {r['case']} ({100 * m['signal']:.0f}%) | {m['t_step']:.1f} | {m['t_generate']:.1f} | "
+                f"{m['t_logp_old']:.2f} | {m['t_update']:.2f} | {m['t_sync']:.2f} | {100 * trainer / m['t_step']:.0f}% | "
+                f"{m['tokens'] / m['t_generate']:,.0f} | {r['peak_gib']:.1f} | {r['grad_ckpt']} | {r['first']['t_step']:.1f} |")
+        signal = [r for r in results["step"] if r["case"] == "signal"]
+        short = min(signal, key=lambda r: r["tokens"]) if signal else None
+        if short:
+            m = short["median"]
+            share = (m["t_logp_old"] + m["t_update"] + m["t_sync"]) / m["t_step"]
+            goals["trainer_share"] = (share <= 0.35, f"trainer side {100 * share:.0f}% of a step at {short['tokens']} "
+                                                     "new tokens (goal <= 35%)")
+            hours = 350 * m["t_step"] / 3600
+            goals["full_run"] = (hours <= 2.5, f"paper's GSM8K run (350 steps) projects to {hours:.2f} h at "
+                                               f"{short['tokens']} new tokens per completion (goal <= 2.5 h)")
     if "file" in results:
         add("\n| adapter file | bytes |\n|---|---|")
         for k, b in results["file"].items():
@@ -451,6 +554,15 @@ def parse_args(argv=None):
     p.add_argument("--sections", default=None, help=f"comma list of {','.join(SECTIONS)}; "
                    "default: all but generate on cpu, all but sync on cuda; grpo only with --grpo-metrics")
     p.add_argument("--grpo-metrics", default=None, help="metrics.jsonl of a train_grpo.py run (grpo section)")
+    p.add_argument("--step-tokens", default="300,4096", help="step section: completion lengths (every completion "
+                   "runs to the length: random weights never stop)")
+    p.add_argument("--step-steps", type=int, default=3, help="step section: GRPO steps per run (the first warms up)")
+    p.add_argument("--step-accuracy", type=float, default=0.9, help="step section: share of correct completions "
+                   "(0.9: 34%% of groups of 4 carry a signal)")
+    p.add_argument("--step-util", type=float, default=0.4, help="step section: vLLM's --gpu-memory-utilization")
+    p.add_argument("--step-data", default=None, help="step section: a GSM8K .jsonl for realistic prompts "
+                   "(default: tiny.py's short problems)")
+    p.add_argument("--step-model", default=None, help="step section: where the random model is saved / reused")
     p.add_argument("--out", default="runs/bench.json", help="results as JSON (runs/bench.json)")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
@@ -460,7 +572,8 @@ def parse_args(argv=None):
     args.batch, args.seq = args.batch or (8 if gpu else 2), args.seq or (1024 if gpu else 256)
     args.grad_ckpt = gpu if args.grad_ckpt is None else args.grad_ckpt
     args.rollout, args.rollout_big = [tuple(int(x) for x in r.split("x")) for r in (args.rollout, args.rollout_big)]
-    default = [s for s in SECTIONS if s not in ("sync" if gpu else "generate", "grpo")]
+    args.step_tokens = [int(x) for x in args.step_tokens.split(",")]
+    default = [s for s in SECTIONS if s not in ("sync" if gpu else "generate", "grpo", "step")]
     default += ["grpo"] if args.grpo_metrics else []
     args.sections = args.sections.split(",") if args.sections else default
     bad = set(args.sections) - set(SECTIONS)
@@ -481,7 +594,9 @@ def main(argv=None):
                "loadavg_start": os.getloadavg()}  # other processes on the machine show up as noise
     if "grpo" in args.sections:
         bench_grpo(args.grpo_metrics, results)
-    if set(args.sections) - {"grpo"}:
+    if "step" in args.sections:
+        bench_step(args, results)
+    if set(args.sections) - {"grpo", "step"}:
         base = build_base(args)
         models = make_methods(base, args, results)
         if {"train", "memory"} & set(args.sections):

@@ -155,12 +155,12 @@ def test_pack_keeps_each_micro_batch_within_the_token_budget():
 def test_skipping_zero_advantage_groups_leaves_the_update_unchanged(tiny_dir):
     """The update runs only groups with signal; the reference below runs every sample through the
     loss (zero-advantage ones included) and must end at the same v."""
-    rewards = [1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0]  # 6 groups of 2: groups 1, 2 have no signal
+    rewards = [1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0]  # 6 groups of 2: groups 1, 2, 4 have no signal
     model, v = policy(tiny_dir)
     samples = fake_rollouts(model, 6, 2, rewards)
     opt, sched = optimizer(v)
     m = train_grpo.update(update_args(), model, opt, sched, v, samples, 1, None)
-    assert m["signal"] == 4 / 6 and m["micro_batches"] >= 2
+    assert m["signal"] == 0.5 and m["micro_batches"] >= 2
 
     ref, w = policy(tiny_dir)
     opt, sched = optimizer(w)
@@ -259,7 +259,7 @@ def test_micro_batch_plan_checkpoints_only_when_the_longest_sequence_needs_it(ti
     args = update_args()
     ckpt, tokens = train_grpo.micro_batch_plan(args, model, 100, budget=per_token * 1000)
     assert not ckpt and tokens == 1000 and not model.is_gradient_checkpointing
-    ckpt, tokens = train_grpo.micro_batch_plan(args, model, 2000, budget=per_token * 1000)
+    ckpt, tokens = train_grpo.micro_batch_plan(args, model, 1100, budget=per_token * 1000)
     assert ckpt and model.is_gradient_checkpointing
     assert tokens == per_token * 1000 // train_grpo.activation_bytes(model.config, 4, True)
     ckpt, tokens = train_grpo.micro_batch_plan(update_args("--grad-ckpt", "never"), model, 2000, per_token * 1000)
@@ -321,7 +321,7 @@ def test_resume_after_ctrl_c_ends_with_the_same_v(tiny_dir, data, tmp_path):
     assert [x["step"] for x in m] == [1, 2, 3, 4]
     for k in ("reward", "mismatch", "grad_norm", "v_norm", "t_update", "t_logp_old", "t_step", "dw_kept", "signal"):
         assert all(math.isfinite(x[k]) for x in m), k
-    assert m[-1]["mismatch"] < 1e-4 and m[-1]["dw_kept"] == 1.0  # HF backend, fp32: the trainer is the sampler
+    assert m[-1]["mismatch"] < 1e-4 and m[-1]["dw_kept"] == pytest.approx(1.0)  # HF backend, fp32: the trainer is the sampler
 
     calls = {"n": 0}
 
@@ -509,7 +509,7 @@ def test_a_bf16_checkpoint_runs_engine_and_trainer_in_bf16(tmp_path, data, monke
     make_llm = E.make_llm
     monkeypatch.setattr(E, "make_llm", lambda *a, **k: engines.append(make_llm(*a, **k)) or engines[-1])
     args = args_for(path, data, tmp_path / "run", "--backend", "vllm", "--steps", "2", "--gpu-memory-utilization",
-                    "0.05", "--max-model-len", "256", "--lr", "0.01")
+                    "0.25", "--max-model-len", "256", "--lr", "0.01")
     model, _ = train_grpo.train(args, length_reward)
     (llm,) = engines
     assert llm.llm_engine.model_config.dtype == torch.bfloat16 == model.dtype

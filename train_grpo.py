@@ -111,8 +111,9 @@ def build_parser():
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    p.set_defaults(**{a.dest: argparse.SUPPRESS for a in p._actions})  # parse again: what was given
-    args.given = sorted(k for k, x in vars(p.parse_args(argv)).items() if x is not argparse.SUPPRESS)
+    for action in p._actions:  # parse again without defaults: what was given on the command line
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))
     return args
 
 
@@ -292,10 +293,11 @@ def check_memory(args, meta, names, longest):
 
 
 def free_for_activations(config):
-    """Bytes the trainer may use for activations now: free device memory plus what PyTorch holds
-    unused, minus room for the logits chunks and workspaces."""
-    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    return free - logits_chunk(config.vocab_size) * config.vocab_size * 10 - 2**30
+    """Bytes the trainer may use for activations: 90% of the free device memory once weights and
+    engine are in place, minus room for the logits chunks and workspaces."""
+    torch.cuda.empty_cache()  # blocks cached by model loading and vLLM's profiling run
+    free = torch.cuda.mem_get_info()[0] - logits_chunk(config.vocab_size) * config.vocab_size * 10 - 2**30
+    return 0.9 * free
 
 
 def micro_batch_plan(args, model, longest, budget):
@@ -483,10 +485,12 @@ def load_policy(args, rank):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=device)
     v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","), args.seed,
                        args.v_dtype, args.svd_cache or None, verbose=rank == 0, keep_merged=not args.low_memory,
                        rounding=args.rounding)
+    for _ in tinylora.merged_weights(model):  # make the kept W + dW now, before the engine sizes its memory
+        pass
     return tok, model.train(), v  # train mode: gradient checkpointing acts (Qwen2 has no dropout)
 
 
@@ -555,7 +559,7 @@ def train(args, reward_fn=None, llm=None):
         if args.wandb:
             import wandb
             wandb.init(project=args.wandb, config=vars(args), resume="allow")
-        if start:
+        if args.resume:
             trim_metrics(metrics_path, start)
         else:
             save_checkpoint(args.run_dir, model, capture(0, v, opt, sched))  # --resume works from here on
@@ -582,7 +586,7 @@ def train(args, reward_fn=None, llm=None):
                      accuracy=sum(x == 1.0 for x in rewards) / len(rewards), v_norm=v.norm().item(),
                      dw_kept=tinylora.dw_kept(model), tokens=sum(len(s["logp_vllm"]) for s in samples),
                      t_generate=t_gen, t_sync=time.time() - t1, t_step=time.time() - t0,
-                     peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
+                     peak_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0)
             m = all_mean(m, world, v.device, v)
             if rank == 0 and args.eval_every and (step + 1) % args.eval_every == 0:
                 m.update(evaluate())
