@@ -359,10 +359,12 @@ def bench_grpo(path, results):
 
 def signal_reward(accuracy):
     """A reward for random-weight rollouts (they earn nothing from the task): each completion is
-    "correct" with probability `accuracy`, decided by a hash of its text (fixed per text). At 0.9,
-    the paper's GSM8K accuracy, 1 - 0.9**4 - 0.1**4 = 34% of groups of 4 carry a signal."""
-    import hashlib
-    return lambda text, gold: float(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) < accuracy * 2**32)
+    "correct" with probability `accuracy`, independently (seeded). At 0.9, the paper's GSM8K accuracy,
+    1 - 0.9**4 - 0.1**4 = 34% of groups of 4 carry a signal. (Not a hash of the text: the random
+    model's tokens mostly lie outside tiny.py's 512-token vocabulary and decode to the same text.)"""
+    import random
+    rng = random.Random(0)
+    return lambda text, gold: float(rng.random() < accuracy)
 
 
 def every_group_reward():

@@ -247,12 +247,13 @@ def trim_metrics(path, step):
 
 def activation_bytes(config, nbytes, ckpt):
     """Estimated autograd memory per token of the trainer's forward + backward (Qwen2/Llama decoder).
-    A layer keeps ~(7 h + 2 kv + 4 m) values per token (norm inputs, q/k/v and attention output, MLP
-    gate/up/activation/product; measured 204 KiB at 7B in bf16); two layers' worth of gradients are in
-    flight. With checkpointing each layer keeps only its input, and one layer is recomputed at a time."""
+    A layer keeps ~(7 h + 2 kv + 4 m) values per token (norm inputs and outputs, q/k/v and attention
+    output, MLP gate/up/activation/product) plus fp32 copies in its two RMSNorms (8 h bytes): 218 KiB
+    at 7B in bf16; two layers' worth of gradients are in flight. With checkpointing each layer keeps
+    only its input, and one layer is recomputed at a time."""
     h, m = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or h // config.num_attention_heads)
-    layer = nbytes * (7 * h + 2 * kv + 4 * m)
+    layer = nbytes * (7 * h + 2 * kv + 4 * m) + 8 * h
     return (config.num_hidden_layers * nbytes * h + 3 * layer) if ckpt else (config.num_hidden_layers + 2) * layer
 
 
@@ -325,13 +326,14 @@ def micro_batch_plan(args, model, longest, budget):
 def token_logprobs(model, seqs, n_prompt, temperature):
     """log p of every completion token under `model` at the sampling temperature, flat: sequence 0's
     completion tokens, then sequence 1's, ... seqs: (prompt + completion) id lists; n_prompt: prompt
-    lengths. One padded forward of the decoder (no KV cache), then the LM head in chunks."""
+    lengths. One right-padded forward of the decoder (no KV cache), then the LM head in chunks. No
+    attention mask: with causal attention a real token never sees the padding after it, and without
+    a mask attention runs its fused (flash) kernel instead of one that stores (L, L) weights."""
     dev = model.get_input_embeddings().weight.device
     lens = torch.tensor([len(s) for s in seqs], device=dev)
     ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True).to(dev)  # (B, L)
     pos = torch.arange(ids.shape[1], device=dev)
-    mask = pos < lens[:, None]  # (B, L) real tokens
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, H)
     # position t predicts token t+1: completion tokens p..len-1 are predicted by positions p-1..len-2
     pred = (pos >= torch.tensor(n_prompt, device=dev)[:, None] - 1) & (pos < lens[:, None] - 1)  # (B, L)
     h, target = hidden[pred], ids[:, 1:][pred[:, :-1]]  # (N, H), (N,): row-major = sequence by sequence
@@ -579,7 +581,18 @@ def train(args, reward_fn=None, llm=None):
             rewards = [reward_fn(s["text"], s["gold"]) for s in samples]
             for s, a in zip(samples, advantages(rewards, args.group_size)):
                 s["adv"] = a
-            m = update(args, model, opt, sched, v, samples, world, budget)
+            for attempt in range(4):  # out of GPU memory: the step's updates again with half the budget
+                try:
+                    m = update(args, model, opt, sched, v, samples, world, budget)
+                    break
+                except torch.OutOfMemoryError:
+                    if attempt == 3 or budget is None or args.micro_tokens:
+                        raise
+                    restore(state, v, opt, sched)
+                    v.grad, budget = None, budget / 2
+                    torch.cuda.empty_cache()
+                    print(f"warning: the trainer ran out of GPU memory; retrying the updates with micro-batches "
+                          f"for {budget / 2**30:.1f} GiB of activations")
             t1 = time.time()
             sync()
             m.update(step=step + 1, epoch=step / steps_per_epoch, reward=sum(rewards) / len(rewards),
