@@ -62,12 +62,13 @@ def prepare(out, gguf_path=None):
 
 
 def plot(runs, out):
-    """Training reward (per step, and its 10-step mean) and held-out greedy pass@1 of each run."""
+    """Per run: training reward (10-step mean, and per step, faint), held-out greedy pass@1 (strict
+    and flexible), and dw_kept (how much of dW survives bf16 rounding in the engine's weights)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4))
     for run in runs:
         rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
         train = [r for r in rows if "reward" in r]
@@ -76,17 +77,21 @@ def plot(runs, out):
         steps, reward = [r["step"] for r in train], [r["reward"] for r in train]
         mean = [sum(reward[max(0, i - 9):i + 1]) / len(reward[max(0, i - 9):i + 1]) for i in range(len(reward))]
         line, = left.plot(steps, mean, label=label)
-        left.plot(steps, reward, color=line.get_color(), alpha=0.25, linewidth=0.8)
-        right.plot([r["step"] for r in evals], [r["eval_strict"] for r in evals], "o-", color=line.get_color(),
-                   label=f"{label} strict")
-        right.plot([r["step"] for r in evals], [r["eval_flexible"] for r in evals], "s--", color=line.get_color(),
-                   alpha=0.6, label=f"{label} flexible")
-    left.set(xlabel="GRPO step", ylabel="training reward (mean of 256 samples)", title="reward (line: 10-step mean)")
-    right.set(xlabel="GRPO step", ylabel="greedy pass@1, held-out", title="held-out accuracy", ylim=(0, 1))
-    left.legend(fontsize=8)
+        color = line.get_color()
+        left.plot(steps, reward, color=color, alpha=0.2, linewidth=0.8)
+        mid.plot([r["step"] for r in evals], [r["eval_strict"] for r in evals], "o-", color=color, label=f"{label}: strict")
+        mid.plot([r["step"] for r in evals], [r["eval_flexible"] for r in evals], "s--", color=color, alpha=0.5,
+                 label=f"{label}: flexible")
+        right.plot(steps, [r.get("dw_kept") for r in train], color=color, label=label)
+    left.set(xlabel="GRPO step", ylabel="training reward", title="training reward (256 samples/step)")
+    mid.set(xlabel="GRPO step", ylabel="greedy pass@1", title="held-out greedy pass@1 (200 problems)", ylim=(0, 1))
+    right.set(xlabel="GRPO step", ylabel="<W' - W, dW> / |dW|^2", title="dw_kept: dW surviving bf16 rounding",
+              ylim=(0, 1.1))
+    left.legend(fontsize=7)
+    mid.legend(fontsize=6)
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 
 

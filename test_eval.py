@@ -466,3 +466,16 @@ def test_cli_rejects_adapter_of_another_base_model(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):  # refused while only the HF weights are loaded, before any vLLM engine
         E.main(["--model", tiny_dir, "--data", data, "--adapter", str(tmp_path / "other.safetensors")])
     assert "another base model" in capsys.readouterr().err
+
+
+def test_smollm2_task_rows_are_gsm8k_rows_with_the_right_answer(tmp_path):
+    """The real-model task of smollm2.py: one-digit word problems whose gold parses and is right."""
+    import re
+    import smollm2
+    rows = smollm2.problems(200, seed=1)
+    assert rows == smollm2.problems(200, seed=1) and rows != smollm2.problems(200, seed=2)
+    loaded, skipped, task = E.load_rows(str(tiny.write_jsonl(tmp_path / "t.jsonl", rows)))
+    assert (len(loaded), skipped, task) == (200, 0, "gsm8k")
+    for r in loaded:
+        a, op, b = re.search(r"has (\d) .* (gets|gives away) (\d)", r["question"]).groups()
+        assert int(r["gold"]) == (int(a) + int(b) if op == "gets" else int(a) - int(b)) >= 0
