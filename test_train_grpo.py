@@ -253,6 +253,26 @@ def test_activation_estimate_matches_what_autograd_keeps():
     assert 0.75 < measured / estimate < 1.25, (measured, estimate)
 
 
+def test_a_gpu_too_small_is_refused_with_the_numbers(monkeypatch, capsys):
+    """Qwen2.5-7B on a 40 GiB GPU: refused before any weight loads, saying what takes the memory and
+    what to change; on 80 GiB the default recipe fits."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(num_hidden_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, dtype="bfloat16")
+    with torch.device("meta"):
+        meta = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    names, _ = tinylora.plan(dict(meta.named_modules()))
+    args = train_grpo.parse_args(["--backend", "vllm"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (79 * 2**30, 79 * 2**30))
+    train_grpo.check_memory(args, meta, names, 512 + 4096)  # fits: returns
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (40 * 2**30, 40 * 2**30))
+    with pytest.raises(SystemExit) as e:
+        train_grpo.check_memory(args, meta, names, 512 + 4096)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "this GPU has 40.0 GiB" in err and "trainer weights 14.2" in err
+    assert "kept W + dW 12.2" in err and "--low-memory" in err
+
+
 def test_micro_batch_plan_checkpoints_only_when_the_longest_sequence_needs_it(tiny_dir):
     model, _ = policy(tiny_dir)
     per_token = train_grpo.activation_bytes(model.config, 4, False)
