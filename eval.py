@@ -355,13 +355,7 @@ def _count(s):
 def _check_adapter(path):
     """Raises ValueError unless path is a TinyLoRA adapter with a finite 2-D tensor "v" (the trained vector
     per tie group): caught here, before any model loads, not as a KeyError or NaN weights later."""
-    from safetensors import safe_open
-    tinylora.read_config(path)
-    with safe_open(path, "pt") as f:
-        v = f.get_tensor("v") if "v" in f.keys() else None
-    if v is None or v.dim() != 2 or not torch.isfinite(v).all():
-        raise ValueError("no tensor 'v'" if v is None else f"tensor 'v' of shape {tuple(v.shape)} must be 2-D "
-                         "and finite")
+    tinylora.read_v(path, tinylora.read_config(path))
 
 
 def main(argv=None):

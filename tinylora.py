@@ -449,6 +449,7 @@ def read_v(path, c):
         v = load_file(path)["v"].float()
     except KeyError:
         raise ValueError(f"{path}: no tensor 'v' in this adapter file") from None
+    check(v.dim() == 2, f"{path}: v has shape {tuple(v.shape)}, expected (tie groups, u)")
     check(bool(torch.isfinite(v).all()), f"{path}: v has non-finite entries (NaN or inf): a diverged run?")
     if c["p_scale"] != P_SCALE:  # same random draws, another scale: the same model with a rescaled v
         v = v * (OLD_P_SCALES[c["p_scale"]](c["u"], c["r"]) / p_std(c["u"], c["r"]))
