@@ -390,10 +390,19 @@ def main(argv=None):
                 _check_adapter(args.adapter)
             except Exception as e:  # missing, not safetensors, not TinyLoRA, no good v
                 raise ValueError(f"--adapter {args.adapter!r}: not a readable TinyLoRA adapter ({e})") from e
+        if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            raise ValueError(f"--out {args.out}: its directory does not exist")
+        if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization < 1:
+            raise ValueError(f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in (0, 1)")
+        from transformers import AutoConfig, AutoTokenizer
+        try:
+            AutoConfig.from_pretrained(args.model)
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except Exception as e:  # no such directory, or a hub id with no hub
+            raise ValueError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from e
     except (OSError, ValueError) as e:
         p.error(str(e))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    from transformers import AutoModelForCausalLM
     dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     torch.manual_seed(args.seed)
     model = None

@@ -479,3 +479,18 @@ def test_smollm2_task_rows_are_gsm8k_rows_with_the_right_answer(tmp_path):
     for r in loaded:
         a, op, b = re.search(r"has (\d) .* (gets|gives away) (\d)", r["question"]).groups()
         assert int(r["gold"]) == (int(a) + int(b) if op == "gets" else int(a) - int(b)) >= 0
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: cannot read its config"),
+    (["--out", "/nonexistent/dir/out.jsonl"], "its directory does not exist"),
+    (["--gpu-memory-utilization", "1.5"], r"must be in \(0, 1\)"),
+])
+def test_cli_rejects_a_bad_model_output_or_memory_share_before_loading(monkeypatch, tmp_path, capsys, extra, match):
+    import re
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(E, "make_llm", lambda *a, **k: pytest.fail("engine started"))
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", "m", "--data", data, *extra])
+    assert e.value.code == 2 and re.search(match, capsys.readouterr().err)

@@ -305,6 +305,10 @@ def test_micro_batch_plan_checkpoints_only_when_the_longest_sequence_needs_it(ti
     (["--steps", "0"], "--steps 0 must be >= 1"),
     (["--gpu-memory-utilization", "1.5"], r"must be in \(0, 1\)"),
     (["--resume", "/nonexistent/run"], "no args.json there"),
+    (["--epochs", "inf"], "--epochs inf must be a finite number"),
+    (["--lr", "nan"], "--lr nan must be a finite number"),
+    (["--seed", str(2**40)], r"--seed 1099511627776 must be in \[0, 2\*\*31\)"),
+    (["--epochs", "0.01"], "--epochs 0.01 of 10 steps each is less than one step"),
 ])
 def test_bad_input_fails_before_any_model_loads(tiny_dir, data, tmp_path, extra, match, monkeypatch, capsys):
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
@@ -312,6 +316,53 @@ def test_bad_input_fails_before_any_model_loads(tiny_dir, data, tmp_path, extra,
         train_grpo.train(args_for(tiny_dir, data, tmp_path, *extra))
     err = capsys.readouterr().err
     assert e.value.code == 2 and re.search(match, err) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("content,flag,match", [
+    ("", "--data", "rows need question\\+answer"),
+    ("not json\n", "--data", "rows need question\\+answer"),
+    ('{"question": "What is 1 + 1?", "answer": "#### 2"}\n' * 3, "--data", "3 usable rows .* fewer than the 4 needed"),
+    ('{"question": "", "answer": "#### 2"}\n', "--eval-data", "0 usable rows .* fewer than the 1 needed"),
+])
+def test_bad_data_fails_before_any_model_loads(tiny_dir, data, tmp_path, monkeypatch, capsys, content, flag, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    extra = [flag, str(path)] + (["--eval-every", "1"] if flag == "--eval-data" else [])
+    with pytest.raises(SystemExit) as e:
+        train_grpo.train(args_for(tiny_dir, data, tmp_path / "run", *extra))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(match, err), err
+
+
+def test_a_damaged_or_misnamed_run_dir_is_refused(tiny_dir, data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        train_grpo.train(args_for(tiny_dir, data, tmp_path / "afile"))
+    assert e.value.code == 2 and "is a file, not a directory" in capsys.readouterr().err
+    run = tmp_path / "run"
+    train_grpo.train(args_for(tiny_dir, data, run, "--steps", "1"), length_reward)
+    with pytest.raises(SystemExit) as e:  # --run-dir and --resume name different folders
+        train_grpo.open_run(train_grpo.parse_args(["--resume", str(run), "--run-dir", str(tmp_path / "other")]))
+    assert e.value.code == 2 and "a resumed run stays in its own directory" in capsys.readouterr().err
+    for name, junk in (("adapter.safetensors", b"garbage"), ("trainer_state.pt", b"\x80"), ("args.json", b"{x")):
+        good = (run / name).read_bytes()
+        (run / name).write_bytes(junk)
+        with pytest.raises(SystemExit) as e:
+            train_grpo.open_run(train_grpo.parse_args(["--resume", str(run)]))
+        assert e.value.code == 2 and ("damaged" in capsys.readouterr().err or name == "args.json")
+        (run / name).write_bytes(good)
+
+
+def test_hf_rollouts_stay_within_the_context(tiny_dir, data, tmp_path):
+    """vLLM caps each completion at the context length; the Hugging Face backend must too."""
+    train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "1", "--max-model-len", "40",
+                              "--max-new-tokens", "64"), length_reward)
+    from transformers import AutoTokenizer
+    import eval as E
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    shortest = min(len(E.build_prompt(tok, r["question"])) for r in E.load_rows(data)[0])
+    assert 0 < metrics(tmp_path)[0]["tokens"] <= 8 * (40 - shortest)  # 4 prompts x 2 samples
 
 
 def test_an_unreachable_hub_id_fails_at_once():

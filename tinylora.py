@@ -449,7 +449,8 @@ def read_v(path, c):
         v = load_file(path)["v"].float()
     except KeyError:
         raise ValueError(f"{path}: no tensor 'v' in this adapter file") from None
-    check(v.dim() == 2, f"{path}: v has shape {tuple(v.shape)}, expected (tie groups, u)")
+    groups = max(tie_groups(c["modules"], c["n_tie"], c["tie"], c["targets"])) + 1
+    check(v.shape == (groups, c["u"]), f"{path}: v has shape {tuple(v.shape)}, its config needs {(groups, c['u'])}")
     check(bool(torch.isfinite(v).all()), f"{path}: v has non-finite entries (NaN or inf): a diverged run?")
     if c["p_scale"] != P_SCALE:  # same random draws, another scale: the same model with a rescaled v
         v = v * (OLD_P_SCALES[c["p_scale"]](c["u"], c["r"]) / p_std(c["u"], c["r"]))

@@ -137,6 +137,10 @@ def check_args(args, world=1):
     need(args.u >= 1 and args.r >= 1, f"--u {args.u} and --r {args.r} must be >= 1")
     need(args.n_tie is None or args.n_tie >= 1, f"--n-tie {args.n_tie} must be >= 1")
     need(args.steps is None or args.steps >= 1, f"--steps {args.steps} must be >= 1 (omit it to train all epochs)")
+    for k, x in vars(args).items():
+        need(not isinstance(x, float) or math.isfinite(x), f"--{k.replace('_', '-')} {x} must be a finite number")
+    need(0 <= args.seed < 2**31, f"--seed {args.seed} must be in [0, 2**31)")
+    need(not args.wandb or importlib.util.find_spec("wandb"), "--wandb needs the wandb package (pip install wandb)")
     need(args.epochs > 0, f"--epochs {args.epochs} must be > 0")
     need(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     need(args.temperature > 0, f"--temperature {args.temperature} must be > 0 (GRPO learns from sampled rollouts)")
@@ -166,14 +170,21 @@ def open_run(args):
     resume, a --steps the checkpoint is already past."""
     if not args.resume:
         args.run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+            fail(f"--run-dir {args.run_dir} is a file, not a directory")
         found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.run_dir, f))]
         if found:
             fail(f"--run-dir {args.run_dir} holds a run ({', '.join(found)}): --resume {args.run_dir} continues it")
         return args, 0
     if not os.path.isfile(os.path.join(args.resume, "args.json")):
         fail(f"--resume {args.resume}: no args.json there, not a run directory")
-    with open(os.path.join(args.resume, "args.json")) as f:
-        saved = json.load(f)
+    if "run_dir" in args.given and os.path.abspath(args.run_dir) != os.path.abspath(args.resume):
+        fail(f"--run-dir {args.run_dir} with --resume {args.resume}: a resumed run stays in its own directory")
+    try:
+        with open(os.path.join(args.resume, "args.json")) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        fail(f"--resume {args.resume}: args.json is not readable JSON ({e})")
     defaults = vars(parse_args([]))
     for k in args.given:
         if k not in MACHINERY + ("resume", "run_dir") and getattr(args, k) != saved.get(k, defaults[k]):
@@ -184,8 +195,13 @@ def open_run(args):
                                  "given": args.given})  # options newer than the run: defaults
     for tmp in glob.glob(os.path.join(args.run_dir, "*.tmp")):
         os.remove(tmp)  # left by a write that was killed; the file it was replacing is intact
-    state = os.path.join(args.run_dir, "trainer_state.pt")
-    step = torch.load(state, weights_only=True)["step"] if os.path.exists(state) else 0
+    state, adapter = (os.path.join(args.run_dir, f) for f in ("trainer_state.pt", "adapter.safetensors"))
+    try:  # read both now, before any model loads: a damaged checkpoint is named, not a traceback later
+        step = torch.load(state, weights_only=True)["step"] if os.path.exists(state) else 0
+        if step:
+            tinylora.read_v(adapter, tinylora.read_config(adapter))
+    except Exception as e:
+        fail(f"--resume {args.run_dir}: its checkpoint is damaged ({str(e).splitlines()[0]})")
     if args.steps is not None and args.steps < step:
         fail(f"--steps {args.steps}: the checkpoint in {args.run_dir} is already at step {step}")
     return args, step
@@ -472,29 +488,35 @@ def update(args, model, opt, sched, v, samples, world, budget):
 # setup and the loop
 
 
-def load_data(args, tok, kind_rows, split, limit=None):
-    """Rows of a data set with their prompt ids; rows whose prompt leaves no room to answer within the
-    context are skipped (and counted)."""
-    rows, skipped, kind = task.load_rows(kind_rows, split=split, limit=limit)
+def load_data(args, tok, data, split, need, limit=None):
+    """(rows with their prompt ids, rows skipped, task) of a data set; rows whose prompt leaves no room
+    to answer within the context are skipped (and counted). Fails unless `need` rows are left."""
+    flag = "--data" if split == "train" else "--eval-data"
+    try:
+        rows, skipped, kind = task.load_rows(data, split=split, limit=limit)
+    except Exception as e:  # unreadable file, not JSON lines, a hub id without a hub
+        fail(f"{flag} {data}: {str(e).splitlines()[0]}")
     prompts = [task.build_prompt(tok, r["question"], kind) for r in rows]
     rows, prompts, long = task.drop_long_prompts(rows, prompts, args.max_model_len)
+    if len(rows) < need:
+        fail(f"{flag} {data}: {len(rows)} usable rows ({skipped} without a question and answer, {long} with a prompt "
+             f"longer than the context {args.max_model_len}), fewer than the {need} needed")
     for r, p in zip(rows, prompts):
         r["prompt_ids"] = p
     return rows, skipped + long, kind
 
 
 def load_policy(args, rank):
-    """(tokenizer, frozen model with TinyLoRA applied, v)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(frozen model with TinyLoRA applied, v)."""
+    from transformers import AutoModelForCausalLM
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=device)
     v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","), args.seed,
                        args.v_dtype, args.svd_cache or None, verbose=rank == 0, keep_merged=not args.low_memory,
                        rounding=args.rounding)
     for _ in tinylora.merged_weights(model):  # make the kept W + dW now, before the engine sizes its memory
         pass
-    return tok, model.train(), v  # train mode: gradient checkpointing acts (Qwen2 has no dropout)
+    return model.train(), v  # train mode: gradient checkpointing acts (Qwen2 has no dropout)
 
 
 def train(args, reward_fn=None, llm=None):
@@ -511,19 +533,23 @@ def train(args, reward_fn=None, llm=None):
     except ValueError as e:
         fail(f"{e} (--u, --r, --n-tie, --tie, --targets for {args.model})")
     args.max_model_len = args.max_model_len or meta.config.max_position_embeddings
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(args.model)  # the data is read and checked before any weight loads
+    rows, skipped, kind = load_data(args, tok, args.data, "train", args.prompts_per_step)
+    if args.eval_every:
+        eval_rows, _, eval_kind = load_data(args, tok, args.eval_data, "test", 1, args.eval_limit)
+    steps_per_epoch = len(rows) // args.prompts_per_step
+    full = int(args.epochs * steps_per_epoch)  # the lr schedule's length, whatever --steps says
+    if full < 1:
+        fail(f"--epochs {args.epochs} of {steps_per_epoch} steps each is less than one step")
+    total = min(full, args.steps or full)
     if torch.cuda.is_available():
         check_memory(args, meta, names, min(args.max_model_len, 512 + args.max_new_tokens))
     if rank == 0 and not args.resume:
         write_args(args)
 
-    tok, model, v = load_policy(args, rank)
-    rows, skipped, kind = load_data(args, tok, args.data, "train")
+    model, v = load_policy(args, rank)
     reward_fn = reward_fn or (lambda text, gold: task.reward(kind, text, gold))
-    steps_per_epoch = len(rows) // args.prompts_per_step
-    if steps_per_epoch == 0:
-        fail(f"{args.data} has {len(rows)} usable rows, fewer than --prompts-per-step {args.prompts_per_step}")
-    full = int(args.epochs * steps_per_epoch)  # the lr schedule's length, whatever --steps says
-    total = min(full, args.steps or full)
     updates_per_step = args.prompts_per_step // args.mini_batch
     warmup = max(1, round(args.warmup * full * updates_per_step))
     opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
@@ -541,6 +567,7 @@ def train(args, reward_fn=None, llm=None):
     def generate(prompts, n, temperature, max_new_tokens, seed=None):
         if llm is not None:
             return task.generate_vllm(llm, prompts, n, temperature, max_new_tokens, seed=seed)
+        max_new_tokens = min(max_new_tokens, args.max_model_len - max(map(len, prompts)))  # as vLLM caps it
         model.eval()  # with the KV cache: Hugging Face turns it off under gradient checkpointing in training
         try:
             return task.generate_hf(model, tok, prompts, n, temperature, max_new_tokens)  # seeded by torch's RNG
@@ -552,8 +579,6 @@ def train(args, reward_fn=None, llm=None):
                             args.max_new_tokens)
         return dict(eval_strict=res["strict"], eval_flexible=res["flexible"])
 
-    if args.eval_every:
-        eval_rows, _, eval_kind = load_data(args, tok, args.eval_data, "test", args.eval_limit)
     metrics_path = os.path.join(args.run_dir, "metrics.jsonl")
     wandb = None
     if start:
