@@ -277,12 +277,14 @@ class SampledLogprobs(LogitsProcessor):
 
 
 @torch.no_grad()
-def generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens):
-    """generate_vllm's output from Hugging Face generate (batched, left-padded); temperature 0 is greedy."""
+def generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens, max_len=None):
+    """generate_vllm's output from Hugging Face generate (batched, left-padded); temperature 0 is greedy.
+    max_len: the context length; like vLLM, completions stop there (for the batch's longest prompt)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
     eos = set(eos) if isinstance(eos, list) else {eos}
     L = max(map(len, prompts))
+    max_new_tokens = max(1, min(max_new_tokens, max_len - L)) if max_len else max_new_tokens
     ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts], device=model.device)  # (B, L)
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     # every sampling knob explicit: otherwise generate() fills them from the model's generation_config
@@ -358,6 +360,18 @@ def _check_adapter(path):
     tinylora.read_v(path, tinylora.read_config(path))
 
 
+def _check_adapter_fits(path, config):
+    """Raises ValueError if the adapter's modules are not in the model `config` describes (checked on a
+    meta-device model, no weights). Same modules but other weights is found later, by the fingerprint."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        named = dict(AutoModelForCausalLM.from_config(config).named_modules())
+    missing = [m for m in tinylora.read_config(path)["modules"] if m not in named]
+    if missing:
+        raise ValueError(f"--adapter {path}: made for another model ({len(missing)} of its modules, e.g. "
+                         f"{missing[0]}, are not in {config.model_type} with {config.num_hidden_layers} layers)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Greedy pass@1 of a model (+ TinyLoRA adapter) on GSM8K / MATH500.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -396,10 +410,18 @@ def main(argv=None):
             raise ValueError(f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in (0, 1)")
         from transformers import AutoConfig, AutoTokenizer
         try:
-            AutoConfig.from_pretrained(args.model)
+            config = AutoConfig.from_pretrained(args.model)
             tokenizer = AutoTokenizer.from_pretrained(args.model)
         except Exception as e:  # no such directory, or a hub id with no hub
             raise ValueError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from e
+        context = getattr(config, "max_position_embeddings", None)
+        if args.max_model_len and context and args.max_model_len > context:
+            raise ValueError(f"--max-model-len {args.max_model_len} must be <= the model's context, {context}")
+        if args.adapter:
+            _check_adapter_fits(args.adapter, config)
+        prompts = [build_prompt(tokenizer, r["question"], task) for r in rows]
+        if not drop_long_prompts(rows, prompts, args.max_model_len or context)[0]:
+            raise ValueError(f"--data {args.data!r}: no prompt fits the context length {args.max_model_len or context}")
     except (OSError, ValueError) as e:
         p.error(str(e))
     from transformers import AutoModelForCausalLM
@@ -424,7 +446,7 @@ def main(argv=None):
         gen_fn = functools.partial(generate_vllm, llm, n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
     else:
         gen_fn = functools.partial(generate_hf, model, tokenizer, n=1, temperature=0.0,
-                                   max_new_tokens=args.max_new_tokens)
+                                   max_new_tokens=args.max_new_tokens, max_len=args.max_model_len or context)
     batch_size = args.batch_size or (512 if backend == "vllm" else 16)
     # vLLM's own limit (it refuses longer prompts); HF generate has none, so the model's positions
     max_len = llm.llm_engine.model_config.max_model_len if backend == "vllm" else \

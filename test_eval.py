@@ -468,6 +468,38 @@ def test_cli_rejects_adapter_of_another_base_model(tiny_dir, tmp_path, capsys):
     assert "another base model" in capsys.readouterr().err
 
 
+def test_cli_rejects_adapter_of_another_architecture_before_loading(tiny_dir, monkeypatch, tmp_path, capsys):
+    other = tiny.make_model_dir(str(tmp_path / "other"), layers=3)
+    model = hf_model(other)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    tinylora.save(model, str(tmp_path / "other.safetensors"))
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(E, "make_llm", lambda *a, **k: pytest.fail("engine started"))
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", tiny_dir, "--data", data, "--adapter", str(tmp_path / "other.safetensors")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "made for another model" in err and "model.layers.2." in err, err
+
+
+def test_cli_rejects_a_context_longer_than_the_models(tiny_dir, monkeypatch, tmp_path, capsys):
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(E, "make_llm", lambda *a, **k: pytest.fail("engine started"))
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", tiny_dir, "--data", data, "--max-model-len", "100000"])
+    assert e.value.code == 2 and "--max-model-len 100000 must be <= the model's context, 1024" in capsys.readouterr().err
+
+
+def test_hf_generate_stops_at_the_context_length(tiny_dir, tok):
+    model = hf_model(tiny_dir)
+    prompts = [E.build_prompt(tok, "What is 1 + 2?"), E.build_prompt(tok, "What is 10 + 11?")]
+    longest = max(map(len, prompts))
+    out = E.generate_hf(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=64, max_len=longest + 5)
+    assert all(1 <= len(s["ids"]) <= 5 for o in out for s in o["samples"])  # vLLM would stop there too
+    assert max(len(s["ids"]) for o in out for s in o["samples"]) == 5  # the random model never stops early
+
+
 def test_smollm2_task_rows_are_gsm8k_rows_with_the_right_answer(tmp_path):
     """The real-model task of smollm2.py: one-digit word problems whose gold parses and is right."""
     import re

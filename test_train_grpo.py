@@ -309,6 +309,8 @@ def test_micro_batch_plan_checkpoints_only_when_the_longest_sequence_needs_it(ti
     (["--lr", "nan"], "--lr nan must be a finite number"),
     (["--seed", str(2**40)], r"--seed 1099511627776 must be in \[0, 2\*\*31\)"),
     (["--epochs", "0.01"], "--epochs 0.01 of 10 steps each is less than one step"),
+    (["--max-model-len", "100000"], "--max-model-len 100000 must be <= the model's context, 1024"),
+    (["--svd-cache", os.path.abspath(__file__)], "is a file, not a directory"),
 ])
 def test_bad_input_fails_before_any_model_loads(tiny_dir, data, tmp_path, extra, match, monkeypatch, capsys):
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
@@ -352,6 +354,20 @@ def test_a_damaged_or_misnamed_run_dir_is_refused(tiny_dir, data, tmp_path, caps
             train_grpo.open_run(train_grpo.parse_args(["--resume", str(run)]))
         assert e.value.code == 2 and ("damaged" in capsys.readouterr().err or name == "args.json")
         (run / name).write_bytes(good)
+
+
+def test_an_engine_that_cannot_start_is_one_line(tiny_dir, data, tmp_path, monkeypatch, capsys):
+    import eval as E
+
+    def no_room(*a, **k):
+        raise ValueError("some vLLM detail\nNo available memory for the cache blocks.")
+    monkeypatch.setattr(E, "make_llm", no_room)
+    with pytest.raises(SystemExit) as e:
+        train_grpo.train(args_for(tiny_dir, data, tmp_path, "--backend", "vllm"))
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the weights' progress bar: one line, no traceback
+    assert e.value.code == 2 and "Traceback" not in err and last.startswith("train_grpo.py: error: vLLM could not "
+                                                                           "start: No available memory"), last
 
 
 def test_hf_rollouts_stay_within_the_context(tiny_dir, data, tmp_path):

@@ -121,7 +121,8 @@ def svd_top_r(W, r):
     """Exact top-r SVD of W (d_out, d_in) in fp32 with canonical signs: U (d_out,r), S (r,), V (d_in,r)."""
     U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
     U, V = canonical_signs(U[:, :r], Vh[:r].T)
-    return U, S[:r], V
+    # contiguous, as a reload from the cache is: a strided copy would round the products differently
+    return U.contiguous(), S[:r].contiguous(), V.contiguous()
 
 
 def canonical_signs(U, V):

@@ -141,6 +141,7 @@ def check_args(args, world=1):
         need(not isinstance(x, float) or math.isfinite(x), f"--{k.replace('_', '-')} {x} must be a finite number")
     need(0 <= args.seed < 2**31, f"--seed {args.seed} must be in [0, 2**31)")
     need(not args.wandb or importlib.util.find_spec("wandb"), "--wandb needs the wandb package (pip install wandb)")
+    need(not os.path.isfile(args.svd_cache or ""), f"--svd-cache {args.svd_cache} is a file, not a directory")
     need(args.epochs > 0, f"--epochs {args.epochs} must be > 0")
     need(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     need(args.temperature > 0, f"--temperature {args.temperature} must be > 0 (GRPO learns from sampled rollouts)")
@@ -532,7 +533,10 @@ def train(args, reward_fn=None, llm=None):
                                  args.targets.split(","), args.v_dtype, args.rounding)
     except ValueError as e:
         fail(f"{e} (--u, --r, --n-tie, --tie, --targets for {args.model})")
-    args.max_model_len = args.max_model_len or meta.config.max_position_embeddings
+    context = meta.config.max_position_embeddings
+    if args.max_model_len and args.max_model_len > context:
+        fail(f"--max-model-len {args.max_model_len} must be <= the model's context, {context}")
+    args.max_model_len = args.max_model_len or context
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.model)  # the data is read and checked before any weight loads
     rows, skipped, kind = load_data(args, tok, args.data, "train", args.prompts_per_step)
@@ -559,18 +563,21 @@ def train(args, reward_fn=None, llm=None):
         load_checkpoint(args.run_dir, model, v, opt, sched)
 
     if args.backend == "vllm" and llm is None:  # the engine gets the base weights' dtype (never v's fp32)
-        llm = task.make_llm(args.model, str(model.dtype).removeprefix("torch."), args.seed + rank,
-                            args.gpu_memory_utilization, args.max_model_len)
+        try:
+            llm = task.make_llm(args.model, str(model.dtype).removeprefix("torch."), args.seed + rank,
+                                args.gpu_memory_utilization, args.max_model_len)
+        except (ValueError, RuntimeError) as e:  # e.g. no memory left for its KV cache
+            fail(f"vLLM could not start: {str(e).strip().splitlines()[-1]} (--gpu-memory-utilization "
+                 f"{args.gpu_memory_utilization}, --max-model-len {args.max_model_len})")
     budget = free_for_activations(model.config) if torch.cuda.is_available() else None
     sync = lambda: task.sync_weights(llm, tinylora.merged_weights(model)) if llm is not None else 0
 
     def generate(prompts, n, temperature, max_new_tokens, seed=None):
         if llm is not None:
             return task.generate_vllm(llm, prompts, n, temperature, max_new_tokens, seed=seed)
-        max_new_tokens = min(max_new_tokens, args.max_model_len - max(map(len, prompts)))  # as vLLM caps it
         model.eval()  # with the KV cache: Hugging Face turns it off under gradient checkpointing in training
-        try:
-            return task.generate_hf(model, tok, prompts, n, temperature, max_new_tokens)  # seeded by torch's RNG
+        try:  # seeded by torch's RNG; completions stop at the context length, as in vLLM
+            return task.generate_hf(model, tok, prompts, n, temperature, max_new_tokens, args.max_model_len)
         finally:
             model.train()
 
