@@ -20,6 +20,7 @@ ratios are medians of per-repetition ratios to the floor.
     python bench.py --device cuda --shape qwen7b --layers 4 --no-grad-ckpt --sections train
     python bench.py --sections grpo --grpo-metrics runs/x/metrics.jsonl
     python bench.py --device cuda --shape qwen7b --sections step --step-tokens 300,4096   # the real GRPO step
+    torchrun --nproc_per_node 2 bench.py --device cuda --sections step --step-tokens 300   # data parallel
 
 Sections: init, train (fwd+bwd time per token), memory (peak), sync (merged weights into an
 in-process vLLM vs one rollout batch; skipped without vllm), generate (HF generate throughput,
@@ -29,9 +30,11 @@ only when asked for). Prints markdown tables and PASS/MISS against the project's
 --out (JSON).
 """
 import argparse
+import contextlib
 import copy
 import ctypes
 import gc
+import hashlib
 import itertools
 import json
 import os
@@ -43,6 +46,7 @@ import time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM in-process: its model is reachable
 
 import torch
+import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 import tinylora
@@ -359,12 +363,27 @@ def bench_grpo(path, results):
 
 def signal_reward(accuracy):
     """A reward for random-weight rollouts (they earn nothing from the task): each completion is
-    "correct" with probability `accuracy`, independently (seeded). At 0.9, the paper's GSM8K accuracy,
-    1 - 0.9**4 - 0.1**4 = 34% of groups of 4 carry a signal. (Not a hash of the text: the random
-    model's tokens mostly lie outside tiny.py's 512-token vocabulary and decode to the same text.)"""
+    "correct" with probability `accuracy`, independently. At 0.9, the paper's GSM8K accuracy,
+    1 - 0.9**4 - 0.1**4 = 34% of groups of 4 carry a signal. Drawn from the sample's gold answer
+    and its count (unique_golds makes every row's gold its own), so a rank of a torchrun run gives
+    a prompt's samples the rewards one process would. (Not a hash of the text: the random model's
+    tokens mostly lie outside tiny.py's 512-token vocabulary and decode to the same text.)"""
+    import collections
     import random
-    rng = random.Random(0)
-    return lambda text, gold: float(rng.random() < accuracy)
+    seen = collections.Counter()
+
+    def reward(text, gold):
+        seen[gold] += 1
+        return float(random.Random(f"{gold}/{seen[gold]}").random() < accuracy)
+    return reward
+
+
+def unique_golds(src, dst):
+    """A copy of a GSM8K-format .jsonl whose row i answers "#### i" (questions kept: prompt lengths)."""
+    with open(src) as f, open(dst, "w") as out:
+        for i, line in enumerate(x for x in f if x.strip()):
+            out.write(json.dumps(dict(question=json.loads(line)["question"], answer=f"#### {i}")) + "\n")
+    return dst
 
 
 def every_group_reward():
@@ -402,31 +421,67 @@ def bench_step(args, results):
     import eval as task
     import train_grpo
 
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    tmp = tempfile.gettempdir()
+    data = os.path.join(tmp, "bench-step.jsonl")
+    if rank == 0:  # one writer; the other ranks of a torchrun run wait, then read
+        step_model(args)
+        unique_golds(args.step_data or tiny_rows(os.path.join(tmp, "bench-tiny.jsonl")), data)
+    if world > 1:
+        dist.barrier()
     path, longest = step_model(args), max(args.step_tokens)
-    data = args.step_data or tiny_rows(os.path.join(tempfile.gettempdir(), "bench-step.jsonl"))
     max_len = longest + 1024  # + the prompt
-    llm = task.make_llm(path, str(args.dtype).split(".")[-1], 0, args.step_util, max_len)
+    llm = task.make_llm(path, str(args.dtype).split(".")[-1], rank, args.step_util, max_len)
     results["step"] = []
     for T in args.step_tokens:
         cases = [("signal", signal_reward(args.step_accuracy))] + ([("all", every_group_reward())] if T <= 1024 else [])
-        for case, reward in cases:
-            run = tempfile.mkdtemp(prefix=f"bench-step-{T}-")
+        for case, reward in [c for c in cases if c[0] in args.step_cases]:
+            run = [tempfile.mkdtemp(prefix=f"bench-step-{T}-") if rank == 0 else None]
+            if world > 1:
+                dist.broadcast_object_list(run)  # one run dir: rank 0 writes it
+            run = run[0]
             targs = train_grpo.parse_args(["--model", path, "--data", data, "--max-new-tokens", str(T), "--steps",
                                            str(args.step_steps), "--run-dir", run, "--save-every", "0",
                                            "--max-model-len", str(max_len), "--gpu-memory-utilization",
                                            str(args.step_util)])
             print(f"step: {T} new tokens, reward {case!r}, {args.step_steps} steps ...", flush=True)
-            model, _ = train_grpo.train(targs, reward, llm=llm)
+            with fingerprints(task) as samples:
+                model, _ = train_grpo.train(targs, reward, llm=llm)
             del model
             gc.collect()
             torch.cuda.empty_cache() if args.device == "cuda" else None
+            if world > 1:
+                everyone = [None] * world
+                dist.all_gather_object(everyone, samples)
+                samples = {k: x for d in everyone for k, x in d.items()}
+            if rank > 0:
+                continue
             rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
             later = rows[1:] or rows  # the first step warms up kernels and the allocator
             med = {k: statistics.median(r[k] for r in later) for k in
                    ("t_generate", "t_logp_old", "t_update", "t_sync", "t_step", "tokens", "signal", "trained_tokens")}
             results["step"].append(dict(tokens=T, case=case, steps=rows, median=med, first=rows[0],
                                         peak_gib=max(r["peak_gib"] for r in rows),
-                                        grad_ckpt=[r["grad_ckpt"] for r in rows]))
+                                        grad_ckpt=[r["grad_ckpt"] for r in rows], samples=samples))
+
+
+@contextlib.contextmanager
+def fingerprints(task):
+    """Records a short hash of every rollout's completion ids, by its vLLM seed (the seed names the
+    sample in every run of the same recipe: compare runs with it, e.g. one process vs torchrun)."""
+    samples, generate = {}, task.generate_vllm
+
+    def recording(llm, prompts, n, *a, seed=None, **k):
+        out = generate(llm, prompts, n, *a, seed=seed, **k)
+        for first, o in zip(seed if isinstance(seed, list) else [], out):
+            for j, x in enumerate(o["samples"]):
+                samples[str(first + j)] = hashlib.sha1(str(x["ids"]).encode()).hexdigest()[:12]
+        return out
+    task.generate_vllm = recording
+    try:
+        yield samples
+    finally:
+        task.generate_vllm = generate
 
 
 def tiny_rows(path):
@@ -561,6 +616,8 @@ def parse_args(argv=None):
     p.add_argument("--step-steps", type=int, default=3, help="step section: GRPO steps per run (the first warms up)")
     p.add_argument("--step-accuracy", type=float, default=0.9, help="step section: share of correct completions "
                    "(0.9: 34%% of groups of 4 carry a signal)")
+    p.add_argument("--step-cases", default="signal,all", help="step section: the signal case, the every-group "
+                   "case (only up to 1024 new tokens), or both")
     p.add_argument("--step-util", type=float, default=0.4, help="step section: vLLM's --gpu-memory-utilization")
     p.add_argument("--step-data", default=None, help="step section: a GSM8K .jsonl for realistic prompts "
                    "(default: tiny.py's short problems)")
@@ -575,6 +632,7 @@ def parse_args(argv=None):
     args.grad_ckpt = gpu if args.grad_ckpt is None else args.grad_ckpt
     args.rollout, args.rollout_big = [tuple(int(x) for x in r.split("x")) for r in (args.rollout, args.rollout_big)]
     args.step_tokens = [int(x) for x in args.step_tokens.split(",")]
+    args.step_cases = args.step_cases.split(",")
     default = [s for s in SECTIONS if s not in ("sync" if gpu else "generate", "grpo", "step")]
     default += ["grpo"] if args.grpo_metrics else []
     args.sections = args.sections.split(",") if args.sections else default
@@ -586,6 +644,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: the step section, data parallel
+        import train_grpo
+        if args.sections != ["step"]:
+            raise SystemExit("under torchrun, bench.py runs --sections step only")
+        train_grpo.start_distributed()
+        if dist.get_rank() > 0:
+            return bench_step(args, {})
     start = time.perf_counter()
     cut = f" (cut from {SHAPES[args.shape]['vocab_size']})" if args.vocab != SHAPES[args.shape]["vocab_size"] else ""
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"

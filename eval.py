@@ -243,13 +243,15 @@ def generate_vllm(llm, prompts, n, temperature, max_new_tokens, stop_token_ids=N
     """Per prompt {"prompt_ids", "samples": n x {"ids", "logprobs", "text"}}; temperature 0 is greedy.
     logprobs: of the sampled distribution (make_llm asks for processed_logprobs: after temperature).
     seed: reproducible rollouts; vLLM seeds sample j of a request seed + j, so prompt i gets seed + i * n and
-    every (prompt, sample) of the call has its own seed + i * n + j. None: the engine's own generator."""
+    every (prompt, sample) of the call has its own seed + i * n + j. A list: prompt i's seed (its samples
+    seed[i] + j). None: the engine's own generator."""
     from vllm import SamplingParams
 
     room = llm.llm_engine.model_config.max_model_len  # cap each request at the context length
+    seeds = seed if isinstance(seed, list) else [None if seed is None else seed + i * n for i in range(len(prompts))]
     params = [SamplingParams(n=n, temperature=temperature, max_tokens=max(1, min(max_new_tokens, room - len(p))),
-                             seed=None if seed is None else seed + i * n,
-                             logprobs=0, stop_token_ids=stop_token_ids, detokenize=False) for i, p in enumerate(prompts)]
+                             seed=s, logprobs=0, stop_token_ids=stop_token_ids, detokenize=False)
+              for p, s in zip(prompts, seeds)]
     outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
     tok = llm.get_tokenizer()  # decode here, like generate_hf, so both backends give the same text
     return [{"prompt_ids": list(p), "samples": [_sample(tok, c.token_ids, [lp[t].logprob for t, lp in

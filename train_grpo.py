@@ -409,10 +409,10 @@ def logprobs_of(model, micro, temperature):
 # one GRPO step: rollout -> rewards -> advantages -> updates (-> sync, in train)
 
 
-def rollout(generate, rows, args, seed):
+def rollout(generate, rows, args, seeds):
     """args.group_size samples per row, prompt-major: dicts with ids (prompt + completion), n_prompt,
-    logp_vllm (per completion token) and text. Row i's samples use seeds seed + i * group_size + j."""
-    out = generate([r["prompt_ids"] for r in rows], args.group_size, args.temperature, args.max_new_tokens, seed=seed)
+    logp_vllm (per completion token) and text. Row i's samples use seeds seeds[i] + j (vLLM)."""
+    out = generate([r["prompt_ids"] for r in rows], args.group_size, args.temperature, args.max_new_tokens, seed=seeds)
     return [dict(ids=o["prompt_ids"] + s["ids"], n_prompt=len(o["prompt_ids"]), text=s["text"], gold=r["gold"],
                  logp_vllm=torch.tensor(s["logprobs"], dtype=torch.float32))
             for r, o in zip(rows, out) for s in o["samples"]]
@@ -608,8 +608,9 @@ def train(args, reward_fn=None, llm=None):
         for step in bar:
             state = capture(step, v, opt, sched)  # an interrupted step is rolled back to here
             t0 = time.time()
-            seed = rollout_seed(args.seed, step, rank, args.prompts_per_step, args.group_size)
-            samples = rollout(generate, prompts_for(rows, step, steps_per_epoch, args, rank, world), args, seed)
+            mine = prompts_for(rows, step, steps_per_epoch, args, rank, world)
+            seeds = rollout_seeds(args.seed, step, rank, world, len(mine), args.group_size)
+            samples = rollout(generate, mine, args, seeds)
             t_gen = time.time() - t0
             rewards = [reward_fn(s["text"], s["gold"]) for s in samples]
             for s, a in zip(samples, advantages(rewards, args.group_size)):
@@ -634,6 +635,8 @@ def train(args, reward_fn=None, llm=None):
                      t_generate=t_gen, t_sync=time.time() - t1, t_step=time.time() - t0,
                      peak_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0)
             m = all_mean(m, world, v.device, v)
+            if v.numel() <= 64:  # the few trained numbers themselves, step by step
+                m["v"] = v.detach().flatten().tolist()
             if rank == 0 and args.eval_every and (step + 1) % args.eval_every == 0:
                 m.update(evaluate())
             if rank == 0:
@@ -665,18 +668,19 @@ def prompts_for(rows, step, steps_per_epoch, args, rank, world):
     return [rows[i] for i in batch][rank::world]
 
 
-def rollout_seed(seed, step, rank, prompts, group_size):
-    """The first vLLM seed of a rank's rollout in a step. Sample j of prompt i uses seed + i * group_size
-    + j (eval.generate_vllm), so steps are 10**6 seeds apart and ranks prompts * group_size apart: no
-    two samples of a run share a noise stream, and a resumed run samples exactly what it would have."""
-    return (seed * 10**6 + step) * 10**6 + rank * prompts * group_size
+def rollout_seeds(seed, step, rank, world, n, group_size):
+    """vLLM seeds of a rank's n prompts in a step: sample j of the step's prompt p (p = i * world + rank
+    for the rank's prompt i, as prompts_for deals them) gets (seed * 10**6 + step) * 10**6 + p * group_size
+    + j. No two samples of a run share a noise stream, a resumed run samples exactly what it would have,
+    and N ranks draw the very streams one process would."""
+    return [(seed * 10**6 + step) * 10**6 + (i * world + rank) * group_size for i in range(n)]
 
 
 def log(path, m, wandb=None):
     with open(path, "a") as f:
         f.write(json.dumps(m) + "\n")
     if wandb:
-        wandb.log(m, step=m["step"])
+        wandb.log({k: x for k, x in m.items() if k != "v"}, step=m["step"])
 
 
 def summary(args, steps, first, last, v):
@@ -710,13 +714,19 @@ def all_mean(m, world, device, v):
     return out
 
 
+def start_distributed():
+    """Started by torchrun: join its process group (NCCL, one GPU per process; gloo on CPUs), True."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 if __name__ == "__main__":
     args = parse_args()
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1  # started by torchrun
-    if ddp:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    ddp = start_distributed()
     train(args)
     if ddp and args.backend == "hf":  # with vLLM, its engine tears the process groups down at exit
         dist.destroy_process_group()
