@@ -8,8 +8,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -29,11 +31,15 @@ def data(tmp_path_factory):
     return str(tiny.write_jsonl(d / "train.jsonl", rows))
 
 
+def flags_for(tiny_dir, data, run_dir, *extra):
+    """A small, fast run on the tiny model (Hugging Face rollouts)."""
+    return ["--model", tiny_dir, "--data", data, "--run-dir", str(run_dir), "--u", "3", "--prompts-per-step", "4",
+            "--mini-batch", "2", "--group-size", "2", "--max-new-tokens", "4", "--lr", "0.01", "--warmup", "0",
+            "--svd-cache", "", "--backend", "hf", "--save-every", "1", *extra]
+
+
 def args_for(tiny_dir, data, run_dir, *extra):
-    return train_grpo.parse_args(["--model", tiny_dir, "--data", data, "--run-dir", str(run_dir), "--u", "3",
-                                  "--prompts-per-step", "4", "--mini-batch", "2", "--group-size", "2",
-                                  "--max-new-tokens", "4", "--lr", "0.01", "--warmup", "0", "--svd-cache", "",
-                                  "--backend", "hf", "--save-every", "1", *extra])
+    return train_grpo.parse_args(flags_for(tiny_dir, data, run_dir, *extra))
 
 
 def metrics(run_dir):
@@ -419,7 +425,8 @@ def test_resume_after_ctrl_c_ends_with_the_same_v(tiny_dir, data, tmp_path):
             raise KeyboardInterrupt
         return length_reward(text, gold)
 
-    train_grpo.train(args_for(tiny_dir, data, tmp_path / "cut", "--steps", "4"), interrupted)
+    with pytest.raises(KeyboardInterrupt):  # saved, then passed on to the caller
+        train_grpo.train(args_for(tiny_dir, data, tmp_path / "cut", "--steps", "4"), interrupted)
     state = torch.load(tmp_path / "cut" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2  # the interrupted step was rolled back, nothing half-applied was saved
     resume = train_grpo.parse_args(["--resume", str(tmp_path / "cut")])
@@ -427,6 +434,21 @@ def test_resume_after_ctrl_c_ends_with_the_same_v(tiny_dir, data, tmp_path):
     assert torch.equal(model.tinylora_v.detach(), v_full)  # bit-identical continuation
     assert [x["step"] for x in metrics(tmp_path / "cut")] == [1, 2, 3, 4]
     assert tinylora.read_config(adapter)["u"] == 3
+
+
+def test_sigterm_saves_the_finished_steps_and_exits_130(tiny_dir, data, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(HERE, "train_grpo.py"), *flags_for(tiny_dir, data, run, "--steps", "1000",
+                                                                             "--save-every", "0")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CPU_ONLY)
+    while not (run / "metrics.jsonl").exists() or len(metrics(run)) < 2:
+        time.sleep(0.05)
+        assert p.poll() is None, p.stdout.read()
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    done = len(metrics(run))
+    assert p.returncode == 130 and "saving the state after step" in out, out
+    assert torch.load(run / "trainer_state.pt", weights_only=True)["step"] == done >= 2  # none lost, none half-done
 
 
 def test_a_crash_before_the_first_checkpoint_resumes_and_cleans_up(tiny_dir, data, tmp_path):

@@ -32,6 +32,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -650,10 +651,9 @@ def train(args, reward_fn=None, llm=None):
         print(f"\n{type(e).__name__} in step {state['step'] + 1}: saving the state after step {state['step']} "
               f"to {args.run_dir} (--resume {args.run_dir} continues from there)")
         restore(state, v, opt, sched)
-        if not isinstance(e, KeyboardInterrupt):
-            if rank == 0:
-                save_checkpoint(args.run_dir, model, state)
-            raise
+        if rank == 0:
+            save_checkpoint(args.run_dir, model, state)
+        raise
     if rank == 0:
         save_checkpoint(args.run_dir, model, state)
         summary(args, state["step"], first, m, v)
@@ -724,9 +724,17 @@ def start_distributed():
     return True
 
 
+def stop_like_ctrl_c(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler's preemption): the finished steps are saved, as on Ctrl-C
+
+
 if __name__ == "__main__":
     args = parse_args()
     ddp = start_distributed()
-    train(args)
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    try:
+        train(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130)  # interrupted, state saved: a non-zero exit stops a shell script that chains runs
     if ddp and args.backend == "hf":  # with vLLM, its engine tears the process groups down at exit
         dist.destroy_process_group()
