@@ -235,6 +235,33 @@ def test_non_finite_gradient_skips_the_update(tiny_dir):
     assert m["skipped"] == 1 and torch.isfinite(v).all()
 
 
+def test_out_of_memory_retries_the_updates_from_the_step_start_with_half_the_budget(monkeypatch, capsys):
+    budgets = []
+
+    def update(args, model, opt, sched, v, samples, world, budget):  # the 1st update fits, the 2nd runs out
+        budgets.append(budget)
+        v.grad = torch.ones_like(v)
+        opt.step()
+        sched.step()
+        if budget > 2**30:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"lr": opt.param_groups[0]["lr"]}
+    monkeypatch.setattr(train_grpo, "update", update)
+    v = torch.nn.Parameter(torch.zeros(3))
+    opt, sched = optimizer(v)
+    state = train_grpo.capture(0, v, opt, sched)
+    m, budget = train_grpo.update_within_memory(update_args(), None, opt, sched, v, [], 1, 4 * 2**30, state)
+    assert budgets == [4 * 2**30, 2 * 2**30, 2**30] and budget == 2**30
+    clean = torch.nn.Parameter(torch.zeros(3))  # one update from the step's start, as if nothing ran out
+    clean.grad = torch.ones(3)
+    clean_opt, _ = optimizer(clean)
+    clean_opt.step()
+    assert torch.equal(v.detach(), clean.detach()) and opt.state_dict()["state"][0]["step"] == 1
+    assert "retrying the updates with micro-batches for 1.0 GiB" in capsys.readouterr().out
+    with pytest.raises(torch.OutOfMemoryError):  # a fixed --micro-tokens is the user's choice: no retry
+        train_grpo.update_within_memory(update_args("--micro-tokens", "64"), None, opt, sched, v, [], 1, 2**32, state)
+
+
 def test_activation_estimate_matches_what_autograd_keeps():
     """The memory plan's per-token estimate of a decoder layer at Qwen2.5-7B's width, against the
     bytes autograd actually saves for the backward (bf16, one layer, no gradient checkpointing)."""

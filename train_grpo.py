@@ -486,6 +486,24 @@ def update(args, model, opt, sched, v, samples, world, budget):
                 t_update=time.time() - t0 - t_old)
 
 
+def update_within_memory(args, model, opt, sched, v, samples, world, budget, state):
+    """update(); if the GPU runs out of memory, the step's updates start again from `state` with half
+    the activation budget (at most 3 times; not with a fixed --micro-tokens). Returns (metrics, the
+    budget that fitted: later steps keep it)."""
+    for attempt in range(4):
+        try:
+            return update(args, model, opt, sched, v, samples, world, budget), budget
+        except torch.OutOfMemoryError:
+            if attempt == 3 or budget is None or args.micro_tokens:
+                raise
+            restore(state, v, opt, sched)
+            v.grad, budget = None, budget / 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"warning: the trainer ran out of GPU memory; retrying the updates with micro-batches "
+                  f"for {budget / 2**30:.1f} GiB of activations")
+
+
 # -----------------------------------------------------------------------------
 # setup and the loop
 
@@ -616,18 +634,7 @@ def train(args, reward_fn=None, llm=None):
             rewards = [reward_fn(s["text"], s["gold"]) for s in samples]
             for s, a in zip(samples, advantages(rewards, args.group_size)):
                 s["adv"] = a
-            for attempt in range(4):  # out of GPU memory: the step's updates again with half the budget
-                try:
-                    m = update(args, model, opt, sched, v, samples, world, budget)
-                    break
-                except torch.OutOfMemoryError:
-                    if attempt == 3 or budget is None or args.micro_tokens:
-                        raise
-                    restore(state, v, opt, sched)
-                    v.grad, budget = None, budget / 2
-                    torch.cuda.empty_cache()
-                    print(f"warning: the trainer ran out of GPU memory; retrying the updates with micro-batches "
-                          f"for {budget / 2**30:.1f} GiB of activations")
+            m, budget = update_within_memory(args, model, opt, sched, v, samples, world, budget, state)
             t1 = time.time()
             sync()
             m.update(step=step + 1, epoch=step / steps_per_epoch, reward=sum(rewards) / len(rewards),
