@@ -158,7 +158,7 @@ def test_svd_cache_is_read_on_second_apply(tiny_dir, tmp_path, monkeypatch):
     assert torch.equal(first.tinylora_v.grad, second.tinylora_v.grad)
 
 
-@pytest.mark.parametrize("damage", ["nan", "shape", "truncated"])
+@pytest.mark.parametrize("damage", ["nan", "shape", "truncated", "edited"])
 def test_a_damaged_svd_cache_is_recomputed_and_replaced(tiny_dir, tmp_path, damage):
     reference = load(tiny_dir)
     tinylora.apply(reference, u=2, cache_dir=None, verbose=False)
@@ -169,6 +169,8 @@ def test_a_damaged_svd_cache_is_recomputed_and_replaced(tiny_dir, tmp_path, dama
         t["3.U"][0, 0] = float("nan")
     elif damage == "shape":
         t["3.V"] = t["3.V"][:-1]
+    elif damage == "edited":  # finite, the right shape, and wrong
+        t["3.S"] = t["3.S"] * 2
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:200])
     else:
@@ -177,7 +179,7 @@ def test_a_damaged_svd_cache_is_recomputed_and_replaced(tiny_dir, tmp_path, dama
     with pytest.warns(UserWarning, match="SVD cache .* is unusable"):
         tinylora.apply(model, u=2, cache_dir=str(tmp_path), verbose=False)
     for (_, a), (_, b) in zip(tinylora.layers(model), tinylora.layers(reference)):
-        assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)  # recomputed, not the damaged factors
+        assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)  # recomputed
     tinylora.apply(load(tiny_dir), u=2, cache_dir=str(tmp_path), verbose=False)  # replaced: no warning now
 
 

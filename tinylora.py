@@ -153,6 +153,8 @@ def load_svd(linears, r, fp, cache_dir):
                 d_out, d_in = lin.weight.shape
                 check(U.shape == (d_out, r) and S.shape == (r,) and V.shape == (d_in, r), "shapes differ")
                 check(all(torch.isfinite(x).all() for x in (U, S, V)), "non-finite entries")
+                W = lin.weight.detach().float()  # the factors must be this weight's: W V = U diag(S)
+                check((W @ V.to(W.device) - (U * S).to(W.device)).abs().max() <= 1e-3 * S[0], "factors do not fit W")
             return out
         except Exception as e:  # truncated, edited or foreign file: never apply it, replace it
             warnings.warn(f"SVD cache {path} is unusable ({e}); recomputing it")
