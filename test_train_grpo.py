@@ -380,6 +380,11 @@ def test_a_damaged_or_misnamed_run_dir_is_refused(tiny_dir, data, tmp_path, caps
     with pytest.raises(SystemExit) as e:  # --run-dir and --resume name different folders
         train_grpo.open_run(train_grpo.parse_args(["--resume", str(run), "--run-dir", str(tmp_path / "other")]))
     assert e.value.code == 2 and "a resumed run stays in its own directory" in capsys.readouterr().err
+    os.rename(run / "trainer_state.pt", tmp_path / "state")  # lost after steps were logged: never start over
+    with pytest.raises(SystemExit) as e:
+        train_grpo.open_run(train_grpo.parse_args(["--resume", str(run)]))
+    assert e.value.code == 2 and "trainer_state.pt is missing, yet steps are logged" in capsys.readouterr().err
+    os.rename(tmp_path / "state", run / "trainer_state.pt")
     for name, junk in (("adapter.safetensors", b"garbage"), ("trainer_state.pt", b"\x80"), ("args.json", b"{x")):
         good = (run / name).read_bytes()
         (run / name).write_bytes(junk)

@@ -198,6 +198,9 @@ def open_run(args):
     for tmp in glob.glob(os.path.join(args.run_dir, "*.tmp")):
         os.remove(tmp)  # left by a write that was killed; the file it was replacing is intact
     state, adapter = (os.path.join(args.run_dir, f) for f in ("trainer_state.pt", "adapter.safetensors"))
+    if not os.path.exists(state) and any(x >= 1 for x in logged_steps(args.run_dir)):
+        fail(f"--resume {args.run_dir}: trainer_state.pt is missing, yet steps are logged: the checkpoint is lost "
+             f"(a new run in another --run-dir starts over)")
     try:  # read both now, before any model loads: a damaged checkpoint is named, not a traceback later
         step = torch.load(state, weights_only=True)["step"] if os.path.exists(state) else 0
         if step:
@@ -243,6 +246,17 @@ def save_checkpoint(run_dir, model, state):
 def load_checkpoint(run_dir, model, v, opt, sched):
     tinylora.load(model, os.path.join(run_dir, "adapter.safetensors"), verbose=False)  # checks the base model
     restore(torch.load(os.path.join(run_dir, "trainer_state.pt"), weights_only=True), v, opt, sched)
+
+
+def logged_steps(run_dir):
+    """The steps metrics.jsonl has a line for (a line cut off by a kill does not count)."""
+    path, steps = os.path.join(run_dir, "metrics.jsonl"), []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass
+    return steps
 
 
 def trim_metrics(path, step):
