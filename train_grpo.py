@@ -20,6 +20,7 @@ One step, after the paper's GSM8K recipe (the authors' verl scripts):
 Left out on purpose: KL term, entropy bonus, reference model, more than one epoch per batch.
 Multi-GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel: each rank has its own
 engine and prompts; v's gradient, u numbers, is all-reduced).
+Ctrl-C or SIGTERM saves every finished step and exits 130; `--resume RUN_DIR` continues.
 
     python train_grpo.py --u 13 --model Qwen/Qwen2.5-7B-Instruct
     python tiny.py tiny && python train_grpo.py --model tiny/model --data tiny/train.jsonl \\
