@@ -86,6 +86,15 @@ def build_prompt(tokenizer, question, task="gsm8k"):
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
+def context_length(config, max_model_len=None):
+    """The context a run uses: max_model_len if given, else the model's max_position_embeddings.
+    Raises ValueError for a max_model_len past the model's own."""
+    context = getattr(config, "max_position_embeddings", None)
+    if max_model_len and context and max_model_len > context:
+        raise ValueError(f"--max-model-len {max_model_len} must be <= the model's context, {context}")
+    return max_model_len or context
+
+
 def drop_long_prompts(rows, prompts, max_len, min_new_tokens=1):
     """(rows, prompts, n_dropped): the rows, with their prompt ids, whose prompt leaves room for at least
     min_new_tokens new tokens within the context length max_len (vLLM: llm.llm_engine.model_config.max_model_len).
@@ -356,12 +365,6 @@ def _count(s):
     return int(s)
 
 
-def _check_adapter(path):
-    """Raises ValueError unless path is a TinyLoRA adapter with a finite 2-D tensor "v" (the trained vector
-    per tie group): caught here, before any model loads, not as a KeyError or NaN weights later."""
-    tinylora.read_v(path, tinylora.read_config(path))
-
-
 def _check_adapter_fits(path, config):
     """Raises ValueError if the adapter's modules are not in the model `config` describes (checked on a
     meta-device model, no weights). Same modules but other weights is found later, by the fingerprint."""
@@ -403,7 +406,7 @@ def main(argv=None):
             raise ValueError(f"--data {args.data!r}: no usable rows ({skipped} skipped, see the warnings)")
         if args.adapter:
             try:
-                _check_adapter(args.adapter)
+                tinylora.read_v(args.adapter, tinylora.read_config(args.adapter))
             except Exception as e:  # missing, not safetensors, not TinyLoRA, no good v
                 raise ValueError(f"--adapter {args.adapter!r}: not a readable TinyLoRA adapter ({e})") from e
         if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
@@ -416,14 +419,12 @@ def main(argv=None):
             tokenizer = AutoTokenizer.from_pretrained(args.model)
         except Exception as e:  # no such directory, or a hub id with no hub
             raise ValueError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from e
-        context = getattr(config, "max_position_embeddings", None)
-        if args.max_model_len and context and args.max_model_len > context:
-            raise ValueError(f"--max-model-len {args.max_model_len} must be <= the model's context, {context}")
+        max_len = context_length(config, args.max_model_len)
         if args.adapter:
             _check_adapter_fits(args.adapter, config)
         prompts = [build_prompt(tokenizer, r["question"], task) for r in rows]
-        if not drop_long_prompts(rows, prompts, args.max_model_len or context)[0]:
-            raise ValueError(f"--data {args.data!r}: no prompt fits the context length {args.max_model_len or context}")
+        if not drop_long_prompts(rows, prompts, max_len)[0]:
+            raise ValueError(f"--data {args.data!r}: no prompt fits the context length {max_len}")
     except (OSError, ValueError) as e:
         p.error(str(e))
     from transformers import AutoModelForCausalLM
@@ -448,11 +449,10 @@ def main(argv=None):
         gen_fn = functools.partial(generate_vllm, llm, n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
     else:
         gen_fn = functools.partial(generate_hf, model, tokenizer, n=1, temperature=0.0,
-                                   max_new_tokens=args.max_new_tokens, max_len=args.max_model_len or context)
+                                   max_new_tokens=args.max_new_tokens, max_len=max_len)
     batch_size = args.batch_size or (512 if backend == "vllm" else 16)
-    # vLLM's own limit (it refuses longer prompts); HF generate has none, so the model's positions
-    max_len = llm.llm_engine.model_config.max_model_len if backend == "vllm" else \
-        args.max_model_len or getattr(model.config, "max_position_embeddings", None)
+    if backend == "vllm":  # vLLM's own limit (it refuses longer prompts)
+        max_len = llm.llm_engine.model_config.max_model_len
     s = evaluate(gen_fn, tokenizer, rows, task, args.max_new_tokens, args.out, batch_size, skipped, max_len)
     print(f"{task} {backend}: n={s['n']} strict={s['strict']:.4f} flexible={s['flexible']:.4f} "
           f"skipped={s['skipped']} truncated={s['truncated']:.3f} seconds={s['seconds']:.1f} "

@@ -199,7 +199,7 @@ def open_run(args):
     for tmp in glob.glob(os.path.join(args.run_dir, "*.tmp")):
         os.remove(tmp)  # left by a write that was killed; the file it was replacing is intact
     state, adapter = (os.path.join(args.run_dir, f) for f in ("trainer_state.pt", "adapter.safetensors"))
-    if not os.path.exists(state) and any(x >= 1 for x in logged_steps(args.run_dir)):
+    if not os.path.exists(state) and any(s >= 1 for s, _ in logged(os.path.join(args.run_dir, "metrics.jsonl"))):
         fail(f"--resume {args.run_dir}: trainer_state.pt is missing, yet steps are logged: the checkpoint is lost "
              f"(a new run in another --run-dir starts over)")
     try:  # read both now, before any model loads: a damaged checkpoint is named, not a traceback later
@@ -249,28 +249,18 @@ def load_checkpoint(run_dir, model, v, opt, sched):
     restore(torch.load(os.path.join(run_dir, "trainer_state.pt"), weights_only=True), v, opt, sched)
 
 
-def logged_steps(run_dir):
-    """The steps metrics.jsonl has a line for (a line cut off by a kill does not count)."""
-    path, steps = os.path.join(run_dir, "metrics.jsonl"), []
+def logged(path):
+    """(step, line) for each line of a metrics.jsonl; a line cut off by a kill is skipped."""
     for line in open(path) if os.path.exists(path) else []:
         try:
-            steps.append(json.loads(line)["step"])
+            yield json.loads(line)["step"], line if line.endswith("\n") else line + "\n"
         except (ValueError, KeyError):
             pass
-    return steps
 
 
 def trim_metrics(path, step):
-    """Keep the lines of steps up to the checkpoint's: later ones (a crash between checkpoints) rerun,
-    and a line cut off by a kill is dropped."""
-    keep = []
-    if os.path.exists(path):
-        for line in open(path):
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError):
-                pass
+    """Keep the lines of steps up to the checkpoint's: later ones (a crash between checkpoints) rerun."""
+    keep = [line for s, line in logged(path) if s <= step]
     with open(path, "w") as f:
         f.writelines(keep)
 
@@ -567,10 +557,10 @@ def train(args, reward_fn=None, llm=None):
                                  args.targets.split(","), args.v_dtype, args.rounding)
     except ValueError as e:
         fail(f"{e} (--u, --r, --n-tie, --tie, --targets for {args.model})")
-    context = meta.config.max_position_embeddings
-    if args.max_model_len and args.max_model_len > context:
-        fail(f"--max-model-len {args.max_model_len} must be <= the model's context, {context}")
-    args.max_model_len = args.max_model_len or context
+    try:
+        args.max_model_len = task.context_length(meta.config, args.max_model_len)
+    except ValueError as e:
+        fail(str(e))
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.model)  # the data is read and checked before any weight loads
     rows, skipped, kind = load_data(args, tok, args.data, "train", args.prompts_per_step)
