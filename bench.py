@@ -645,10 +645,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: the step section, data parallel
-        import train_grpo
+        import machinery
         if args.sections != ["step"]:
             raise SystemExit("under torchrun, bench.py runs --sections step only")
-        train_grpo.start_distributed()
+        machinery.start_distributed()
         if dist.get_rank() > 0:
             return bench_step(args, {})
     start = time.perf_counter()

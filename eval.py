@@ -36,28 +36,23 @@ HUB = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", 
 QUESTION = {"gsm8k": "question", "math500": "problem"}  # the field holding the question
 INSTRUCTION = {"gsm8k": "Let's think step by step and output the final answer after \"####\".",
                "math500": "Let's think step by step and output the final answer within \\boxed{}."}
+SCORES = ("strict", "flexible")  # the columns of a pass@1 evaluation
 
-# -----------------------------------------------------------------------------
-# data and prompt
+# =============================================================================
+# 1. the task: data, prompt, answers, reward
 
 
 def load_rows(data, split="test", limit=None):
     """(rows [{"id", "question", "gold"}], n_skipped, task) from a hub name or a .jsonl path (its first
     row's fields tell the task). id: the 0-based row / line index. Rows without a question or a parsable
     gold are skipped with a warning and counted."""
+    task = task_of(data)
     if data in HUB:
         from datasets import load_dataset
-        records, task, unit = load_dataset(*HUB[data], split=split), data, "row"
-    elif os.path.isfile(data):
+        records, unit = load_dataset(*HUB[data], split=split), "row"
+    else:
         with open(data, encoding="utf-8") as f:
             records, unit = [_json_or_none(line) for line in f], "line"
-        first = next((r for r in records if isinstance(r, dict)), {})
-        task = next((t for t, k in QUESTION.items() if k in first), None)
-        if task is None:
-            raise ValueError(f"--data {data!r}: rows need question+answer (GSM8K) or problem+answer (MATH500), "
-                             f"the first has {sorted(first)}")
-    else:
-        raise FileNotFoundError(f"--data {data!r}: not a file (expected gsm8k, math500 or a .jsonl path)")
     rows, skipped = [], 0
     for i, r in enumerate(records):
         if limit is not None and len(rows) >= limit:  # checked first: limit 0 gives no rows
@@ -73,11 +68,49 @@ def load_rows(data, split="test", limit=None):
     return rows, skipped, task
 
 
+def task_of(data):
+    """'gsm8k' or 'math500': a hub name says it; a .jsonl's first JSON row tells by its fields."""
+    if data in HUB:
+        return data
+    if not os.path.isfile(data):
+        raise FileNotFoundError(f"--data {data!r}: not a file (expected gsm8k, math500 or a .jsonl path)")
+    with open(data, encoding="utf-8") as f:
+        first = next((r for r in map(_json_or_none, f) if isinstance(r, dict)), {})
+    task = next((t for t, k in QUESTION.items() if k in first), None)
+    if task is None:
+        raise ValueError(f"--data {data!r}: rows need question+answer (GSM8K) or problem+answer (MATH500), "
+                         f"the first has {sorted(first)}")
+    return task
+
+
+def needs_math_verify(*data):
+    """Whether any of these data sets is MATH (judged by math-verify); unreadable ones say no here."""
+    try:
+        return any(d is not None and task_of(d) == "math500" for d in data)
+    except (OSError, ValueError):
+        return False
+
+
 def _json_or_none(line):
     try:
         return json.loads(line)
     except json.JSONDecodeError:
         return None
+
+
+def load_tokenizer(model):
+    """The model's tokenizer, checked to be usable: it has a chat template and encodes text to tokens
+    (transformers quietly builds an empty tokenizer from a directory that lacks tokenizer.json)."""
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # no tokenizer files at all
+        raise ValueError(f"cannot load its tokenizer ({str(e).strip().splitlines()[0]})") from e
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("its tokenizer has no chat template (the prompt is the chat-formatted question)")
+    if not tok("What is 3 + 4?")["input_ids"]:
+        raise ValueError("its tokenizer encodes text to no tokens (is tokenizer.json missing?)")
+    return tok
 
 
 def build_prompt(tokenizer, question, task="gsm8k"):
@@ -189,8 +222,8 @@ def score(task, completion, gold):
     return {"extracted": extracted, "correct": correct, "flexible": flexible}
 
 
-# -----------------------------------------------------------------------------
-# generation: vLLM in-process (with weight sync) and Hugging Face generate
+# =============================================================================
+# 2. the engine: vLLM in-process (with weight sync), the Hugging Face generate fallback
 
 
 def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_len=None, weight_sync=True,
@@ -268,6 +301,22 @@ def generate_vllm(llm, prompts, n, temperature, max_new_tokens, stop_token_ids=N
                                                 for c in o.outputs]} for p, o in zip(prompts, outs)]
 
 
+def make_generate(llm, model, tokenizer, max_len):
+    """generate(prompts, n, temperature, max_new_tokens, seed=None) -> generate_vllm's output, from the
+    engine `llm`, or, when llm is None, from Hugging Face generate on `model` (seeded by torch's RNG,
+    completions capped at the context length max_len as in vLLM)."""
+    if llm is not None:
+        return functools.partial(generate_vllm, llm)
+
+    def generate(prompts, n, temperature, max_new_tokens, seed=None):
+        model.eval()  # with the KV cache: Hugging Face turns it off under gradient checkpointing in training
+        try:
+            return generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens, max_len)
+        finally:
+            model.train()
+    return generate
+
+
 class SampledLogprobs(LogitsProcessor):
     """Records log p(token) of each sampled token under the sampled distribution, softmax(logits / T)
     like vLLM's processed_logprobs. generate() calls user processors before its own temperature warper,
@@ -317,8 +366,8 @@ def generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens, max_l
     return out
 
 
-# -----------------------------------------------------------------------------
-# evaluation
+# =============================================================================
+# 3. evaluation: pass@1 and the command line
 
 
 def evaluate(gen_fn, tokenizer, rows, task, max_new_tokens, out_path=None, batch_size=64, skipped=0,

@@ -83,7 +83,7 @@ def test_u13_all_tied_has_13_params(tiny_dir):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(trainable) == 1 and trainable[0] is v and v.numel() == 13
     assert v.dtype == torch.float32 and torch.count_nonzero(v) == 0
-    assert "13 trainable params = 52 bytes in fp32" in tinylora.summary(model)
+    assert "13 trainable params = 52 bytes in fp32" in tinylora.describe(model)
 
 
 # -----------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def test_shapes_of_U_S_V_P(tiny_dir):
     model = load(tiny_dir)
     v = tinylora.apply(model, u=5, r=3, n_tie=1, cache_dir=None, verbose=False)
     assert v.shape == (14, 5)  # 2 layers x 7 modules, n_tie=1
-    for name, layer in tinylora.layers(model):
+    for name, layer in tinylora.adapted_layers(model):
         d_out, d_in = layer.base.weight.shape
         assert layer.U.shape == (d_out, 3) and layer.S.shape == (3,) and layer.V.shape == (d_in, 3)
         assert layer.P.shape == (5, 3, 3)
@@ -150,7 +150,7 @@ def test_svd_cache_is_read_on_second_apply(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(tinylora, "svd_top_r", no_svd)
     second = load(tiny_dir)
     tinylora.apply(second, u=2, cache_dir=str(tmp_path), verbose=False)
-    for (_, a), (_, b) in zip(tinylora.layers(first), tinylora.layers(second)):
+    for (_, a), (_, b) in zip(tinylora.adapted_layers(first), tinylora.adapted_layers(second)):
         assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)
     for m in (first, second):  # bit for bit: a cold start and a cached one train the same
         randomize(m.tinylora_v)
@@ -178,7 +178,7 @@ def test_a_damaged_svd_cache_is_recomputed_and_replaced(tiny_dir, tmp_path, dama
     model = load(tiny_dir)
     with pytest.warns(UserWarning, match="SVD cache .* is unusable"):
         tinylora.apply(model, u=2, cache_dir=str(tmp_path), verbose=False)
-    for (_, a), (_, b) in zip(tinylora.layers(model), tinylora.layers(reference)):
+    for (_, a), (_, b) in zip(tinylora.adapted_layers(model), tinylora.adapted_layers(reference)):
         assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)  # recomputed
     tinylora.apply(load(tiny_dir), u=2, cache_dir=str(tmp_path), verbose=False)  # replaced: no warning now
 
@@ -246,7 +246,7 @@ def test_forward_equals_merged_model(tiny_dir, keep_merged):
     plain.load_state_dict(merged, strict=False)
     torch.testing.assert_close(logits(plain), adapted, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits(tinylora.merge_and_unload(model)), adapted, atol=1e-5, rtol=1e-5)
-    assert not tinylora.layers(model)
+    assert not tinylora.adapted_layers(model)
 
 
 def test_kept_merged_and_per_call_paths_agree_in_output_and_gradient(tiny_dir):
@@ -308,7 +308,7 @@ def test_bf16_forward_runs_exactly_the_weights_sent_to_vllm(tiny_dir):
     randomize(tinylora.apply(model, u=13, cache_dir=None, verbose=False), 0.1)
     adapted = logits(model)
     merged = dict(tinylora.merged_weights(model))  # what train_grpo.py syncs into vLLM
-    assert all(merged[f"{n}.weight"] is layer.W_merged for n, layer in tinylora.layers(model))
+    assert all(merged[f"{n}.weight"] is layer.W_kept for n, layer in tinylora.adapted_layers(model))
     plain = load(tiny_dir, torch.bfloat16)
     plain.load_state_dict(merged, strict=False)
     assert torch.equal(logits(plain), adapted)  # bit for bit, rounding of the tiny dW included
@@ -325,13 +325,46 @@ def test_a_change_of_v_reaches_every_module_whatever_the_targets_order(tiny_dir,
     model(TOKENS).logits.logsumexp(-1).sum().backward()
     opt.step()
     synced = dict(tinylora.merged_weights(model))  # what the trainer sends to vLLM after the update
-    for name, layer in tinylora.layers(model):
-        assert torch.equal(synced[f"{name}.weight"], layer.merge(torch.float32)), name
+    for name, layer in tinylora.adapted_layers(model):
+        assert torch.equal(synced[f"{name}.weight"], layer.merged_weight(torch.float32)), name
     fresh = load(tiny_dir)
     tinylora.apply(fresh, u=13, targets=targets, cache_dir=None, verbose=False, keep_merged=False)
     with torch.no_grad():
         fresh.tinylora_v.copy_(v)
     torch.testing.assert_close(logits(model), logits(fresh), atol=1e-5, rtol=1e-5)
+
+
+COPY_ALONE = ("canonical_signs", "svd_top_r", "round_stochastic", "VWatch", "KeptLinear", "TinyLoRALinear")
+
+
+@pytest.mark.parametrize("keep_merged", [True, False])
+def test_the_layer_copied_alone_follows_v_in_a_plain_training_loop(keep_merged):
+    """The layer and what it needs, copied into fresh code (torch only), on a plain nn.Linear and
+    trained by a plain loop: no apply(), no model-level hook. After every optimizer step its output
+    is the definition's, x W^T + b + ((x V) R^T diag(S)) U^T with the current v: never a stale W'."""
+    import inspect
+    import math
+    import torch.nn.functional as F
+    code = {"torch": torch, "nn": torch.nn, "F": F, "math": math}
+    for name in COPY_ALONE:
+        exec(inspect.getsource(getattr(tinylora, name)), code)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 24)
+    v = torch.nn.Parameter(torch.zeros(1, 4))
+    P = torch.randn(4, 2, 2)
+    layer = code["TinyLoRALinear"](base, v, P, keep_merged=keep_merged)
+    opt = torch.optim.AdamW([v], lr=0.05, fused=True)  # fused: autograd's version counter stays put
+    x = torch.randn(5, 32)
+    for step in range(4):
+        y = layer(x)
+        with torch.no_grad():
+            R = (v[0] @ P.flatten(1)).view(2, 2)
+            want = base(x) + (x @ layer.V) @ R.T @ torch.diag(layer.S) @ layer.U.T
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+        y.square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert (v.abs() > 0).all()  # it trained, and every step was checked against the definition
 
 
 def test_apply_keeps_the_models_dtype(tiny_dir):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tiny
+import machinery
 import tinylora
 import train_grpo
 
@@ -132,7 +133,7 @@ def test_token_logprobs_in_lm_head_chunks_equal_one_chunk(tiny_dir, monkeypatch)
     """The (tokens, vocab) logits are made a chunk at a time (never all at once): same values, same gradient."""
     out = {}
     for chunk in (10**6, 3):
-        monkeypatch.setattr(train_grpo, "logits_chunk", lambda vocab: chunk)
+        monkeypatch.setattr(machinery, "logits_chunk", lambda vocab: chunk)
         model, v = policy(tiny_dir)
         tinylora_v = v
         with torch.no_grad():
@@ -150,7 +151,7 @@ def test_token_logprobs_in_lm_head_chunks_equal_one_chunk(tiny_dir, monkeypatch)
 
 def test_pack_keeps_each_micro_batch_within_the_token_budget():
     samples = [dict(ids=[0] * n) for n in (5, 30, 12, 7, 30, 1, 18)]
-    packs = train_grpo.pack(samples, budget=40)
+    packs = machinery.pack(samples, micro_tokens=40)
     assert sorted(len(s["ids"]) for p in packs for s in p) == [1, 5, 7, 12, 18, 30, 30]  # each sample once
     for p in packs:
         assert len(p) * max(len(s["ids"]) for s in p) <= 40 or len(p) == 1  # padded size within budget
@@ -246,11 +247,10 @@ def test_out_of_memory_retries_the_updates_from_the_step_start_with_half_the_bud
         if budget > 2**30:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return {"lr": opt.param_groups[0]["lr"]}
-    monkeypatch.setattr(train_grpo, "update", update)
     v = torch.nn.Parameter(torch.zeros(3))
     opt, sched = optimizer(v)
-    state = train_grpo.capture(0, v, opt, sched)
-    m, budget = train_grpo.update_within_memory(update_args(), None, opt, sched, v, [], 1, 4 * 2**30, state)
+    state = machinery.capture(0, v, opt, sched)
+    m, budget = machinery.update_within_memory(update, update_args(), None, opt, sched, v, [], 1, 4 * 2**30, state)
     assert budgets == [4 * 2**30, 2 * 2**30, 2**30] and budget == 2**30
     clean = torch.nn.Parameter(torch.zeros(3))  # one update from the step's start, as if nothing ran out
     clean.grad = torch.ones(3)
@@ -259,7 +259,7 @@ def test_out_of_memory_retries_the_updates_from_the_step_start_with_half_the_bud
     assert torch.equal(v.detach(), clean.detach()) and opt.state_dict()["state"][0]["step"] == 1
     assert "retrying the updates with micro-batches for 1.0 GiB" in capsys.readouterr().out
     with pytest.raises(torch.OutOfMemoryError):  # a fixed --micro-tokens is the user's choice: no retry
-        train_grpo.update_within_memory(update_args("--micro-tokens", "64"), None, opt, sched, v, [], 1, 2**32, state)
+        machinery.update_within_memory(update, update_args("--micro-tokens", "64"), None, opt, sched, v, [], 1, 2**32, state)
 
 
 def test_activation_estimate_matches_what_autograd_keeps():
@@ -282,7 +282,7 @@ def test_activation_estimate_matches_what_autograd_keeps():
         layer(x, position_embeddings=pos, attention_mask=None)
     weights = {t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}  # (W' included)
     measured = sum(b for ptr, b in saved.items() if ptr not in weights) / T
-    estimate = train_grpo.activation_bytes(config, 2, False) / (config.num_hidden_layers + 2)
+    estimate = machinery.activation_bytes(config, 2, False) / (config.num_hidden_layers + 2)
     assert 0.75 < measured / estimate < 1.25, (measured, estimate)
 
 
@@ -294,13 +294,13 @@ def test_a_gpu_too_small_is_refused_with_the_numbers(monkeypatch, capsys):
                          num_key_value_heads=4, vocab_size=152064, dtype="bfloat16")
     with torch.device("meta"):
         meta = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    names, _ = tinylora.plan(dict(meta.named_modules()))
+    names, _ = tinylora.choose_modules(dict(meta.named_modules()))
     args = train_grpo.parse_args(["--backend", "vllm"])
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (79 * 2**30, 79 * 2**30))
-    train_grpo.check_memory(args, meta, names, 512 + 4096)  # fits: returns
+    machinery.check_memory(args, meta, names, 512 + 4096)  # fits: returns
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (40 * 2**30, 40 * 2**30))
     with pytest.raises(SystemExit) as e:
-        train_grpo.check_memory(args, meta, names, 512 + 4096)
+        machinery.check_memory(args, meta, names, 512 + 4096)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "this GPU has 40.0 GiB" in err and "trainer weights 14.2" in err
     assert "kept W + dW 12.2" in err and "--low-memory" in err
@@ -308,14 +308,14 @@ def test_a_gpu_too_small_is_refused_with_the_numbers(monkeypatch, capsys):
 
 def test_micro_batch_plan_checkpoints_only_when_the_longest_sequence_needs_it(tiny_dir):
     model, _ = policy(tiny_dir)
-    per_token = train_grpo.activation_bytes(model.config, 4, False)
+    per_token = machinery.activation_bytes(model.config, 4, False)
     args = update_args()
-    ckpt, tokens = train_grpo.micro_batch_plan(args, model, 100, budget=per_token * 1000)
+    ckpt, tokens = machinery.micro_batch_plan(args, model, 100, act_bytes=per_token * 1000)
     assert not ckpt and tokens == 1000 and not model.is_gradient_checkpointing
-    ckpt, tokens = train_grpo.micro_batch_plan(args, model, 1100, budget=per_token * 1000)
+    ckpt, tokens = machinery.micro_batch_plan(args, model, 1100, act_bytes=per_token * 1000)
     assert ckpt and model.is_gradient_checkpointing
-    assert tokens == per_token * 1000 // train_grpo.activation_bytes(model.config, 4, True)
-    ckpt, tokens = train_grpo.micro_batch_plan(update_args("--grad-ckpt", "never"), model, 2000, per_token * 1000)
+    assert tokens == per_token * 1000 // machinery.activation_bytes(model.config, 4, True)
+    ckpt, tokens = machinery.micro_batch_plan(update_args("--grad-ckpt", "never"), model, 2000, per_token * 1000)
     assert not ckpt and tokens == 2000  # at least the longest sequence
 
 
@@ -378,18 +378,18 @@ def test_a_damaged_or_misnamed_run_dir_is_refused(tiny_dir, data, tmp_path, caps
     run = tmp_path / "run"
     train_grpo.train(args_for(tiny_dir, data, run, "--steps", "1"), length_reward)
     with pytest.raises(SystemExit) as e:  # --run-dir and --resume name different folders
-        train_grpo.open_run(train_grpo.parse_args(["--resume", str(run), "--run-dir", str(tmp_path / "other")]))
+        machinery.open_run(train_grpo.parse_args(["--resume", str(run), "--run-dir", str(tmp_path / "other")]))
     assert e.value.code == 2 and "a resumed run stays in its own directory" in capsys.readouterr().err
     os.rename(run / "trainer_state.pt", tmp_path / "state")  # lost after steps were logged: never start over
     with pytest.raises(SystemExit) as e:
-        train_grpo.open_run(train_grpo.parse_args(["--resume", str(run)]))
+        machinery.open_run(train_grpo.parse_args(["--resume", str(run)]))
     assert e.value.code == 2 and "trainer_state.pt is missing, yet steps are logged" in capsys.readouterr().err
     os.rename(tmp_path / "state", run / "trainer_state.pt")
     for name, junk in (("adapter.safetensors", b"garbage"), ("trainer_state.pt", b"\x80"), ("args.json", b"{x")):
         good = (run / name).read_bytes()
         (run / name).write_bytes(junk)
         with pytest.raises(SystemExit) as e:
-            train_grpo.open_run(train_grpo.parse_args(["--resume", str(run)]))
+            machinery.open_run(train_grpo.parse_args(["--resume", str(run)]))
         assert e.value.code == 2 and ("damaged" in capsys.readouterr().err or name == "args.json")
         (run / name).write_bytes(good)
 
@@ -511,13 +511,13 @@ def test_resume_refuses_to_rewrite_history(tiny_dir, data, tmp_path, capsys):
 
 def test_resume_takes_new_machinery_flags_and_refuses_recipe_changes(tiny_dir, data, tmp_path, capsys):
     train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "1", "--micro-tokens", "64"), length_reward)
-    args, step = train_grpo.open_run(train_grpo.parse_args(["--resume", str(tmp_path), "--micro-tokens", "8",
+    args, step, _ = machinery.open_run(train_grpo.parse_args(["--resume", str(tmp_path), "--micro-tokens", "8",
                                                             "--grad-ckpt", "always", "--steps", "3"]))
     assert (step, args.micro_tokens, args.grad_ckpt, args.steps, args.lr, args.u) == (1, 8, "always", 3, 0.01, 3)
-    args, _ = train_grpo.open_run(train_grpo.parse_args(["--resume", str(tmp_path)]))
+    args, _, _ = machinery.open_run(train_grpo.parse_args(["--resume", str(tmp_path)]))
     assert args.micro_tokens == 64  # not given again: the run's own
     with pytest.raises(SystemExit) as e:
-        train_grpo.open_run(train_grpo.parse_args(["--resume", str(tmp_path), "--lr", "0.5"]))
+        machinery.open_run(train_grpo.parse_args(["--resume", str(tmp_path), "--lr", "0.5"]))
     assert e.value.code == 2 and "--lr 0.5: the run was made with 0.01" in capsys.readouterr().err
 
 
@@ -551,7 +551,7 @@ def test_rollout_seeds_never_overlap_and_n_ranks_draw_what_one_process_draws():
 DDP_WORKER = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-import tinylora, train_grpo
+import machinery, tinylora, train_grpo
 from test_train_grpo import fake_rollouts, update_args
 from transformers import AutoModelForCausalLM
 world = int(sys.argv[4])
@@ -599,9 +599,9 @@ def test_two_process_smoke_run_writes_one_metrics_file_and_adapter(tiny_dir, dat
 VLLM_DDP_WORKER = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-import train_grpo
+import machinery, train_grpo
 from test_train_grpo import length_reward
-train_grpo.start_distributed()
+machinery.start_distributed()
 train_grpo.train(train_grpo.parse_args(sys.argv[2:]), length_reward)
 """
 
