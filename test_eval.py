@@ -18,66 +18,157 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GSM8K = os.path.join(HERE, "..", "shared", "data", "gsm8k")
 
 # -----------------------------------------------------------------------------
-# answers and the reward
+# answers and the reward, against the references they are named after
 
-# (completion, strict answer, flexible answer)
-COMPLETIONS = [
+def paper_rule(completion, gold):
+    r"""The paper authors' GSM8K reward (verl reward_score/gsm8k.py, method strict), written here from
+    its specification: over the last 300 characters, the last match of `#### (\-?[0-9\.\,]+)`, commas
+    and $ removed, equal as a string to the gold; otherwise 0."""
+    tail = completion[len(completion) - 300:] if len(completion) > 300 else completion
+    last = None
+    for m in re.finditer(r"#### (\-?[0-9\.\,]+)", tail):
+        last = m.group(1)
+    return 1.0 if last is not None and last.replace(",", "").replace("$", "") == gold else 0.0
+
+
+def harness_flexible(completion, gold):
+    """lm-evaluation-harness 0.4.13's gsm8k flexible-extract + exact_match, from its task yaml: the
+    last match of `(-?[$0-9.,]{2,})|(-?[0-9]+)` (its first non-empty group, stripped, or "[invalid]"),
+    then both sides: remove ",", "$", "(?s).*#### ", a final ".", lower-case; equal."""
+    matches = list(re.finditer(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", completion))
+    pred = (matches[-1].group(1) or matches[-1].group(2)).strip() if matches else "[invalid]"
+    norm = lambda s: re.sub(r"\.$", "", re.sub(r"(?s).*#### ", "", s.replace(",", "").replace("$", ""))).lower()
+    return norm(pred) == norm(gold)
+
+
+# (completion, gold, paper's strict extraction): each category of where the paper's rule and a human
+# grader part ways, and the plain cases
+CASES = [
     ("3 + 4 = 7\n#### 7", "7", "7"),
-    ("#### 72", "72", "72"),
-    ("She pays 1,234 dollars.\n#### 1,234", "1234", "1234"),
-    ("#### $1,234,567.00", "1234567", "1234567"),
-    ("#### $18", "18", "18"),
-    ("#### 72.0", "72", "72"),
-    ("#### 72.", "72", "72"),
-    ("#### 0.50", "0.5", "0.5"),
-    ("#### 3.14159", "3.14159", "3.14159"),
+    ("She pays 1,234 dollars.\n#### 1,234", "1234", "1234"),  # commas removed
+    ("#### The profit Josh made is \\(\\boxed{225000}\\).", "225000", None),  # a sentence after ####: 0
+    ("#### Claire will eat 7 dozens of eggs in 4 weeks.", "7", None),
+    ("#### Total number of raspberries: 6 + 67 = 73", "73", None),
+    ("#### $90", "90", None),  # the pattern takes no $
+    ("#### 31.00", "31", "31.00"),  # strings, not numbers: 31.00 is not 31
+    ("#### 72.", "72", "72."),  # nor is 72.
+    ("#### 3/4", "3", "3"),  # a fraction reads as its numerator
+    ("#### .5", ".5", ".5"),
     ("#### -5", "-5", "-5"),
-    ("#### \u22123", "-3", "-3"),  # unicode minus
-    ("#### -$4", "-4", "-4"),
-    ("#### 5\nwait, that is wrong.\n#### 7", "7", "7"),  # several '####': the last one counts
-    ("#### 7\n#### 5 apples, 3 pears", "5", "3"),
-    ("#### The answer is 42 apples and 3 pears.", "42", "3"),  # prose after '####': first number after it
-    ("#### **42**", "42", "42"),
-    ("####42", "42", "42"),
+    ("#### - 5", "-5", None),  # a spaced minus is no number to the pattern
+    ("11 + 6 - 2 = 15\n#### 15", "15", "15"),
+    ("#### 5\nwait, that is wrong.\n#### 7", "7", "7"),  # several: the last counts
+    ("#### 7\n" + "and then some more words. " * 15, "7", None),  # the #### is more than 300 characters from the end
+    ("x" * 400 + "\n#### 7", "7", "7"),  # a long completion: only the tail is read
+    ("####42", "42", None),  # the pattern needs "#### " with its space
     ("##### 42", "42", "42"),
-    ("The answer is 42.", None, "42"),  # no '####'
-    ("I do not know.", None, None),
-    ("", None, None),
-    ("5 + 3 = 8, so ####", None, "8"),  # '####' with nothing after it
-    ("#### no idea, sorry", None, None),
-    ("#### 123456789012345678901234567890", "123456789012345678901234567890",
-     "123456789012345678901234567890"),  # huge: exact, no float rounding
-    ("10-3 = 7\n#### 7", "7", "7"),  # '10-3' is 10 and 3, not -3
-    ("range 10-15", None, "15"),
-    ("x = (-4)", None, "-4"),
-    ("#### 1,2345", "1", "2345"),  # malformed thousands separator: not one number
-    ("costs $5.\n#### 5", "5", "5"),
-    ("#### 007", "7", "7"),
-    ("#### -0", "0", "0"),
+    ("#### 1 000", "1", "1"),  # gold "1 000" reads as 1 too (test_gold_and_completion_are_read_alike)
+    ("The answer is 42.", "42", None),
+    ("", "42", None),
 ]
 
 
-@pytest.mark.parametrize("text,strict,flexible", COMPLETIONS)
-def test_extraction_table(text, strict, flexible):
-    assert E.extract_strict(text) == strict
-    assert E.extract_flexible(text) == flexible
+@pytest.mark.parametrize("text,gold,extracted", CASES)
+def test_strict_is_the_papers_rule(text, gold, extracted):
+    assert E.extract_strict(text) == extracted
+    assert E.reward("gsm8k", text, gold) == paper_rule(text, gold) == float(extracted == gold)
+    assert E.score("gsm8k", text, gold)["strict"] == (extracted == gold)
 
 
-def test_normalize_number_canonical_forms():
-    cases = {"1,234": "1234", "$5": "5", "72.": "72", "72.0": "72", "\u22123": "-3", " 18 ": "18", "0.50": "0.5",
-             "-.5": "-0.5", "1e5": None, "abc": None, "": None, "5%": None, "3/4": None}
-    assert {s: E.normalize_number(s) for s in cases} == cases
+@pytest.mark.parametrize("text,gold,_", CASES)
+def test_flexible_is_lm_eval_harness_flexible_extract(text, gold, _):
+    assert E.score("gsm8k", text, gold)["flexible"] == harness_flexible(text, gold)
 
 
-def test_gsm8k_reward_compares_numbers():
-    assert E.gsm8k_reward("... so 3 + 4 = 7.\n#### 7", "7") == 1.0
-    assert E.gsm8k_reward("#### 7.00", "7") == 1.0
-    assert E.gsm8k_reward("#### $1,000", "1000") == 1.0
-    assert E.gsm8k_reward("#### 1000", "1,000") == 1.0  # gold is normalised too
-    assert E.gsm8k_reward("#### 8", "7") == 0.0
-    assert E.gsm8k_reward("The answer is 7", "7") == 0.0  # the format is part of the reward
-    assert E.gsm8k_reward("#### -7", "7") == 0.0
-    assert E.gsm8k_reward("#### 7", "not a number") == 0.0
+def test_flexible_and_math_verify_by_hand():
+    s = lambda text, gold: E.score("gsm8k", text, gold)
+    assert s("#### The profit is $125.", "125")["flexible"] and s("#### 31.00", "31")["math_verify"]
+    assert not s("#### 31.00", "31")["flexible"]  # lm-eval compares strings too
+    fraction = s("Each day: \\boxed{\\frac{1}{20}}", "20")
+    assert fraction["flexible"] and not fraction["math_verify"]  # lm-eval credits the denominator; math-verify not
+    assert s("so the total is 7.", "7") == {"extracted": None, "strict": False, "flexible": True, "math_verify": True}
+
+
+REAL = [  # (file, id, gold, completion): greedy Qwen2.5-Coder-1.5B-Instruct completions, GSM8K test
+    ('u13-80steps', 7, '160',
+     'To determine the total load it takes to download the file, we need to break down the download process into two parts: the initial download and the restart.\n\n1. **Initial Download:**\n   Carla can download 2 GB per minute. The file is 200 GB in total. Therefore, the time required to download the initial 200 GB is:\n   \\[\n   \\frac{200 \\text{ GB}}{2 \\text{ GB/minute}} = 100 \\text{ minutes}\n   \\]\n\n2. **Restart:**\n   After the initial download, Windows forces a restart to install updates, which takes 20 minutes. After the restart, Carla has to start the download from the beginning again. Therefore, the time required for the restart is:\n   \\[\n   20 \\text{ minutes}\n   \\]\n\n3. **Total Load:**\n   The total load is the sum of the time required for the initial download and the time required for the restart:\n   \\[\n   100 \\text{ minutes} + 20 \\text{ minutes} = 120 \\text{ minutes}\n   \\]\n\n#### The total load it takes to download the file is \\(\\boxed{120}\\) minutes.'),
+    ('u13-80steps', 15, '125',
+     'To determine the profit the merchant would make by choosing the purchase plan that maximizes profit, we need to calculate the profit for each plan and compare them.\n\n1. **Jewelry Plan:**\n   - Current price: $5,000\n   - Expected increase: 2.5%\n   - Expected price after increase: $5,000 * (1 + 0.025) = $5,000 * 1.025 = $5,125\n   - Profit: $5,125 - $5,000 = $125\n\n2. **Electronic Gadgets Plan:**\n   - Current price: $8,000\n   - Expected increase: 1.2%\n   - Expected price after increase: $8,000 * (1 + 0.012) = $8,000 * 1.012 = $8,080\n   - Profit: $8,080 - $8,000 = $80\n\nSince the profit from the jewelry plan is higher than the profit from the electronic gadgets plan, the merchant should choose the jewelry plan to maximize profit.\n\n#### Profit: $125'),
+    ('u1-ntie1-80steps', 14, '60',
+     'First, we need to calculate the number of students enrolled in contemporary dance. Since 20% of the 20 students enrolled in contemporary dance, we have:\n20% of 20 = 0.20 * 20 = 4 students\n\nNext, we need to find out how many students are left after accounting for those enrolled in contemporary dance:\n20 students - 4 students = 16 students\n\nNow, we calculate the number of students enrolled in jazz dance. Since 25% of the remaining 16 students enrolled in jazz dance, we have:\n25% of 16 = 0.25 * 16 = 4 students\n\nFinally, we find out how many students are left after accounting for those enrolled in jazz dance:\n16 students - 4 students = 12 students\n\nThe remaining 12 students are enrolled in hip-hop dance. To find the percentage of the entire students enrolled in hip-hop dance, we have:\n(12 students / 20 students) * 100% = 60%\n\n#### 60%'),
+    ('u1-ntie1-80steps', 58, '57',
+     '#### $40.00 + $3.00 + $4.00 = $47.00'),
+    ('u1-ntie1-80steps', 89, '24',
+     "First, we need to determine how many guests actually show up. Since 1/4 of the attendees don't show up, we calculate:\n16 friends * (1 - 1/4) = 16 friends * 3/4 = 12 friends show up.\n\nNext, we calculate the number of gift bags needed:\n12 friends * 0.75 = 9 gift bags.\n\nFinally, we calculate the total cost:\n9 gift bags * $2 per gift bag = $18.\n\n#### $18"),
+    ('u1-ntie1-80steps', 1298, '31',
+     'To find the total dollar amount in the jar, we need to calculate the value of each type of coin and then sum them up.\n\n1. **Quarters:**\n   - Each quarter is worth $0.25.\n   - Justin has 32 quarters.\n   - Total value of quarters = 32 quarters * $0.25/quarter = $8.00\n\n2. **Dimes:**\n   - Each dime is worth $0.10.\n   - Justin has 95 dimes.\n   - Total value of dimes = 95 dimes * $0.10/dime = $9.50\n\n3. **Nickels:**\n   - Each nickel is worth $0.05.\n   - Justin has 120 nickels.\n   - Total value of nickels = 120 nickels * $0.05/nickel = $6.00\n\n4. **Pennies:**\n   - Each penny is worth $0.01.\n   - Justin has 750 pennies.\n   - Total value of pennies = 750 pennies * $0.01/penny = $7.50\n\nNow, we sum up the values of all the coins to get the total dollar amount in the jar:\nTotal dollar amount = $8.00 (quarters) + $9.50 (dimes) + $6.00 (nickels) + $7.50 (pennies) = $31.00\n\n#### 31.00'),
+    ('u1-ntie1-80steps', 650, '142',
+     'To find the difference between the final prices paid for the pomegranates on the two days, we need to calculate the total cost for each day and then find the difference between these costs.\n\n#### Final price on Tuesday: \n- Clara bought 20 pomegranates at $20 each.\n- Total cost before discount: \\(20 \\times 20 = 400\\) dollars.\n- After getting $2 off because of the voucher: \\(400 - 2 = 398\\) dollars.\n\n#### Final price on the next day: \n- Sheila bought 20 pomegranates at $30 each.\n- Total cost before discount: \\(20 \\times 30 = 600\\) dollars.\n- The store offers a 10% discount on the total cost: \\(600 \\times (1 - 0.10) = 600 \\times 0.90 = 540\\) dollars.\n\n#### Difference between the final prices: \n- Difference = Final price on Tuesday - Final price on the next day = \\(398 - 540 = -142\\) dollars.\n\nSince the question asks for the difference between the final prices, and the final price on Tuesday is higher than the final price on the next day, the difference is negative. However, if we interpret the question as asking for the absolute difference, the answer would be 142 dollars.'),
+    ('u1-ntie1-80steps', 1113, '-3',
+     '#### 1. Start with the initial temperature: 2 degrees Celsius.\n2. Subtract the temperature drop overnight: 2 degrees Celsius - 8 degrees Celsius = -6 degrees Celsius.\n3. Add the temperature increase in the morning: -6 degrees Celsius + 3 degrees Celsius = -3 degrees Celsius.\n\nThe temperature in the morning was \\boxed{-3} degrees Celsius.'),
+    ('u1-ntie1-80steps', 1074, '750',
+     'Teddy placed 500 puzzle pieces during that hour. Therefore, the final answer is ####500.'),
+    ('u1-ntie1-80steps', 18, '7',
+     'To determine how many dozens of eggs Claire will eat in 4 weeks, we need to follow these steps:\n\n1. Calculate the number of eggs Claire eats in one day.\n2. Calculate the number of eggs Claire eats in one week.\n3. Calculate the number of eggs Claire eats in 4 weeks.\n4. Convert the total number of eggs into dozens.\n\nStep 1: Claire makes a 3 egg omelet every morning. Therefore, she eats 3 eggs per day.\n\nStep 2: There are 7 days in a week. So, the number of eggs Claire eats in one week is:\n\\[ 3 \\text{ eggs/day} \\times 7 \\text{ days/week} = 21 \\text{ eggs/week} \\]\n\nStep 3: To find out how many eggs Claire eats in 4 weeks, we multiply the number of eggs she eats in one week by 4:\n\\[ 21 \\text{ eggs/week} \\times 4 \\text{ weeks} = 84 \\text{ eggs} \\]\n\nStep 4: To convert the total number of eggs into dozens, we divide the total number of eggs by 12 (since there are 12 eggs in a dozen):\n\\[ \\frac{84 \\text{ eggs}}{12 \\text{ eggs/dozen}} = 7 \\text{ dozens} \\]\n\n#### Claire will eat 7 dozens of eggs in 4 weeks.'),
+    ('u1-ntie1-80steps', 59, '187',
+     'To find the total number of raspberries, we need to add the number of clusters and the number of individual fruit scattered across the bush.\n\n1. Number of clusters: 6\n2. Number of individual fruit: 67\n\n#### Total number of raspberries: 6 + 67 = 73'),
+    ('base', 0, '18',
+     "To determine how much Janet makes every day at the farmers' market, we need to follow these steps:\n\n1. Calculate the total number of eggs Janet lays in a day.\n2. Subtract the number of eggs Janet eats for breakfast from the total number of eggs laid.\n3. Subtract the number of muffins Janet bakes from the remaining eggs.\n4. Calculate the number of fresh duck eggs left after accounting for breakfast and muffins.\n5. Multiply the number of fresh duck eggs by the price per fresh duck egg to get the daily earnings.\n\nLet's implement this in Python to get the accurate result.\n```python\n# Step 1: Calculate the total number of eggs laid in a day\neggs_per_day = 16\n\n# Step 2: Subtract the number of eggs Janet eats for breakfast\neggs_eaten_for_breakfast = 3\nremaining_eggs_after_breakfast = eggs_per_day - eggs_eaten_for_breakfast\n\n# Step 3: Subtract the number of muffins Janet bakes\nmuffins_per_day = 4\nremaining_eggs_after_muffins = remaining_eggs_after_breakfast - muffins_per_day\n\n# Step 4: Calculate the number of fresh duck eggs left\nfresh_duck_eggs = remaining_eggs_after_muffins\n\n# Step 5: Calculate the daily earnings\nprice_per_fresh_duck_egg = 2\ndaily_earnings = fresh_duck_eggs * price_per_fresh_duck_egg\n\nprint(daily_earnings)\n```\n```output\n16\n```\nJanet makes \\(\\boxed{16}\\) dollars every day at the farmers' market."),
+]
+REAL_EXPECTED = {  # (strict extracted, strict, flexible, math_verify), by the references
+    ('u13-80steps', 7): (None, False, False, False),
+    ('u13-80steps', 15): (None, False, True, True),
+    ('u1-ntie1-80steps', 14): ('60', True, True, True),
+    ('u1-ntie1-80steps', 58): (None, False, False, False),
+    ('u1-ntie1-80steps', 89): (None, False, False, False),
+    ('u1-ntie1-80steps', 1298): ('31.00', False, False, True),
+    ('u1-ntie1-80steps', 650): (None, False, True, True),
+    ('u1-ntie1-80steps', 1113): (None, False, True, True),
+    ('u1-ntie1-80steps', 1074): (None, False, False, False),
+    ('u1-ntie1-80steps', 18): (None, False, False, False),
+    ('u1-ntie1-80steps', 59): (None, False, False, False),
+    ('base', 0): (None, False, False, False),
+}
+
+
+@pytest.mark.parametrize("name,idx,gold,completion", REAL)
+def test_real_completions_score_as_the_references_do(name, idx, gold, completion):
+    sc = E.score("gsm8k", completion, gold)
+    assert (sc["extracted"], sc["strict"], sc["flexible"], sc["math_verify"]) == REAL_EXPECTED[name, idx]
+    assert E.reward("gsm8k", completion, gold) == paper_rule(completion, gold)
+    assert sc["flexible"] == harness_flexible(completion, gold)
+
+
+COMPLETIONS = os.path.join(HERE, "..", "shared", "data", "qwen15-completions")
+
+
+@pytest.mark.parametrize("name,strict,flexible,math_verify", [
+    ("base", 0, 379, 413), ("u13-80steps", 0, 446, 483), ("u1-ntie1-80steps", 109, 709, 744)])
+def test_the_three_real_files_score_as_the_external_references(name, strict, flexible, math_verify):
+    """3 x 1,319 real completions (not in the repository; skipped without them), scored by the paper's
+    verl reward, lm-eval-harness 0.4.13's gsm8k filters and math-verify outside this project: 0.0 /
+    28.7 / 31.3 %, 0.0 / 33.8 / 36.6 %, 8.3 / 53.8 / 56.4 %. The same counts here, row by row equal
+    to this file's references."""
+    path = os.path.join(COMPLETIONS, f"{name}.jsonl")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present")
+    rows = [json.loads(line) for line in open(path)]
+    scores = [E.score("gsm8k", r["completion"], r["gold"]) for r in rows]
+    assert len(rows) == 1319
+    assert [s["strict"] for s in scores] == [paper_rule(r["completion"], r["gold"]) == 1.0 for r in rows]
+    assert [s["flexible"] for s in scores] == [harness_flexible(r["completion"], r["gold"]) for r in rows]
+    assert sum(s["strict"] for s in scores) == strict and sum(s["flexible"] for s in scores) == flexible
+    assert sum(s["math_verify"] for s in scores) == math_verify
+
+
+def test_gold_and_completion_are_read_alike():
+    """A completion that ends with "#### " + the row's answer text earns the reward, whatever that
+    text is: gold and completion are read by one rule."""
+    for answer in ["72", "1,234", ".5", "1 000", "1,00", "-3", "3/4", "7.50", "#### 12", "so 5 + 7\n#### 12"]:
+        gold = E.gold_of("gsm8k", answer)
+        text = answer if "####" in answer else "#### " + answer
+        assert gold is not None and E.reward("gsm8k", "The steps.\n" + text, gold) == 1.0, answer
+    assert E.gold_of("gsm8k", "#### seven") is None and E.gold_of("gsm8k", "#### $5") is None
 
 
 def test_extract_boxed_balances_nested_braces():
@@ -89,12 +180,12 @@ def test_extract_boxed_balances_nested_braces():
 
 
 def test_math500_score_uses_math_verify():
-    assert E.score("math500", r"Thus \boxed{0.5}.", r"\frac{1}{2}") == {"extracted": "0.5", "correct": True,
-                                                                        "flexible": True}
-    assert E.score("math500", r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)")["correct"]
+    assert E.score("math500", r"Thus \boxed{0.5}.", r"\frac{1}{2}") == {"extracted": "0.5", "strict": True,
+                                                                        "flexible": None, "math_verify": True}
+    assert E.score("math500", r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)")["strict"]
     s = E.score("math500", r"The answer is $\frac{1}{2}$.", r"\frac{1}{2}")
-    assert s == {"extracted": None, "correct": False, "flexible": True}  # strict needs \boxed
-    assert not E.score("math500", r"\boxed{0.6}", r"\frac{1}{2}")["correct"]
+    assert s == {"extracted": None, "strict": False, "flexible": None, "math_verify": True}  # strict needs \boxed
+    assert not E.score("math500", r"\boxed{0.6}", r"\frac{1}{2}")["strict"]
 
 
 def test_reward_follows_the_task():
@@ -106,17 +197,11 @@ def test_reward_follows_the_task():
     assert E.reward("gsm8k", boxed, "5") == 0.0  # each task's format is part of its reward
     assert E.reward("math500", hashes, "5") == 0.0
     assert E.reward("math500", r"\boxed{6}", "5") == 0.0
-    assert E.gsm8k_reward(hashes, "5") == 1.0  # the old name still works
     for task, text, gold in [("gsm8k", hashes, "5"), ("gsm8k", "#### 6", "5"), ("gsm8k", "5", "5"),
                              ("math500", boxed, "5"), ("math500", r"$\frac{1}{2}$", r"\frac{1}{2}")]:
-        assert E.reward(task, text, gold) == float(E.score(task, text, gold)["correct"])
+        assert E.reward(task, text, gold) == float(E.score(task, text, gold)["strict"])
     with pytest.raises(ValueError, match="gsm9k"):
         E.reward("gsm9k", hashes, "5")
-
-
-def test_gsm8k_score_fields():
-    assert E.score("gsm8k", "so 12 apples.\n#### 12", "12") == {"extracted": "12", "correct": True, "flexible": True}
-    assert E.score("gsm8k", "it is 12", "12") == {"extracted": None, "correct": False, "flexible": True}
 
 
 # -----------------------------------------------------------------------------
@@ -130,11 +215,14 @@ def test_every_gsm8k_gold_parses(split, n):
         pytest.skip(f"{path} not present")
     rows, skipped, task = E.load_rows(path)
     assert (len(rows), skipped, task) == (n, 0, "gsm8k")
-    assert all(E.normalize_number(r["gold"]) == r["gold"] for r in rows)
     assert [r["id"] for r in rows] == list(range(n))
+    answers = [json.loads(line)["answer"] for line in open(path)]
+    for r, a in zip(rows, answers):  # the paper's gold, and lm-eval's reference after its normalisation
+        assert r["gold"] == re.search(r"#### (\-?[0-9\.\,]+)", a).group(1).replace(",", "")
+        assert r["gold"] == E.harness_normal(a)
 
 
-def test_load_rows_skips_and_counts_bad_rows(tmp_path):
+def test_load_rows_skips_and_counts_bad_rows(tmp_path, capsys):
     lines = [json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}),
              "{not json",
              json.dumps({"question": "No answer here"}),
@@ -143,14 +231,13 @@ def test_load_rows_skips_and_counts_bad_rows(tmp_path):
              json.dumps({"question": "Bare number gold", "answer": 5})]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.warns(UserWarning) as record:
-        rows, skipped, task = E.load_rows(str(path))
+    rows, skipped, task = E.load_rows(str(path))
     assert task == "gsm8k" and skipped == 3
     assert [(r["id"], r["gold"]) for r in rows] == [(0, "2"), (4, "1000000"), (5, "5")]
-    assert sorted(int(str(w.message).split("line ")[1].split(":")[0]) for w in record) == [2, 3, 4]
-    with pytest.warns(UserWarning):
-        assert [r["id"] for r in E.load_rows(str(path), limit=2)[0]] == [0, 4]
-        assert len(E.load_rows(str(path), limit=100)[0]) == 3  # a limit past the end: the whole set
+    notes = capsys.readouterr().err.splitlines()  # notes on stderr, not warnings: PYTHONWARNINGS=error is safe
+    assert sorted(int(n.split("line ")[1].split(":")[0]) for n in notes) == [2, 3, 4]
+    assert [r["id"] for r in E.load_rows(str(path), limit=2)[0]] == [0, 4]
+    assert len(E.load_rows(str(path), limit=100)[0]) == 3  # a limit past the end: the whole set
     assert E.load_rows(str(path), limit=0) == ([], 0, "gsm8k")
 
 
@@ -173,7 +260,8 @@ def test_load_rows_missing_path_raises(tmp_path):
 def test_build_prompt_is_chat_templated_ids(tok):
     ids = E.build_prompt(tok, "What is 3 + 4?")
     assert isinstance(ids, list) and all(isinstance(t, int) for t in ids)
-    assert tok.decode(ids) == ("<|im_start|>user\nWhat is 3 + 4?\nLet's think step by step and output the final "
+    # the paper authors' preprocessing: question + " " + instruction, in the chat template
+    assert tok.decode(ids) == ("<|im_start|>user\nWhat is 3 + 4? Let's think step by step and output the final "
                                "answer after \"####\".<|im_end|>\n<|im_start|>assistant\n")
     assert "\\boxed{}" in tok.decode(E.build_prompt(tok, "x", task="math500"))
 
@@ -271,28 +359,28 @@ def test_vllm_keeps_the_stop_token(llm, tok):
     assert E.generate_vllm(llm, P, 1, 0.0, 5, stop_token_ids=[first])[0]["samples"][0]["ids"] == [first]
 
 
-def test_drop_long_prompts_keeps_what_vllm_accepts(llm, tok):
+def test_drop_long_prompts_keeps_what_vllm_accepts(llm, tok, capsys):
     """A prompt needs room for one new token within the context: vLLM refuses the rest, failing the call."""
     L = llm.llm_engine.model_config.max_model_len
     long = prompts(tok, 1)[0] * 100
     P = [prompts(tok, 1)[0], long[:L - 1], long[:L], long]
-    with pytest.warns(UserWarning, match=f"2 of 4 rows skipped.*context length {L}"):
-        rows, kept, dropped = E.drop_long_prompts(["a", "b", "c", "d"], P, L)
+    rows, kept, dropped = E.drop_long_prompts(["a", "b", "c", "d"], P, L)
+    assert re.search(f"2 of 4 rows skipped.*context length {L}", capsys.readouterr().err)
     assert (rows, kept, dropped) == (["a", "b"], P[:2], 2)
     assert [len(o["samples"][0]["ids"]) for o in E.generate_vllm(llm, kept, 1, 0.0, 4)] == [4, 1]
     with pytest.raises(Exception, match="maximum (model|context) length"):
         E.generate_vllm(llm, P[2:3], 1, 0.0, 4)  # what dropping avoids
-    with pytest.warns(UserWarning, match="no room for 2 new token"):
-        assert E.drop_long_prompts(["a", "b"], P[:2], L, min_new_tokens=2)[2] == 1
+    assert E.drop_long_prompts(["a", "b"], P[:2], L, min_new_tokens=2)[2] == 1
+    assert "no room for 2 new token" in capsys.readouterr().err
 
 
-def test_evaluate_skips_rows_longer_than_the_context(llm, tok):
+def test_evaluate_skips_rows_longer_than_the_context(llm, tok, capsys):
     rows = [{"id": i, "question": r["question"], "gold": r["answer"].split("#### ")[-1]}
             for i, r in enumerate(tiny.problems(3, seed=4))]
     rows[1]["question"] = "What is 3 + 4? " * 150  # > 1024 tokens
     greedy = lambda p: E.generate_vllm(llm, p, n=1, temperature=0.0, max_new_tokens=4)
-    with pytest.warns(UserWarning, match="1 of 3 rows skipped"):
-        s = E.evaluate(greedy, tok, rows, "gsm8k", 4, skipped=2, max_len=llm.llm_engine.model_config.max_model_len)
+    s = E.evaluate(greedy, tok, rows, "gsm8k", 4, skipped=2, max_len=llm.llm_engine.model_config.max_model_len)
+    assert "1 of 3 rows skipped" in capsys.readouterr().err
     assert (s["n"], s["skipped"], s["tokens"]) == (2, 3, 8)
 
 
@@ -362,7 +450,8 @@ def test_zero_v_adapter_equals_base_and_random_v_changes(llm, tok, tiny_dir, tmp
             model.tinylora_v.zero_()
         E.sync_weights(llm, tinylora.merged_weights(model))
     lines = [json.loads(x) for x in (tmp_path / "base.jsonl").read_text().splitlines()]
-    assert [list(x) for x in lines[:1]] == [["id", "completion", "extracted", "gold", "correct", "flexible"]]
+    assert [list(x) for x in lines[:1]] == [["id", "completion", "gold", "extracted", "strict", "flexible",
+                                             "math_verify"]]
 
 
 # -----------------------------------------------------------------------------
@@ -395,14 +484,14 @@ def test_cli_skips_rows_longer_than_the_context(tiny_dir, tmp_path, capsys):
     rows = tiny.problems(3, seed=5)
     rows[1]["question"] = "What is 3 + 4? " * 150  # > 1024 tokens, the tiny model's context
     data, out = tiny.write_jsonl(str(tmp_path / "t.jsonl"), rows), tmp_path / "out.jsonl"
-    with pytest.warns(UserWarning, match="1 of 3 rows skipped: .*no room"):
-        s = E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--max-new-tokens", "2", "--out", str(out),
-                    "--dtype", "float32"])
+    s = E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--max-new-tokens", "2", "--out", str(out),
+                "--dtype", "float32"])
     assert (s["n"], s["skipped"]) == (2, 1)
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [0, 2]
-    assert "skipped=1" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "skipped=1" in captured.out and re.search("1 of 3 rows skipped: .*no room", captured.err)
     tiny.write_jsonl(data, rows[1:2])
-    with pytest.warns(UserWarning), pytest.raises(SystemExit) as e:  # nothing left to evaluate: an error
+    with pytest.raises(SystemExit) as e:  # nothing left to evaluate: an error
         E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--dtype", "float32"])
     assert e.value.code == 2 and "no prompt fits the context length 1024" in capsys.readouterr().err
 
@@ -442,7 +531,7 @@ def test_cli_rejects_counts_below_one(monkeypatch, tmp_path, capsys, flag, value
 def test_cli_rejects_data_without_a_usable_row(monkeypatch, tmp_path, capsys):
     data = tiny.write_jsonl(str(tmp_path / "bad.jsonl"), [{"question": "q", "answer": "#### seven"}, {"question": ""}])
     refuse_model_loads(monkeypatch)
-    with pytest.raises(SystemExit) as e, pytest.warns(UserWarning):
+    with pytest.raises(SystemExit) as e:
         E.main(["--model", "m", "--data", data])
     assert e.value.code == 2 and "no usable rows" in capsys.readouterr().err
 
