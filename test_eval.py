@@ -462,7 +462,7 @@ def test_module_docs_cite_no_file_users_lack():
     """Every file a module docstring or the README names (*.md, *.py) ships with the repository."""
     import importlib
     here = os.path.dirname(os.path.abspath(__file__))
-    modules = ("eval", "tinylora", "train_grpo", "bench", "tiny", "smollm2")
+    modules = ("eval", "tinylora", "train_grpo", "bench", "tiny", "prepare", "plot")
     texts = [importlib.import_module(m).__doc__ for m in modules]
     texts.append(open(os.path.join(here, "README.md")).read())
     named = {f for t in texts for f in re.findall(r"\b[\w-]+\.(?:md|py)\b", t)}
@@ -598,10 +598,10 @@ def test_hf_generate_stops_at_the_context_length(tiny_dir, tok):
 
 
 def test_smollm2_task_rows_are_gsm8k_rows_with_the_right_answer(tmp_path):
-    """The real-model task of smollm2.py: one-digit word problems whose gold parses and is right."""
-    import smollm2
-    rows = smollm2.problems(200, seed=1)
-    assert rows == smollm2.problems(200, seed=1) and rows != smollm2.problems(200, seed=2)
+    """The smollm2 task of prepare.py: one-digit word problems whose gold parses and is right."""
+    import prepare
+    rows = prepare.problems(200, seed=1)
+    assert rows == prepare.problems(200, seed=1) and rows != prepare.problems(200, seed=2)
     loaded, skipped, task = E.load_rows(str(tiny.write_jsonl(tmp_path / "t.jsonl", rows)))
     assert (len(loaded), skipped, task) == (200, 0, "gsm8k")
     for r in loaded:
