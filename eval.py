@@ -258,7 +258,7 @@ def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_
     """An in-process vLLM engine, so that its torch model is reachable for sync_weights.
     engine_args go to vllm.LLM as they are (e.g. kv_cache_memory_bytes)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    with warnings.catch_warnings():  # vLLM's import-time deprecation warnings are its own, not errors
+    with warnings.catch_warnings():  # vLLM's deprecation warnings are its own, not the user's errors
         warnings.simplefilter("default")
         import vllm
         import vllm.model_executor.layers.utils as vllm_utils
@@ -282,9 +282,11 @@ def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_
         # is what the trainer's importance weights compare against. Under torchrun each rank keeps its own
         # engine on its own GPU: vLLM then joins the launcher's process group instead of making one.
         ddp = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        return vllm.LLM(model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                        max_model_len=max_model_len, logprobs_mode="processed_logprobs",
-                        **({"distributed_executor_backend": "external_launcher"} if ddp else {}), **engine_args)
+        with warnings.catch_warnings():  # vLLM's deprecation warnings (in its start-up) are not errors here
+            warnings.simplefilter("default")
+            return vllm.LLM(model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                            max_model_len=max_model_len, logprobs_mode="processed_logprobs",
+                            **({"distributed_executor_backend": "external_launcher"} if ddp else {}), **engine_args)
     finally:
         vllm_utils.dispatch_cpu_unquantized_gemm = dispatch
 
@@ -572,5 +574,40 @@ def main(argv=None):
     return s
 
 
+class QuietStdout:
+    """sys.stdout that survives its reader going away (`... | head -1`): the program goes on, and
+    what it would have printed goes to /dev/null. Installed before vLLM's logger takes sys.stdout."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def warning_as_error(w):
+    """The one line for a warning that PYTHONWARNINGS=error (or -W error) made an exception."""
+    text = str(w).strip().splitlines()[0] if str(w).strip() else ""
+    return f"a warning was raised as an error (PYTHONWARNINGS / -W error): {type(w).__name__}: {text}"
+
+
 if __name__ == "__main__":
-    main()
+    sys.stdout = QuietStdout(sys.stdout)
+    try:
+        main()
+    except Warning as w:
+        print(f"eval.py: error: {warning_as_error(w)}", file=sys.stderr)
+        raise SystemExit(2)

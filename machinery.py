@@ -354,6 +354,8 @@ class Run:
         self.state = self.after = capture(self.start, v, opt, sched)
         try:
             yield
+        except SystemExit:  # our own one-line error (a full disk, say): said already, nothing more to save
+            raise
         except BaseException as e:  # Ctrl-C, a signal or a crash: keep every logged step, drop the cut one
             keep = self.after if self.logged_through() >= self.after["step"] else self.state
             print(f"\n{type(e).__name__} in step {keep['step'] + 1}: saving the state after step {keep['step']} "
@@ -477,7 +479,10 @@ def start_engine(args, model, rank):
 
 
 def load_checkpoint(run_dir, model, v, opt, sched):
-    tinylora.load(model, os.path.join(run_dir, "adapter.safetensors"), verbose=False)  # checks the base model
+    try:
+        tinylora.load(model, os.path.join(run_dir, "adapter.safetensors"), verbose=False)  # checks the base model
+    except ValueError as e:  # e.g. --model names other weights than the run's
+        fail(f"--resume {run_dir}: {e}")
     restore(torch.load(os.path.join(run_dir, "trainer_state.pt"), weights_only=True), v, opt, sched)
 
 
@@ -640,34 +645,10 @@ def stop_like_ctrl_c(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, a scheduler), SIGHUP (a closed terminal): saved as on Ctrl-C
 
 
-class QuietStdout:
-    """sys.stdout that survives its reader going away (`train_grpo.py ... | head -1`): training goes
-    on, and what would have been printed goes to /dev/null."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text):
-        try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-            return len(text)
-
-    def flush(self):
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
 def main(train, parse_args):
     """`python train_grpo.py ...`: train, with Ctrl-C / SIGTERM / SIGHUP saving the finished steps
     (exit 130) and a warning made an error (PYTHONWARNINGS=error) reported in one line."""
-    sys.stdout = QuietStdout(sys.stdout)  # before vLLM's logger takes hold of sys.stdout
+    sys.stdout = task.QuietStdout(sys.stdout)  # before vLLM's logger takes hold of sys.stdout
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop_like_ctrl_c)
     try:
@@ -677,6 +658,6 @@ def main(train, parse_args):
     except KeyboardInterrupt:
         raise SystemExit(130)  # interrupted, state saved: a non-zero exit stops a script chaining runs
     except Warning as w:  # only raised when the user made warnings errors
-        fail(f"a warning was raised as an error (PYTHONWARNINGS / -W error): {type(w).__name__}: {first_line(w)}")
+        fail(task.warning_as_error(w))
     if ddp and args.backend == "hf":  # with vLLM, its engine tears the process groups down at exit
         dist.destroy_process_group()

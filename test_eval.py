@@ -6,6 +6,8 @@ tiny random Qwen2 (tiny.py): vLLM == HF greedy, v = 0 adapter == base, weight sy
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -621,3 +623,78 @@ def test_cli_rejects_a_bad_model_output_or_memory_share_before_loading(monkeypat
     with pytest.raises(SystemExit) as e:
         E.main(["--model", "m", "--data", data, *extra])
     assert e.value.code == 2 and re.search(match, capsys.readouterr().err)
+
+
+# -----------------------------------------------------------------------------
+# nothing lost, one clear line
+
+
+def test_cli_never_writes_out_over_its_data_or_adapter(tiny_dir, tmp_path, capsys, monkeypatch):
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(3, seed=5))
+    before = open(data).read()
+    refuse_model_loads(monkeypatch)
+    for out in (data, str(tmp_path / "." / "t.jsonl")):  # the same file, by another name too
+        with pytest.raises(SystemExit) as e:
+            E.main(["--model", tiny_dir, "--data", data, "--out", out])
+        assert e.value.code == 2 and "is the --data file" in capsys.readouterr().err
+    assert open(data).read() == before
+
+
+def test_ctrl_c_during_eval_keeps_the_rows_scored_so_far(tiny_dir, tmp_path, capsys, monkeypatch):
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(6, seed=5))
+    out, calls, generate_hf = tmp_path / "out.jsonl", [], E.generate_hf
+
+    def cut_at_the_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate_hf(*a, **k)
+    monkeypatch.setattr(E, "generate_hf", cut_at_the_second_batch)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--max-new-tokens", "2", "--batch-size", "2",
+                "--out", str(out), "--dtype", "float32"])
+    assert e.value.code == 130 and "holds the rows scored so far" in capsys.readouterr().err
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [0, 1]  # the first batch, whole
+
+
+def test_a_byte_order_mark_is_not_part_of_row_one(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + "".join(json.dumps(r) + "\n" for r in tiny.problems(12)).encode())
+    rows, skipped, task = E.load_rows(str(path))
+    assert (len(rows), skipped, task) == (12, 0, "gsm8k")
+
+
+def test_cli_refuses_a_tokenizer_it_cannot_use_and_missing_math_verify(tiny_dir, tmp_path, capsys, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in os.listdir(tiny_dir):
+        if f != "tokenizer.json":
+            (model / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(3, seed=5))
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", str(model), "--data", data, "--backend", "hf"])
+    assert e.value.code == 2 and "encodes text to no tokens" in capsys.readouterr().err
+    find_spec = E.importlib.util.find_spec
+    monkeypatch.setattr(E.importlib.util, "find_spec", lambda n, *a: None if n == "math_verify" else find_spec(n, *a))
+    refuse_model_loads(monkeypatch)
+    with pytest.raises(SystemExit) as e:  # before any generation: not after an hour of it
+        E.main(["--model", tiny_dir, "--data", data, "--backend", "hf"])
+    assert e.value.code == 2 and "pip install math-verify" in capsys.readouterr().err
+
+
+def test_cli_tokenizes_each_prompt_once(tiny_dir, tmp_path, monkeypatch):
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(5, seed=5))
+    calls, build_prompt = [], E.build_prompt
+    monkeypatch.setattr(E, "build_prompt", lambda *a, **k: calls.append(1) or build_prompt(*a, **k))
+    E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--max-new-tokens", "1", "--dtype", "float32"])
+    assert len(calls) == 5
+
+
+def test_cli_with_warnings_made_errors_and_a_skipped_row(tiny_dir, tmp_path):
+    rows = tiny.problems(3, seed=5) + [{"question": "no gold", "answer": "#### seven"}]
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), rows)
+    env = dict(os.environ, PYTHONWARNINGS="error", CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--model", tiny_dir, "--data", data,
+                        "--backend", "hf", "--max-new-tokens", "2"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert "note: " in p.stderr and "n=3" in p.stdout

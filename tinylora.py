@@ -469,13 +469,15 @@ def load(model, path, cache_dir=CACHE_DIR, verbose=True, keep_merged=True):
     c = read_config(path)
     v = read_v(path, c)
     c["p_scale"] = P_SCALE
-    if not adapted_layers(model):
-        named = dict(model.named_modules())
-        require(all(n in named for n in c["modules"]),
-                f"{path}: adapter modules are missing from this model")
-        fp = fingerprint((n, named[n].weight) for n in c["modules"])
-        require(fp == c["fingerprint"], f"{path} was trained on another base model (weights "
-                f"fingerprint {c['fingerprint']}, this model has {fp})")
+    applied = bool(adapted_layers(model))
+    named = dict(model.named_modules())
+    require(applied or all(n in named for n in c["modules"]),
+            f"{path}: adapter modules are missing from this model")
+    fp = (model.tinylora_config["fingerprint"] if applied
+          else fingerprint((n, named[n].weight) for n in c["modules"]))
+    require(fp == c["fingerprint"], f"{path} was trained on another base model (weights "
+            f"fingerprint {c['fingerprint']}, this model has {fp})")
+    if not applied:
         apply(model, c["u"], c["r"], c["n_tie"], c["tie"], c["targets"], c["seed"], c["v_dtype"],
               cache_dir, verbose, keep_merged, c["rounding"])
     require(model.tinylora_config == c,
