@@ -553,7 +553,12 @@ def main(argv=None):
                 p.error(str(e))
     if backend == "vllm":
         memory = args.gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.2)
-        llm = make_llm(args.model, args.dtype, args.seed, memory, args.max_model_len, weight_sync=bool(args.adapter))
+        try:
+            llm = make_llm(args.model, args.dtype, args.seed, memory, args.max_model_len, weight_sync=bool(args.adapter))
+        except (ValueError, RuntimeError) as e:  # e.g. no memory left for its KV cache
+            lines = [x for x in str(e).strip().splitlines() if x.strip() and not x.startswith("For further")]
+            p.error(f"vLLM could not start: {lines[-1] if lines else type(e).__name__} "
+                    f"(--gpu-memory-utilization {memory}, --max-model-len {args.max_model_len})")
         if args.adapter:
             sync_weights(llm, tinylora.merged_weights(model))  # W + dW of the adapted modules, nothing else
             model = None

@@ -139,7 +139,8 @@ def open_run(args):
         fail(f"--resume {args.run_dir}: trainer_state.pt is missing, yet steps are logged: the checkpoint is lost "
              f"(a new run in another --run-dir starts over)")
     try:  # read both now, before any model loads: a damaged checkpoint is named, not a traceback later
-        state = torch.load(path, weights_only=True) if os.path.exists(path) else None
+        # map to the CPU: a checkpoint made on a GPU is read on any machine (restore moves it to v)
+        state = torch.load(path, weights_only=True, map_location="cpu") if os.path.exists(path) else None
         if state and state["step"]:
             tinylora.read_v(adapter, tinylora.read_config(adapter))
     except Exception as e:
@@ -483,7 +484,8 @@ def load_checkpoint(run_dir, model, v, opt, sched):
         tinylora.load(model, os.path.join(run_dir, "adapter.safetensors"), verbose=False)  # checks the base model
     except ValueError as e:  # e.g. --model names other weights than the run's
         fail(f"--resume {run_dir}: {e}")
-    restore(torch.load(os.path.join(run_dir, "trainer_state.pt"), weights_only=True), v, opt, sched)
+    state = torch.load(os.path.join(run_dir, "trainer_state.pt"), weights_only=True, map_location="cpu")
+    restore(state, v, opt, sched)
 
 
 def meta_model(args):

@@ -464,7 +464,7 @@ def test_module_docs_cite_no_file_users_lack():
     """Every file a module docstring or the README names (*.md, *.py) ships with the repository."""
     import importlib
     here = os.path.dirname(os.path.abspath(__file__))
-    modules = ("eval", "tinylora", "train_grpo", "bench", "tiny", "prepare", "plot")
+    modules = ("eval", "tinylora", "train_grpo", "machinery", "bench", "tiny", "prepare", "plot")
     texts = [importlib.import_module(m).__doc__ for m in modules]
     texts.append(open(os.path.join(here, "README.md")).read())
     named = {f for t in texts for f in re.findall(r"\b[\w-]+\.(?:md|py)\b", t)}

@@ -903,3 +903,18 @@ def test_a_bf16_checkpoint_runs_engine_and_trainer_in_bf16(tmp_path, data, monke
     m = metrics(tmp_path / "run")
     assert m[-1]["v_norm"] > 0 and m[-1]["mismatch"] < 0.05, m  # the same bf16 weights on both sides
     del engines[:], llm, engine_model
+
+
+QWEN_RUN = os.path.join(HERE, "results", "qwen-coder-1.5b", "p196")
+
+
+def test_a_checkpoint_made_on_a_gpu_is_read_on_a_cpu(tmp_path):
+    """results/ holds real runs checkpointed on an H200 (CUDA tensors inside trainer_state.pt): their
+    resume point is read here, on any machine, not called damaged."""
+    if not os.path.isdir(QWEN_RUN):
+        pytest.skip(f"{QWEN_RUN} not present")
+    import shutil
+    run = shutil.copytree(QWEN_RUN, tmp_path / "run")
+    args, step, state = machinery.open_run(train_grpo.parse_args(["--resume", str(run)]))
+    assert step == state["step"] == len(metrics(run)) - 1 > 0  # the step-0 eval line + one per step
+    assert (args.u, args.n_tie, state["recipe"]["u"], state["v"].device.type) == (1, 1, 1, "cpu")
