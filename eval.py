@@ -1,16 +1,17 @@
 """Evaluation: GSM8K / MATH500 pass@1, and everything training shares with it.
 
     python tiny.py /tmp/tiny && python eval.py --model /tmp/tiny/model --data /tmp/tiny/test.jsonl
-    python eval.py --model Qwen/Qwen2.5-7B-Instruct --adapter runs/x/adapter.safetensors --data gsm8k
+    python eval.py --model Qwen/Qwen2.5-7B-Instruct --adapter runs/x/adapter.safetensors
 
 Greedy decoding, n = 1, pass@1: each question is answered once, without sampling; a score is the
 share answered correctly. GSM8K has three columns, each equal to the reference it is named after:
-"strict" is the training reward, the paper authors' rule (their verl reward: the last "#### <number>"
-in the completion's last 300 characters, equal as a string to the gold; = lm-eval's strict-match on
-every completion tested); "flexible" is lm-evaluation-harness's gsm8k flexible-extract (the last
-number anywhere); "math_verify" is math-verify's verdict on the whole completion. MATH500: "strict"
-is the last \\boxed{...} judged by math-verify, "math_verify" math-verify's own search. Rows without a
-usable question and gold, or whose prompt does not fit the context, are skipped and counted.
+"strict" is the training reward, the paper authors' rule (their verl reward: the last
+"#### <number>" in the completion's last 300 characters, equal as a string to the gold; =
+lm-eval's strict-match on every completion tested); "flexible" is lm-evaluation-harness's gsm8k
+flexible-extract (the last number anywhere); "math_verify" is math-verify's verdict on the whole
+completion. MATH500: "strict" is the last \\boxed{...} judged by math-verify, "math_verify"
+math-verify's own search. Rows without a usable question and gold, or whose prompt does not fit
+the context, are skipped and counted.
 Output: one summary line, and one JSON line per example with --out (written as it goes: Ctrl-C keeps
 what is done).
 
@@ -39,16 +40,16 @@ HUB = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", 
 QUESTION = {"gsm8k": "question", "math500": "problem"}  # the field holding the question
 INSTRUCTION = {"gsm8k": "Let's think step by step and output the final answer after \"####\".",
                "math500": "Let's think step by step and output the final answer within \\boxed{}."}
-SCORES = ("strict", "flexible", "math_verify")  # the columns of a pass@1 evaluation (section "answers")
+SCORES = ("strict", "flexible", "math_verify")  # the columns of a pass@1 evaluation
 
 # =============================================================================
 # 1. the task: data, prompt, answers, reward
 
 
 def load_rows(data, split="test", limit=None):
-    """(rows [{"id", "question", "gold"}], n_skipped, task) from a hub name or a .jsonl path (its first
-    row's fields tell the task). id: the 0-based row / line index. Rows without a question or a parsable
-    gold are skipped with a warning and counted."""
+    """(rows [{"id", "question", "gold"}], n_skipped, task) from a hub name or a .jsonl path (its
+    first row's fields tell the task). id: the 0-based row / line index. Rows without a question or
+    a usable gold are skipped, noted and counted."""
     task = task_of(data)
     if data in HUB:
         from datasets import load_dataset
@@ -81,18 +82,18 @@ def task_of(data):
     if data in HUB:
         return data
     if not os.path.isfile(data):
-        raise FileNotFoundError(f"--data {data!r}: not a file (expected gsm8k, math500 or a .jsonl path)")
+        raise FileNotFoundError(f"--data {data!r}: not a file (expected gsm8k, math500, a .jsonl)")
     with open(data, encoding="utf-8-sig") as f:
         first = next((r for r in map(_json_or_none, f) if isinstance(r, dict)), {})
     task = next((t for t, k in QUESTION.items() if k in first), None)
     if task is None:
-        raise ValueError(f"--data {data!r}: rows need question+answer (GSM8K) or problem+answer (MATH500), "
-                         f"the first has {sorted(first)}")
+        raise ValueError(f"--data {data!r}: rows need question+answer (GSM8K) or problem+answer "
+                         f"(MATH500), the first has {sorted(first)}")
     return task
 
 
 def needs_math_verify(*data):
-    """Whether any of these data sets is MATH (judged by math-verify); unreadable ones say no here."""
+    """Whether any of these data sets is MATH (judged by math-verify); unreadable ones say no."""
     try:
         return any(d is not None and task_of(d) == "math500" for d in data)
     except (OSError, ValueError):
@@ -107,15 +108,15 @@ def _json_or_none(line):
 
 
 def load_tokenizer(model):
-    """The model's tokenizer, checked to be usable: it has a chat template and encodes text to tokens
-    (transformers quietly builds an empty tokenizer from a directory that lacks tokenizer.json)."""
+    """The model's tokenizer, checked to be usable: it has a chat template and encodes text to
+    tokens (transformers quietly builds an empty tokenizer where tokenizer.json is missing)."""
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(model)
     except Exception as e:  # no tokenizer files at all
         raise ValueError(f"cannot load its tokenizer ({str(e).strip().splitlines()[0]})") from e
     if not getattr(tok, "chat_template", None):
-        raise ValueError("its tokenizer has no chat template (the prompt is the chat-formatted question)")
+        raise ValueError("its tokenizer has no chat template (the prompt is a chat message)")
     if not tok("What is 3 + 4?")["input_ids"]:
         raise ValueError("its tokenizer encodes text to no tokens (is tokenizer.json missing?)")
     return tok
@@ -124,8 +125,10 @@ def load_tokenizer(model):
 def build_prompt(tokenizer, question, task="gsm8k"):
     """Token ids of the chat-templated prompt: the question, a space, the task's instruction (as the
     paper authors' data preprocessing writes it)."""
-    messages = [{"role": "user", "content": question + " " + INSTRUCTION[task]}]  # the paper's: one space
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    messages = [{"role": "user", "content": question + " " + INSTRUCTION[task]}]  # one space
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    return list(ids)
 
 
 def context_length(config, max_model_len=None):
@@ -133,15 +136,16 @@ def context_length(config, max_model_len=None):
     Raises ValueError for a max_model_len past the model's own."""
     context = getattr(config, "max_position_embeddings", None)
     if max_model_len and context and max_model_len > context:
-        raise ValueError(f"--max-model-len {max_model_len} must be <= the model's context, {context}")
+        raise ValueError(f"--max-model-len {max_model_len} must be <= the model's context, "
+                         f"{context}")
     return max_model_len or context
 
 
 def drop_long_prompts(rows, prompts, max_len, min_new_tokens=1):
-    """(rows, prompts, n_dropped): the rows, with their prompt ids, whose prompt leaves room for at least
-    min_new_tokens new tokens within the context length max_len (vLLM: llm.llm_engine.model_config.max_model_len).
-    Call it before generating: vLLM refuses a longer prompt, failing the whole generate call. Warns with
-    how many were dropped and why."""
+    """(rows, prompts, n_dropped): the rows, with their prompt ids, whose prompt leaves room for at
+    least min_new_tokens new tokens within the context length max_len (vLLM's: its model_config's
+    max_model_len). Call it before generating: vLLM refuses a longer prompt, failing the whole
+    generate call. Notes how many were dropped and why."""
     keep = [i for i, p in enumerate(prompts) if len(p) + min_new_tokens <= max_len]
     dropped = len(prompts) - len(keep)
     if dropped:
@@ -152,25 +156,25 @@ def drop_long_prompts(rows, prompts, max_len, min_new_tokens=1):
 
 # -----------------------------------------------------------------------------
 # answers and the reward. GSM8K has three scores, each equal to the reference it is named after:
-#   strict       the paper's training reward, the authors' verl reward_score/gsm8k.py ("strict"): the
+#   strict       the paper's training reward, the authors' verl GSM8K reward ("strict"): the
 #                last "#### <number>" in the completion's last 300 characters, commas removed, equal
 #                as a string to the gold (read from the data's answer by the same pattern)
-#   flexible     lm-evaluation-harness's gsm8k "flexible-extract": its last number anywhere, equal to
-#                the gold after the harness's normalisation (commas, $, a final period removed)
+#   flexible     lm-evaluation-harness's gsm8k "flexible-extract": its last number anywhere,
+#                equal to the gold after the harness's normalisation (commas, $, final "." removed)
 #   math_verify  math-verify: verify(parse(gold), parse(completion))
 # MATH500: strict is the last \boxed{...} equal to the gold for math-verify; math_verify is
 # math-verify's own search of the whole completion. The reward is strict, 1.0 or 0.0.
 
-GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")  # the paper's pattern (and lm-eval's strict-match)
+GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")  # the paper's (and lm-eval's strict-match)
 TAIL = 300  # the paper's reward reads the last 300 characters only
 HARNESS_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # lm-eval's gsm8k flexible-extract
 HARNESS_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")  # lm-eval's gsm8k exact_match normalisation
 
 
 def gold_of(task, answer):
-    """The gold answer in a data row's answer text. GSM8K: by the paper's pattern, as completions are
-    read (the first "#### <number>", commas removed; a bare number is read as "#### " + it), so that a
-    completion ending in "#### " + the row's answer earns the reward. None: no usable gold."""
+    """The gold answer in a data row's answer text. GSM8K: by the paper's pattern, as completions
+    are read (the first "#### <number>", commas removed; a bare number is read as "#### " + it), so
+    a completion ending in "#### " + the row's answer earns the reward. None: no usable gold."""
     text = str(answer).strip()
     if task == "math500":
         return text or None
@@ -188,7 +192,7 @@ def extract_strict(text):
 
 
 def extract_flexible(text):
-    """lm-evaluation-harness's gsm8k flexible-extract: the last match of its number pattern, or None."""
+    """lm-evaluation-harness's gsm8k flexible-extract: the last match of its pattern, or None."""
     found = HARNESS_NUMBER.findall(text)
     return next(g for g in found[-1] if g).strip() if found else None
 
@@ -201,7 +205,7 @@ def harness_normal(s):
 
 
 def extract_boxed(text):
-    """Content of the last \\boxed{...}, braces balanced ('\\boxed{\\frac{1}{2}}' -> '\\frac{1}{2}')."""
+    """The last \\boxed{...}'s content, braces balanced (\\boxed{\\frac{1}{2}} -> \\frac{1}{2})."""
     i = text.rfind("\\boxed")
     m = re.match(r"\\boxed\s*{", text[i:]) if i >= 0 else None
     if not m:
@@ -230,7 +234,8 @@ def strict_answer(task, completion, gold):
         raise ValueError(f"unknown task {task!r}: expected one of {sorted(QUESTION)}")
     from math_verify import parse, verify
     extracted = extract_boxed(completion)
-    return extracted, extracted is not None and bool(verify(parse(f"${gold}$"), parse(f"\\boxed{{{extracted}}}")))
+    boxed = f"\\boxed{{{extracted}}}"
+    return extracted, extracted is not None and bool(verify(parse(f"${gold}$"), parse(boxed)))
 
 
 def reward(task, completion, gold):
@@ -239,7 +244,7 @@ def reward(task, completion, gold):
 
 
 def score(task, completion, gold):
-    """{"extracted", "strict", "flexible" (GSM8K only, else None), "math_verify"} of one completion."""
+    """{"extracted", "strict", "flexible" (GSM8K; else None), "math_verify"} of a completion."""
     extracted, strict = strict_answer(task, completion, gold)
     flexible = None
     if task == "gsm8k":

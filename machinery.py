@@ -129,8 +129,8 @@ def open_run(args):
         if k not in MACHINERY + LOCATIONS + ("resume", "run_dir") and getattr(args, k) != saved.get(k, args.defaults[k]):
             fail(f"--{k.replace('_', '-')} {getattr(args, k)}: the run was made with {saved.get(k)}; "
                  f"only {', '.join('--' + m.replace('_', '-') for m in MACHINERY)} may change on --resume")
-    mine = {k: getattr(args, k) for k in args.given if k in MACHINERY + LOCATIONS}
-    args = argparse.Namespace(**{**args.defaults, **saved, **mine, "resume": args.resume, "run_dir": args.resume,
+    now = {k: getattr(args, k) for k in args.given if k in MACHINERY + LOCATIONS}  # given again
+    args = argparse.Namespace(**{**args.defaults, **saved, **now, "resume": args.resume, "run_dir": args.resume,
                                  "given": args.given, "defaults": args.defaults})
     for tmp in glob.glob(os.path.join(args.run_dir, "*.tmp")):
         os.remove(tmp)  # left by a write that was killed; the file it was replacing is intact
@@ -287,13 +287,13 @@ class Run:
             self.tokenizer = task.load_tokenizer(args.model)
         except ValueError as e:
             fail(f"--model {args.model}: {e}")
-        self.rows, skipped, self.task = load_data(args, self.tokenizer, args.data, "train", args.prompts_per_step)
+        self.rows, skipped, self.task_name = load_data(args, self.tokenizer, args.data, "train", args.prompts_per_step)
         self.extra = dict(recipe=recipe(args), data=data_hash(self.rows))
         if state and state.get("data") not in (None, self.extra["data"]):
             fail(f"--data {args.data}: not the rows this run was trained on (other rows, another order, or a "
                  f"--max-model-len that skips others; hash {self.extra['data']}, the run's {state['data']})")
         if args.eval_every:
-            self.eval_rows, _, self.eval_task = load_data(args, self.tokenizer, args.eval_data, "test", 1,
+            self.eval_rows, _, self.eval_task_name = load_data(args, self.tokenizer, args.eval_data, "test", 1,
                                                           args.eval_limit)
         self.steps_per_epoch = len(self.rows) // args.prompts_per_step
         schedule = int(args.epochs * self.steps_per_epoch)  # the lr schedule's length, whatever --steps says
@@ -311,7 +311,7 @@ class Run:
                 print(f"already done: {args.run_dir} is at step {self.start} of {self.last}; nothing to train "
                       f"(a larger --steps continues it)")
             else:
-                print(f"data: {len(self.rows)} {self.task} rows ({skipped} skipped), {self.steps_per_epoch} steps "
+                print(f"data: {len(self.rows)} {self.task_name} rows ({skipped} skipped), {self.steps_per_epoch} steps "
                       f"per epoch, steps {self.start} -> {self.last}, run dir {args.run_dir}")
         if torch.cuda.is_available() and not self.done:
             check_memory(args, meta, names, min(args.max_model_len, 512 + args.max_new_tokens))
@@ -333,7 +333,7 @@ class Run:
         args = self.args
         self.model, self.v, self.opt, self.sched = model, v, opt, sched
         self.act_bytes = free_for_activations(model.config) if torch.cuda.is_available() else None
-        self.evaluate = lambda: evaluate(args, generate, self.tokenizer, self.eval_rows, self.eval_task)
+        self.evaluate = lambda: evaluate(args, generate, self.tokenizer, self.eval_rows, self.eval_task_name)
         self.first = self.last_metrics = None
         self.wandb, self.metrics_path = None, os.path.join(args.run_dir, "metrics.jsonl")
         torch.manual_seed(args.seed * 1000 + self.rank)  # the HF backend samples with torch's RNG: each rank its own
@@ -440,17 +440,17 @@ def load_data(args, tok, data, split, need, limit=None):
     to answer within the context are skipped (and counted). Fails unless `need` rows are left."""
     flag = "--data" if split == "train" else "--eval-data"
     try:
-        rows, skipped, kind = task.load_rows(data, split=split, limit=limit)
+        rows, skipped, task_name = task.load_rows(data, split=split, limit=limit)
     except Exception as e:  # unreadable file, not JSON lines, a hub id without a hub
         fail(f"{flag} {data}: {first_line(e)}")
-    prompts = [task.build_prompt(tok, r["question"], kind) for r in rows]
+    prompts = [task.build_prompt(tok, r["question"], task_name) for r in rows]
     rows, prompts, long = task.drop_long_prompts(rows, prompts, args.max_model_len)
     if len(rows) < need:
         fail(f"{flag} {data}: {len(rows)} usable rows ({skipped} without a question and answer, {long} with a "
              f"prompt longer than the context {args.max_model_len}), fewer than the {need} needed")
     for r, p in zip(rows, prompts):
         r["prompt_ids"] = p
-    return rows, skipped + long, kind
+    return rows, skipped + long, task_name
 
 
 def load_policy(args, rank):

@@ -297,7 +297,7 @@ def train(args, reward_fn=None, llm=None):
     if llm is None and args.backend == "vllm":
         llm = machinery.start_engine(args, model, run.rank)
     generate = task.make_generate(llm, model, run.tokenizer, args.max_model_len)
-    reward_fn = reward_fn or (lambda text, gold: task.reward(run.task, text, gold))
+    reward_fn = reward_fn or (lambda text, gold: task.reward(run.task_name, text, gold))
     with run.checkpointed(model, v, opt, sched, lambda: sync(llm, model), generate):
         for step in run.steps():  # resumes; saves every finished step on Ctrl-C, SIGTERM, crashes
             t0 = time.time()
