@@ -87,7 +87,7 @@ class Result:
     def exc(self):
         """The exception line of the last traceback on stderr."""
         lines = [re.sub(r"^\[rank\d+\]: ?", "", x) for x in re.split(r"[\r\n]+", self.err)]  # vLLM's prefix
-        starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+        starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
         for line in lines[starts[-1] + 1:] if starts else []:  # the first unindented "Name: message"
             if re.match(r"[A-Za-z_][\w.]*(: |$)", line):
                 return short(line, 160)
@@ -121,6 +121,13 @@ def short(x, n=60):
     return s if len(s) <= n else s[:n - 3] + "..."
 
 
+def default_signals():
+    """In the child: the dispositions a terminal gives a program (a harness under nohup or `&` ignores
+    SIGHUP or SIGINT, and children would inherit that)."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class Proc:
     """A started command in its own process group (session), stdout and stderr in files of the probe dir."""
 
@@ -128,7 +135,7 @@ class Proc:
         self.out_path, self.err_path = log_prefix + ".out", log_prefix + ".err"
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=default_signals)
         LIVE[self.p.pid] = self.p
         self.t0, self.peak_kb = time.time(), 0
 
@@ -1279,8 +1286,14 @@ def _(c):
 SIGNAME = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP",
            signal.SIGKILL: "kill -9"}
 WHEN = {"before": "before the first step (as soon as args.json exists)",
-        "mid": "mid-run (0.25 s after the 3rd metrics line)",
+        "mid": "mid-run (half a step after the 3rd metrics line)",
         "after-line": "right after the 2nd metrics line is written"}
+
+
+def half_step(metrics_path, n, p):
+    """Wait for line n of metrics.jsonl; half the time between lines n-1 and n (None if the run ended)."""
+    t1, t2 = wait_lines(metrics_path, n - 1, p), wait_lines(metrics_path, n, p)
+    return None if t1 is None or t2 is None else (t2 - t1) / 2
 
 
 def reach(p, run, when):
@@ -1290,11 +1303,11 @@ def reach(p, run, when):
         ok = wait_until(lambda: os.path.exists(os.path.join(run, "args.json")), p, poll=0.002)
         return (time.time(), "args.json seen") if ok else None
     if when == "mid":
-        t = wait_lines(metrics_path, 3, p)
-        if t is None:
+        half = half_step(metrics_path, 3, p)
+        if half is None:
             return None
-        time.sleep(0.25)
-        return time.time(), "0.25 s after line 3"
+        time.sleep(half)
+        return time.time(), f"{half:.2f} s (half a step) after line 3"
     t = wait_lines(metrics_path, 2, p, tight=True)
     return (t, "line 2 seen") if t else None
 
@@ -1388,9 +1401,10 @@ def _(c):
     findings = []
     for k, args in ((2, c.train_args("run", 6)), (4, ["--resume", "run"])):
         p = c.start("train", *args)
-        if wait_lines(c.path("run", "metrics.jsonl"), k, p) is None:
+        half = half_step(c.path("run", "metrics.jsonl"), k, p)
+        if half is None:
             raise HarnessError(f"the run ended early: {p.wait(60).brief()}")
-        time.sleep(0.25)
+        time.sleep(half)
         p.send(signal.SIGINT, group=True)
         r = p.wait(120)
         if r.traceback:
@@ -1710,20 +1724,24 @@ def _(c):
 
 @probe("P07", "env", "--resume RUN while RUN is still running: refused, the live run intact (issue 3)")
 def _(c):
-    run = c.path("run")
-    p1 = c.start("train", *c.train_args("run", 40))
+    run, n = c.path("run"), 150
+    p1 = c.start("train", *c.train_args("run", n))
     if wait_lines(os.path.join(run, "metrics.jsonl"), 3, p1) is None:
         raise HarnessError(f"the run ended early: {p1.wait(60).brief()}")
-    r2 = c.train("--resume", run)
-    r1 = p1.wait(TIMEOUT["hf"])
+    p2 = c.start("train", "--resume", run)
+    wait_until(lambda: "grpo:" in p2.stderr(), p2, timeout=TIMEOUT["hf"], poll=0.05)
+    overlap = p1.alive()  # the live run was still going when the resumer began its steps (or ended)
+    r2, r1 = p2.wait(TIMEOUT["hf"]), p1.wait(TIMEOUT["hf"])
     steps = steps_of(run)
     n_lines = complete_lines(os.path.join(run, "metrics.jsonl"))
     note = f"the live run exit {r1.rc}, the resumer exit {r2.rc}; metrics.jsonl {n_lines} lines"
-    if steps != list(range(1, 41)):
+    if steps != list(range(1, n + 1)):
         dup = len(steps) - len(set(steps))
-        missing = sorted(set(range(1, 41)) - set(steps))
+        missing = sorted(set(range(1, n + 1)) - set(steps))
         return "lost", f"{note}: {dup} duplicated, missing steps {short(str(missing), 40)}, " \
                        f"in order: {steps == sorted(steps)}"
+    if r2.rc == 0 and not overlap:
+        return "skip", note + "; the live run ended before the resumer started: no overlap to probe"
     if r2.rc == 0:
         return "wrong", note + " (both ran)"
     return judge_refusal(r2, False, "running|lock|in use")
@@ -1933,6 +1951,10 @@ def run_one(h, spec, keep):
                 reason=reason, dir=c.tmp if keep else None)
 
 
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-k", dest="pattern", help="substring of id/category/description, or a glob on the id; "
@@ -1948,6 +1970,7 @@ def main(argv=None):
             print(f"{s['id']:4} {s['category']:12} {s['desc']}")
         print(f"{len(chosen)} probes")
         return
+    signal.signal(signal.SIGTERM, stop)  # `kill` of the harness still kills its probes and unmounts
     root = args.root or tempfile.mkdtemp(prefix="probe-")
     os.makedirs(root, exist_ok=True)
     t0 = time.time()
