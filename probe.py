@@ -1168,7 +1168,7 @@ RUN_DAMAGE = [
 ]
 
 for _id, _desc, _mention, _damage in RUN_DAMAGE:
-    probe(_id, "run-dir", f"--resume a run whose {_desc}: refused in one line", bad_input=True)(
+    probe(_id, "run-dir", f"--resume a run with {_desc}: refused in one line", bad_input=True)(
         damaged_run(_mention, _damage))
 
 
