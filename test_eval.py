@@ -386,6 +386,17 @@ def test_evaluate_skips_rows_longer_than_the_context(llm, tok, capsys):
     assert (s["n"], s["skipped"], s["tokens"]) == (2, 3, 8)
 
 
+def test_a_huge_question_is_skipped_without_tokenizing_it_whole(tok, monkeypatch, capsys):
+    rows = [{"id": i, "question": r["question"], "gold": "7"} for i, r in enumerate(tiny.problems(3, seed=4))]
+    rows[1]["question"] = "What is 3 + 4? " * 200_000  # 3 MB
+    seen, build = [], E.build_prompt
+    monkeypatch.setattr(E, "build_prompt", lambda t, q, task: seen.append(len(q)) or build(t, q, task))
+    kept, prompts, dropped = E.prompts_within(tok, rows, "gsm8k", 1024)
+    assert [r["id"] for r in kept] == [0, 2] and dropped == 1 and max(seen) < 1000
+    assert prompts == [build(tok, rows[i]["question"], "gsm8k") for i in (0, 2)]
+    assert "1 of 3 rows skipped: the question alone is longer than the context length 1024" in capsys.readouterr().err
+
+
 def test_sync_is_exact(llm, tok, tiny_dir):
     """After sync, vLLM's logprobs of a fixed sequence equal the HF TinyLoRA model's: catches transposed,
     sign-flipped or stale (prefix-cached) updates."""
@@ -655,6 +666,27 @@ def test_ctrl_c_during_eval_keeps_the_rows_scored_so_far(tiny_dir, tmp_path, cap
                 "--out", str(out), "--dtype", "float32"])
     assert e.value.code == 130 and "holds the rows scored so far" in capsys.readouterr().err
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [0, 1]  # the first batch, whole
+
+
+def test_an_engine_that_cannot_start_is_one_line_and_asks_only_for_the_context_it_needs(tiny_dir, tmp_path, capsys,
+                                                                                         monkeypatch):
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(3, seed=5))
+    asked = []
+
+    def fails(model, dtype, seed, memory, max_model_len, **k):  # as vLLM 0.24 did on a shared H200
+        asked.append(max_model_len)
+        raise AssertionError("Error in memory profiling. Initial free memory 72.07 GiB, current free memory 75.45 GiB.")
+    monkeypatch.setattr(E, "make_llm", fails)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", tiny_dir, "--data", data, "--max-new-tokens", "7"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"vLLM could not start: Error in memory profiling. Initial free "
+                                                 f"memory 72.07 GiB, current free memory 75.45 GiB. "
+                                                 f"(--gpu-memory-utilization 0.2, context {asked[0]})")
+    tok = E.load_tokenizer(tiny_dir)
+    longest = max(len(E.build_prompt(tok, r["question"], "gsm8k")) for r in tiny.problems(3, seed=5))
+    assert asked == [longest + 7]  # not the model's whole context
 
 
 def test_a_byte_order_mark_is_not_part_of_row_one(tmp_path):
