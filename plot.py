@@ -18,6 +18,7 @@ def plot(runs, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4))
     for run in runs:
@@ -33,15 +34,17 @@ def plot(runs, out):
         for key, (style, alpha) in EVALS.items():
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
-                mid.plot(*zip(*points), style, color=color, alpha=alpha,
-                         label=f"{label}: {key[5:].replace('_', '-')}")
+                mid.plot(*zip(*points), style, color=color, alpha=alpha)  # run by color, as on the left
         right.plot(steps, [r.get("dw_kept") for r in train], color=color, label=label)
     left.set(xlabel="GRPO step", ylabel="training reward", title="training reward (10-step mean)")
     mid.set(xlabel="GRPO step", ylabel="greedy pass@1", title="held-out greedy pass@1", ylim=(0, 1))
     right.set(xlabel="GRPO step", ylabel="<W' - W, dW> / |dW|^2",
               title="dw_kept: dW surviving bf16 rounding", ylim=(0, 1.1))
-    for ax, size in ((left, 7), (mid, 6), (right, 7)):
-        ax.legend(fontsize=size)
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    mid.legend([Line2D([], [], linestyle=style[1:], marker=style[0], color="gray", alpha=alpha)
+                for style, alpha in EVALS.values()],
+               [key[5:].replace("_", "-") for key in EVALS], fontsize=7, title="score", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
