@@ -550,6 +550,9 @@ def main(argv=None):
                 raise ValueError(f"--adapter {args.adapter!r}: not a readable TinyLoRA adapter ({e})") from e
         if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
             raise ValueError(f"--out {args.out}: its directory does not exist")
+        if args.out and (os.path.isdir(args.out) or not os.access(
+                args.out if os.path.exists(args.out) else os.path.dirname(os.path.abspath(args.out)), os.W_OK)):
+            raise ValueError(f"--out {args.out}: cannot be written (a directory, or a read-only place)")
         for flag, path in (("--data", args.data), ("--adapter", args.adapter)):
             if args.out and _same_file(args.out, path):
                 raise ValueError(f"--out {args.out} is the {flag} file: it would be overwritten; give another path")

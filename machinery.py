@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -44,6 +45,8 @@ RUN_FILES = ("args.json", "metrics.jsonl", "adapter.safetensors", "trainer_state
 
 def fail(msg):
     """Bad input: one line on stderr, exit code 2 (as argparse does)."""
+    for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar ends its line first
+        bar.close()
     print(f"train_grpo.py: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -239,8 +242,9 @@ def save_checkpoint(run_dir, model, state, extra):
         torch.save({**state, **extra}, tmp)  # tensors and plain values: torch.load(weights_only=True) reads it
         os.replace(tmp, os.path.join(run_dir, "trainer_state.pt"))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        fail(f"could not write the checkpoint of step {state['step']} to {run_dir} ({first_line(e)}); "
-             f"the previous checkpoint there is intact")
+        free = shutil.disk_usage(run_dir).free // 1024  # torch's own message may not say "disk full"
+        fail(f"could not write the checkpoint of step {state['step']} to {run_dir} ({first_line(e)}; "
+             f"{free} KiB free there); the previous checkpoint there is intact")
 
 
 def logged(path):

@@ -1732,6 +1732,8 @@ def _(c):
     wait_until(lambda: "grpo:" in p2.stderr(), p2, timeout=TIMEOUT["hf"], poll=0.05)
     overlap = p1.alive()  # the live run was still going when the resumer began its steps (or ended)
     r2, r1 = p2.wait(TIMEOUT["hf"]), p1.wait(TIMEOUT["hf"])
+    planned = re.search(r"steps \d+ -> (\d+)", r1.out)  # --steps past the epochs stops at their end
+    n = int(planned.group(1)) if planned else n
     steps = steps_of(run)
     n_lines = complete_lines(os.path.join(run, "metrics.jsonl"))
     note = f"the live run exit {r1.rc}, the resumer exit {r2.rc}; metrics.jsonl {n_lines} lines"
@@ -1793,7 +1795,7 @@ def _(c):
     elif r.rc == 0:
         findings.append(("wrong", note + "; exit 0 on a full disk"))
     else:
-        findings.append(judge_refusal(r, True, "space|disk|full"))
+        findings.append(judge_refusal(r, True, "space|disk|full", heavy_ok=True))  # it fills mid-run
     os.remove(os.path.join(disk, "filler"))
     res = c.train("--resume", run)
     bad = judge_failure(res)

@@ -651,6 +651,22 @@ def test_cli_never_writes_out_over_its_data_or_adapter(tiny_dir, tmp_path, capsy
     assert open(data).read() == before
 
 
+def test_cli_refuses_an_out_it_cannot_write_before_loading(tmp_path, capsys, monkeypatch):
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(3, seed=5))
+    refuse_model_loads(monkeypatch)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", "unused", "--data", data, "--out", str(tmp_path / "adir")])
+    assert e.value.code == 2 and "cannot be written (a directory, or a read-only place)" in capsys.readouterr().err
+    ro = str(tmp_path / "ro")  # a read-only mount, as the OS reports it (root may write anywhere else)
+    os.mkdir(ro)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if path == ro else access(path, mode))
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", "unused", "--data", data, "--out", os.path.join(ro, "out.jsonl")])
+    assert e.value.code == 2 and "cannot be written" in capsys.readouterr().err
+
+
 def test_ctrl_c_during_eval_keeps_the_rows_scored_so_far(tiny_dir, tmp_path, capsys, monkeypatch):
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(6, seed=5))
     out, calls, generate_hf = tmp_path / "out.jsonl", [], E.generate_hf

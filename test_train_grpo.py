@@ -701,7 +701,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_stays(t
     with pytest.raises(SystemExit) as e:
         train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "3"), length_reward)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "could not write the checkpoint of step 2" in err and "is intact" in err
+    assert e.value.code == 2 and "could not write the checkpoint of step 2" in err and "KiB free there); the previous" in err
     assert err.count("error:") == 1 and "Traceback" not in err
     assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 1
 
@@ -735,6 +735,17 @@ def test_warnings_made_errors_do_not_break_a_run(tiny_dir, data, tmp_path, backe
                        env=env)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert [x["step"] for x in metrics(tmp_path / "run")] == [1]
+
+
+def test_an_error_during_the_steps_starts_on_its_own_line(capsys):
+    """A failure under the progress bar (a full disk at a checkpoint) is the last line, whole."""
+    from tqdm import tqdm
+    steps = iter(tqdm(range(5), desc="grpo"))
+    next(steps)
+    with pytest.raises(SystemExit) as e:  # while the bar is open, as in the loop
+        machinery.fail("no space left on the device")
+    lines = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and lines[-1] == "train_grpo.py: error: no space left on the device", lines[-2:]
 
 
 def test_an_error_is_told_by_its_informative_line():
