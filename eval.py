@@ -277,14 +277,22 @@ def score(task, completion, gold):
 # 2. the engine: vLLM in-process (with weight sync), the Hugging Face generate fallback
 
 
-def check_vllm_runs(config):
-    """Raises ValueError unless vLLM has a model class for the config's architecture (checked before
-    any weights load; vLLM never runs a model's own code, its auto_map)."""
+def import_vllm():
+    """vllm, with its engine in this process (for sync_weights) and its own deprecation warnings
+    kept from becoming the user's errors (PYTHONWARNINGS=error)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        from vllm import ModelRegistry
-    known = ModelRegistry.get_supported_archs()
+        import vllm
+        import vllm.model_executor.layers.utils
+        import vllm.platforms
+    return vllm
+
+
+def check_vllm_runs(config):
+    """Raises ValueError unless vLLM has a model class for the config's architecture (checked before
+    any weights load; vLLM never runs a model's own code, its auto_map)."""
+    known = import_vllm().ModelRegistry.get_supported_archs()
     for arch in getattr(config, "architectures", None) or []:
         if arch not in known:
             custom = " (its own code, auto_map, is not run)" if getattr(config, "auto_map", None) else ""
@@ -295,12 +303,8 @@ def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_
              **engine_args):
     """An in-process vLLM engine, so that its torch model is reachable for sync_weights.
     engine_args go to vllm.LLM as they are (e.g. kv_cache_memory_bytes)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    with warnings.catch_warnings():  # vLLM's deprecation warnings are its own, not the user's errors
-        warnings.simplefilter("default")
-        import vllm
-        import vllm.model_executor.layers.utils as vllm_utils
-        from vllm.platforms import current_platform
+    vllm = import_vllm()
+    vllm_utils, current_platform = vllm.model_executor.layers.utils, vllm.platforms.current_platform
 
     dispatch = vllm_utils.dispatch_cpu_unquantized_gemm
     if weight_sync and current_platform.is_cpu():
@@ -603,9 +607,8 @@ def main(argv=None):
         try:
             llm = make_llm(args.model, args.dtype, args.seed, memory, context, weight_sync=bool(args.adapter))
         except Exception as e:  # no memory left for its KV cache, another process's memory moved while it measured
-            lines = [x for x in str(e).strip().splitlines() if x.strip() and not x.startswith("For further")]
-            p.error(f"vLLM could not start: {lines[-1] if lines else type(e).__name__} "
-                    f"(--gpu-memory-utilization {memory}, context {context})")
+            p.error(f"vLLM could not start: {first_line(e)} (--gpu-memory-utilization {memory}, "
+                    f"context {context})")
         if args.adapter:
             sync_weights(llm, tinylora.merged_weights(model))  # W + dW of the adapted modules, nothing else
             model = None
@@ -648,6 +651,14 @@ class QuietStdout:
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
+
+
+def first_line(e):
+    """The line of an exception's message that says what went wrong (pydantic, which vLLM's config
+    uses, ends its messages with a link; tracebacks of subprocesses end with blank lines)."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    lines = [x for x in lines if not x.startswith("For further information")] or [type(e).__name__]
+    return lines[-1]
 
 
 def warning_as_error(w):

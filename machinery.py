@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import eval as task
 import tinylora
+from eval import first_line  # shared with eval.py's command line
 
 # Options that say how to run, not what to train: --resume takes them from its own command line;
 # every other option is the run's recipe and comes from its args.json (checked against the
@@ -49,14 +50,6 @@ def fail(msg):
         bar.close()
     print(f"train_grpo.py: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def first_line(e):
-    """The line of an exception's message that says what went wrong (pydantic, which vLLM's config
-    uses, ends its messages with a link; tracebacks of subprocesses end with blank lines)."""
-    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-    lines = [x for x in lines if not x.startswith("For further information")] or [type(e).__name__]
-    return lines[-1]
 
 
 def check_args(args, world=1):
