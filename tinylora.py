@@ -405,6 +405,8 @@ def load_svd(linears, r, fp, cache_dir):
         except Exception as e:  # truncated, edited or foreign file: never apply it, replace it
             warnings.warn(f"SVD cache {path} is unusable ({e}); recomputing it")
     out = [tuple(x.cpu() for x in svd_top_r(lin.weight, r)) for lin in linears]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the SVDs' workspace goes back before a vLLM engine measures free memory
     if path:
         tensors = {f"{i}.{k}": x for i, usv in enumerate(out) for k, x in zip("USV", usv)}
         tmp = f"{path}.{os.getpid()}.tmp"  # one temp file per process: torchrun ranks write at once
