@@ -77,7 +77,7 @@ def svd_top_r(W, r):
     Contiguous, as a reload from the cache is: strided copies would round products differently.
     On the GPU when there is one, even for a model on the CPU (eval.py's for vLLM): a 1.5B model's
     196 SVDs ran over 6 minutes on 16 CPU cores; on an H200 a whole 200-row eval took 68 s."""
-    dev = "cuda" if torch.cuda.is_available() else W.device
+    dev = "cuda" if torch.cuda.is_available() and not W.is_cuda else W.device  # a rank's GPU stays its own
     U, S, Vh = torch.linalg.svd(W.detach().to(dev).float(), full_matrices=False)
     U, V = canonical_signs(U[:, :r], Vh[:r].T)
     return tuple(x.to(W.device).contiguous() for x in (U, S[:r], V))
