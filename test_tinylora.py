@@ -1,11 +1,12 @@
 """Tests of the TinyLoRA parameterization (tinylora.py): counts, shapes, gradients, equivalences.
 
 Each test is named after the claim it proves. All run on the CPU in seconds with a tiny
-random Qwen2 built in code (tiny.py, fixture `tiny_dir` in conftest.py).
+random Qwen2 built in code (tests/tiny.py, fixture `tiny_dir` below).
 
     python -m pytest test_tinylora.py
 """
 import json
+import re
 import os
 import subprocess
 import sys
@@ -21,6 +22,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEVICE = os.environ.get("TEST_DEVICE", "cpu")  # TEST_DEVICE=cuda runs these tests on a GPU
 TOKENS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]], device=DEVICE)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Path of a saved tiny Qwen2 model + tokenizer (fp32, random weights)."""
+    import tiny  # tests/tiny.py: pytest.ini puts tests/ on the path
+
+    return tiny.make_model_dir(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 def load(tiny_dir, dtype=torch.float32, device=DEVICE):
@@ -334,7 +343,10 @@ def test_a_change_of_v_reaches_every_module_whatever_the_targets_order(tiny_dir,
     torch.testing.assert_close(logits(model), logits(fresh), atol=1e-5, rtol=1e-5)
 
 
-COPY_ALONE = ("canonical_signs", "svd_top_r", "round_stochastic", "VWatch", "KeptLinear", "TinyLoRALinear")
+def copy_list():
+    """The names README.md says to copy for the layer on its own."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    return re.findall(r"`(\w+)`", re.search(r"Copy from `tinylora.py`: (.*?) \(torch only\)", text, re.S).group(1))
 
 
 @pytest.mark.parametrize("keep_merged", [True, False])
@@ -346,8 +358,9 @@ def test_the_layer_copied_alone_follows_v_in_a_plain_training_loop(keep_merged):
     import math
     import torch.nn.functional as F
     code = {"torch": torch, "nn": torch.nn, "F": F, "math": math}
-    for name in COPY_ALONE:
-        exec(inspect.getsource(getattr(tinylora, name)), code)
+    for name in copy_list():
+        obj = getattr(tinylora, name)
+        exec(f"{name} = {obj!r}" if isinstance(obj, (int, float)) else inspect.getsource(obj), code)
     torch.manual_seed(0)
     base = torch.nn.Linear(32, 24)
     v = torch.nn.Parameter(torch.zeros(1, 4))
@@ -624,3 +637,84 @@ def test_adapter_trained_on_gpu_gives_the_same_model_on_cpu(tiny_dir, tmp_path):
     base = logits(load(tiny_dir, device="cpu"))
     assert (logits(cpu) - base).abs().max() > 0.1  # the adapter matters...
     torch.testing.assert_close(logits(cpu), logits(gpu).cpu(), atol=1e-3, rtol=1e-3)  # ...and is the same model
+
+
+# -----------------------------------------------------------------------------
+# README's code: the snippet runs, and the layer copied by README's list is the module's
+
+
+def readme_block(after):
+    """The first ```python block of README.md after the line containing `after`."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    return re.search(r"```python\n(.*?)```", text[text.index(after):], re.S).group(1)
+
+
+def test_readme_snippet_runs_as_written(tiny_dir, tmp_path, monkeypatch):
+    """README's "Use TinyLoRA in your own code", with the tiny model for the hub id: it trains, saves
+    52 bytes of v, reloads them into a fresh model and exports both ways."""
+    code = readme_block("## Use TinyLoRA in your own code").replace("Qwen/Qwen2.5-0.5B-Instruct", tiny_dir)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code, scope)
+    v, base = scope["v"], scope["base"]
+    assert v.shape == (1, 13) and (v != 0).all()  # one optimizer step moved every number
+    assert os.path.getsize("adapter.safetensors") < 4096 and load_file("adapter.safetensors")["v"].numel() == 13
+    assert os.path.exists("lora/adapter_model.safetensors") and os.path.exists("merged/config.json")
+    merged = AutoModelForCausalLM.from_pretrained("merged").eval()
+    model = scope["model"].eval()
+    torch.testing.assert_close(logits(merged), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_the_layer_copied_by_readmes_list_is_the_modules(tiny_dir):
+    """Exactly the names README lists for "the layer on its own", copied into fresh code (torch only),
+    then README's two lines: the layer's P (its scale included) and dW equal tinylora.apply's for
+    the same module and v, bit for bit, and its output is the adapted model's layer output."""
+    import copy
+    import inspect
+    import math
+    import torch.nn.functional as F
+    code = {"torch": torch, "nn": torch.nn, "F": F, "math": math}
+    for name in copy_list():
+        obj = getattr(tinylora, name)
+        exec(f"{name} = {obj!r}" if isinstance(obj, (int, float)) else inspect.getsource(obj), code)
+    model = load(tiny_dir)
+    q = model.model.layers[0].self_attn.q_proj  # module index 0 in apply's order
+    code["linear"] = copy.deepcopy(q)
+    exec(readme_block("**The layer on its own.**"), code)
+    layer, v = code["layer"], code["v"]
+    ref = tinylora.apply(model, u=13, seed=0, cache_dir=None, verbose=False)
+    randomize(ref)
+    with torch.no_grad():
+        v.copy_(ref[0])
+    mine = model.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.P, mine.P) and torch.equal(layer.delta_weight(), mine.delta_weight())
+    x = torch.randn(3, q.in_features)
+    assert torch.equal(layer(x), mine(x))
+
+
+def test_a_v_of_shape_u_is_one_tie_group():
+    """TinyLoRALinear(linear, v) with v of shape (u,) is the layer with v of shape (1, u)."""
+    torch.manual_seed(0)
+    base, P = torch.nn.Linear(16, 12), tinylora.make_P(0, 0, 5, 2)
+    v1 = torch.nn.Parameter(torch.randn(5) * 0.1)
+    v2 = torch.nn.Parameter(v1.detach().clone()[None])
+    x = torch.randn(4, 16)
+    a, b = tinylora.TinyLoRALinear(base, v1, P), tinylora.TinyLoRALinear(base, v2, P)
+    assert torch.equal(a(x), b(x))
+    a(x).sum().backward()
+    b(x).sum().backward()
+    assert v1.grad.shape == (5,) and torch.equal(v1.grad, v2.grad[0])
+    with pytest.raises(ValueError, match=r"v must be \(u,\) or \(groups, u\) and P \(u, r, r\) with the same u"):
+        tinylora.TinyLoRALinear(base, torch.nn.Parameter(torch.zeros(4)), P)
+
+
+def test_save_pretrained_of_an_adapted_model_names_the_ways_to_save(tiny_dir, tmp_path):
+    """Hugging Face's save_pretrained cannot write v (shared by every layer): one line says what can."""
+    model = load(tiny_dir)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    with pytest.raises(ValueError) as e:
+        model.save_pretrained(str(tmp_path / "m"))
+    assert "tinylora.save" in str(e.value) and "tinylora.export_merged" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1 and not (tmp_path / "m").exists()
+    tinylora.export_merged(model, str(tmp_path / "merged"))  # the class's own save_pretrained again
+    assert (tmp_path / "merged" / "config.json").exists()

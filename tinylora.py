@@ -112,8 +112,9 @@ def require(ok, msg):
 
 
 # -----------------------------------------------------------------------------
-# the adapted layer. To copy it into other code, take svd_top_r, canonical_signs, round_stochastic,
-# VWatch, KeptLinear and TinyLoRALinear: torch only, correct on their own.
+# the adapted layer. To copy it into other code, take ALPHA, p_std, make_P, canonical_signs,
+# svd_top_r, round_stochastic, VWatch, KeptLinear and TinyLoRALinear: torch only, correct on their
+# own (README, "The layer on its own"; a test copies exactly that list).
 
 
 class VWatch:
@@ -171,7 +172,9 @@ def round_stochastic(x, seed):
 class TinyLoRALinear(nn.Module):
     """A frozen nn.Linear adapted to W' = W + U diag(S) R V^T, R = sum_i v[group]_i P_i.
 
-    v (n_groups, u) is a Parameter shared by the layers of a model; this layer uses row `group`.
+    v (n_groups, u) is a Parameter shared by the layers of a model; this layer uses row `group` (a
+    v of shape (u,) is one group). P (u, r, r): make_P(seed, index, u, r), whose scale makes the
+    paper's learning rates apply (a plain torch.randn(u, r, r) is 4.4x smaller at u = 13, r = 2).
     usv: (U, S, V) if computed already (e.g. from a cache), else the SVD is computed here.
 
     keep_merged=False is the definition, per call: y = x W^T + ((x V) R^T diag(S)) U^T + b (dW is
@@ -187,6 +190,10 @@ class TinyLoRALinear(nn.Module):
     def __init__(self, base, v, P, group=0, usv=None, keep_merged=True, v_dtype=torch.float32,
                  round_seed=None, watch=None):
         super().__init__()
+        if not (v.dim() in (1, 2) and P.dim() == 3 and v.shape[-1] == P.shape[0] == len(P) and
+                P.shape[1] == P.shape[2]):
+            raise ValueError(f"TinyLoRALinear: v must be (u,) or (groups, u) and P (u, r, r) with the "
+                             f"same u; got v {tuple(v.shape)}, P {tuple(P.shape)}")
         U, S, V = usv if usv is not None else svd_top_r(base.weight, P.shape[1])
         self.base, self.v, self.group, self.v_dtype = base, v, group, v_dtype
         self.keep_merged, self.round_seed = keep_merged, round_seed
@@ -203,7 +210,7 @@ class TinyLoRALinear(nn.Module):
 
     def v_row(self):
         """This layer's v (u,), fp32, as the forward sees it: rounded to v_dtype."""
-        v = self.v[self.group]
+        v = self.v if self.v.dim() == 1 else self.v[self.group]
         if self.v_dtype != torch.float32:
             v = v + (v.to(self.v_dtype).float() - v).detach()
         return v
@@ -302,12 +309,20 @@ def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_
     # model: Hugging Face's model.dtype is its first parameter's dtype, and must stay the base dtype
     # (the dtype vLLM is started in), not v's fp32.
     object.__setattr__(model, "tinylora_v", v)
+    if hasattr(model, "save_pretrained"):  # it would fail on v, shared by every adapted layer
+        object.__setattr__(model, "save_pretrained", _save_pretrained_refused)
     model.tinylora_config = dict(u=u, r=r, n_tie=len(names) if n_tie is None else n_tie, tie=tie,
                                  targets=list(targets), seed=seed, v_dtype=v_dtype, p_scale=P_SCALE,
                                  rounding=rounding, modules=names, fingerprint=fp)
     if verbose:
         print(describe(model))
     return v
+
+
+def _save_pretrained_refused(*args, **kwargs):
+    raise ValueError("this model has TinyLoRA applied: tinylora.save(model, 'adapter.safetensors') "
+                     "writes its adapter (v + config, bytes), tinylora.export_merged(model, dir) a plain "
+                     "checkpoint with W + dW merged")
 
 
 def adapted_layers(model):
@@ -522,6 +537,7 @@ def merge_and_unload(model):
     if named and named[0][1].watch.hook:
         named[0][1].watch.hook.remove()
     del model.tinylora_v, model.tinylora_config
+    model.__dict__.pop("save_pretrained", None)  # the class's own again
     return model
 
 

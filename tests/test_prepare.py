@@ -2,7 +2,7 @@
 packages, pip download), the GGUF -> bf16 conversion on a real GGUF written here, the command
 line's refusals, and the smollm2 task rows (unchanged since they were first written). And plot.py.
 
-    python -m pytest test_prepare.py      # ~15 s on a 2-core CPU, offline
+    python -m pytest tests/test_prepare.py      # ~15 s on a 2-core CPU, offline
 """
 import hashlib
 import json
@@ -20,6 +20,7 @@ import prepare
 import tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # the repository
 N = prepare.QWEN_PARTS
 
 # -----------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def test_smollm2_route_writes_the_model_and_the_task(tmp_path, vocab, monkeypatc
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), *args],
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare.py"), *args],
                           capture_output=True, text=True, timeout=60)
 
 
