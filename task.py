@@ -29,7 +29,7 @@ SCORES = ("strict", "flexible", "math_verify")  # the columns of a pass@1 evalua
 
 
 def load_rows(data, split="test", limit=None):
-    """(rows [{"id", "question", "gold"}], n_skipped, task) from a hub name or a .jsonl path (its
+    """(rows [{"id", "question", "gold", "answer"}], n_skipped, task) from a hub name or a .jsonl path (its
     first row's fields tell the task). id: the 0-based row / line index. Rows without a question or
     a usable gold are skipped, noted and counted."""
     task = task_of(data)
@@ -46,7 +46,7 @@ def load_rows(data, split="test", limit=None):
         q, a = (r.get(QUESTION[task]), r.get("answer")) if isinstance(r, dict) else (None, None)
         gold = None if a is None else gold_of(task, a)
         if isinstance(q, str) and q.strip() and gold:
-            rows.append({"id": i, "question": q, "gold": gold})
+            rows.append({"id": i, "question": q, "gold": gold, "answer": str(a)})  # answer: SFT's target
         else:
             note(f"{data}: {unit} {i + 1}: no {QUESTION[task]} or no usable gold answer; skipped")
             skipped += 1
@@ -104,11 +104,15 @@ def load_tokenizer(model):
     return tok
 
 
-def build_prompt(tokenizer, question, task="gsm8k"):
-    """Token ids of the chat-templated prompt: the question, a space, the task's instruction (as the
+def messages(question, task="gsm8k"):
+    """The chat of a prompt: one user turn, the question, a space, the task's instruction (as the
     paper authors' data preprocessing writes it)."""
-    messages = [{"role": "user", "content": question + " " + INSTRUCTION[task]}]  # one space
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+    return [{"role": "user", "content": question + " " + INSTRUCTION[task]}]  # one space
+
+
+def build_prompt(tokenizer, question, task="gsm8k"):
+    """Token ids of the chat-templated prompt, ready for the assistant's answer."""
+    ids = tokenizer.apply_chat_template(messages(question, task), add_generation_prompt=True, tokenize=True,
                                         return_dict=False)
     return list(ids)
 

@@ -57,11 +57,15 @@ def check_args(args, world=1):
     def need(ok, msg):
         if not ok:
             fail(msg)
-    need(args.group_size >= 2, f"--group-size {args.group_size}: GRPO needs >= 2 samples per prompt")
-    need(args.prompts_per_step >= 1 and args.mini_batch >= 1, "--prompts-per-step and --mini-batch must be >= 1")
-    need(args.prompts_per_step % args.mini_batch == 0,
-         f"--prompts-per-step {args.prompts_per_step} is not a multiple of --mini-batch {args.mini_batch}")
-    need(args.mini_batch % world == 0, f"--mini-batch {args.mini_batch} is not divisible by {world} ranks")
+    grpo = "group_size" in vars(args)  # train_grpo.py's options; train_sft.py has --batch instead
+    if grpo:
+        need(args.group_size >= 2, f"--group-size {args.group_size}: GRPO needs >= 2 samples per prompt")
+        need(args.prompts_per_step >= 1 and args.mini_batch >= 1, "--prompts-per-step and --mini-batch must be >= 1")
+        need(args.prompts_per_step % args.mini_batch == 0,
+             f"--prompts-per-step {args.prompts_per_step} is not a multiple of --mini-batch {args.mini_batch}")
+        need(args.mini_batch % world == 0, f"--mini-batch {args.mini_batch} is not divisible by {world} ranks")
+    else:
+        need(args.batch >= 1 and args.batch % world == 0, f"--batch {args.batch} must be >= 1 and divisible by {world} ranks")
     need(args.u >= 1 and args.r >= 1, f"--u {args.u} and --r {args.r} must be >= 1")
     need(args.n_tie is None or args.n_tie >= 1, f"--n-tie {args.n_tie} must be >= 1")
     need(args.steps is None or args.steps >= 1, f"--steps {args.steps} must be >= 1 (omit it to train all epochs)")
@@ -71,21 +75,24 @@ def check_args(args, world=1):
     need(not args.wandb or importlib.util.find_spec("wandb"), "--wandb needs the wandb package (pip install wandb)")
     need(not os.path.isfile(args.svd_cache or ""), f"--svd-cache {args.svd_cache} is a file, not a directory")
     need(args.epochs > 0, f"--epochs {args.epochs} must be > 0")
-    need(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be >= 1")
-    need(args.temperature > 0, f"--temperature {args.temperature} must be > 0 (GRPO learns from sampled rollouts)")
+    if grpo:
+        need(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+        need(args.temperature > 0, f"--temperature {args.temperature} must be > 0 (GRPO learns from sampled rollouts)")
     need(args.lr > 0 and args.weight_decay >= 0 and args.grad_clip > 0,
          f"--lr {args.lr} and --grad-clip {args.grad_clip} must be > 0, --weight-decay {args.weight_decay} >= 0")
     need(0 <= args.warmup < 1, f"--warmup {args.warmup} must be in [0, 1)")
-    need(0 <= args.clip_low < 1 and args.clip_high >= 0 and args.tis_cap >= 1,
-         f"--clip-low {args.clip_low} must be in [0, 1), --clip-high {args.clip_high} >= 0, --tis-cap {args.tis_cap} >= 1")
-    need(0 < args.gpu_memory_utilization < 1, f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in (0, 1)")
+    if grpo:
+        need(0 <= args.clip_low < 1 and args.clip_high >= 0 and args.tis_cap >= 1, f"--clip-low {args.clip_low} must be "
+             f"in [0, 1), --clip-high {args.clip_high} >= 0, --tis-cap {args.tis_cap} >= 1")
+        need(0 < args.gpu_memory_utilization < 1, f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in (0, 1)")
+        need(args.eval_every >= 0 and args.eval_limit >= 1, "--eval-every must be >= 0, --eval-limit >= 1")
     need(args.micro_tokens is None or args.micro_tokens >= 1, f"--micro-tokens {args.micro_tokens} must be >= 1")
-    need(args.save_every >= 0 and args.eval_every >= 0 and args.eval_limit >= 1,
-         "--save-every and --eval-every must be >= 0, --eval-limit >= 1")
+    need(args.save_every >= 0, "--save-every must be >= 0")
     need(args.max_model_len is None or args.max_model_len >= 2, f"--max-model-len {args.max_model_len} must be >= 2")
-    for path in (args.data, args.eval_data if args.eval_every else "gsm8k"):
+    eval_data = args.eval_data if getattr(args, "eval_every", 0) else None
+    for path in (args.data, eval_data or "gsm8k"):
         need(path in task.HUB or os.path.isfile(path), f"cannot read data file {path} (expected gsm8k, math500 or a .jsonl)")
-    need(not task.needs_math_verify(args.data, args.eval_data if args.eval_every else None)
+    need(not task.needs_math_verify(args.data, eval_data)
          or importlib.util.find_spec("math_verify"), "MATH data is judged by math-verify: pip install math-verify")
 
 
@@ -290,24 +297,26 @@ class Run:
             fail(f"{e} (--u, --r, --n-tie, --tie, --targets, --max-model-len for {args.model})")
         try:
             self.tokenizer = task.load_tokenizer(args.model)
-            if args.backend == "vllm":
+            if getattr(args, "backend", None) == "vllm":
                 engine.check_vllm_runs(meta.config)
         except ValueError as e:
             fail(f"--model {args.model}: {e}")
-        self.rows, skipped, self.task_name = load_data(args, self.tokenizer, args.data, "train", args.prompts_per_step)
+        per_step = args.prompts_per_step if "prompts_per_step" in vars(args) else args.batch  # rows per step
+        self.rows, skipped, self.task_name = load_data(args, self.tokenizer, args.data, "train", per_step)
         self.extra = dict(recipe=recipe(args), data=data_hash(self.rows))
         if state and state.get("data") not in (None, self.extra["data"]):
             fail(f"--data {args.data}: not the rows this run was trained on (other rows, another order, or a "
                  f"--max-model-len that skips others; hash {self.extra['data']}, the run's {state['data']})")
-        if args.eval_every:
+        if getattr(args, "eval_every", 0):
             self.eval_rows, _, self.eval_task_name = load_data(args, self.tokenizer, args.eval_data, "test", 1,
                                                           args.eval_limit)
-        self.steps_per_epoch = len(self.rows) // args.prompts_per_step
+        self.steps_per_epoch = len(self.rows) // per_step
         schedule = int(args.epochs * self.steps_per_epoch)  # the lr schedule's length, whatever --steps says
         if schedule < 1:
             fail(f"--epochs {args.epochs} of {self.steps_per_epoch} steps each is less than one step")
         self.last = min(schedule, args.steps or schedule)
-        self.warmup_updates = max(1, round(args.warmup * schedule * (args.prompts_per_step // args.mini_batch)))
+        updates = args.prompts_per_step // args.mini_batch if "mini_batch" in vars(args) else 1  # per step
+        self.warmup_updates = max(1, round(args.warmup * schedule * updates))
         self.args, self.adapter = args, os.path.join(args.run_dir, "adapter.safetensors")
         self.done = bool(self.start) and self.start >= self.last
         if self.rank == 0:
@@ -321,17 +330,18 @@ class Run:
                 print(f"data: {len(self.rows)} {self.task_name} rows ({skipped} skipped), {self.steps_per_epoch} steps "
                       f"per epoch, steps {self.start} -> {self.last}, run dir {args.run_dir}")
         if torch.cuda.is_available() and not self.done:
-            check_memory(args, meta, names, min(args.max_model_len, 512 + args.max_new_tokens))
+            check_memory(args, meta, names, min(args.max_model_len, 512 + getattr(args, "max_new_tokens", 512)))
 
     def steps(self):
         """The steps to run, with a progress bar; the state at the start of each is kept for a rollback."""
-        bar = tqdm(range(self.start, self.last), initial=self.start, total=self.last, desc="grpo",
-                   disable=self.rank != 0)
+        bar = tqdm(range(self.start, self.last), initial=self.start, total=self.last,
+                   desc="grpo" if "group_size" in vars(self.args) else "sft", disable=self.rank != 0)
         for step in bar:
             self.state = capture(step, self.v, self.opt, self.sched)
             yield step
             m = self.last_metrics
-            bar.set_postfix(reward=f"{m['reward']:.3f}", mismatch=f"{m['mismatch']:.1e}", v=f"{m['v_norm']:.2e}")
+            shown = dict(reward=".3f", mismatch=".1e", loss=".4f", v_norm=".2e")
+            bar.set_postfix({k.removesuffix("_norm"): format(m[k], f) for k, f in shown.items() if k in m})
 
     @contextlib.contextmanager
     def checkpointed(self, model, v, opt, sched, sync, generate):
@@ -357,7 +367,7 @@ class Run:
             else:  # written once the weights and the engine are up: a failed start leaves no run behind
                 write_args(args)
                 save_checkpoint(args.run_dir, model, capture(0, v, opt, sched), self.extra)
-                if args.eval_every:
+                if getattr(args, "eval_every", 0):
                     log(self.metrics_path, dict(step=0, **self.evaluate()), self.wandb)
         self.state = self.after = capture(self.start, v, opt, sched)
         try:
@@ -384,16 +394,21 @@ class Run:
         return m
 
     def log_step(self, step, m, rewards, samples):
+        """GRPO's step: its rewards and tokens added to the trainer's metrics, then finish_step."""
+        m.update(reward=sum(rewards) / len(rewards), accuracy=sum(x == 1.0 for x in rewards) / len(rewards),
+                 tokens=sum(len(s["logp_vllm"]) for s in samples))
+        self.finish_step(step, m)
+
+    def finish_step(self, step, m):
         """The step's metrics (over all ranks), a periodic eval, the metrics line, a periodic checkpoint."""
         args, v = self.args, self.v
-        m.update(step=step + 1, epoch=step / self.steps_per_epoch, reward=sum(rewards) / len(rewards),
-                 accuracy=sum(x == 1.0 for x in rewards) / len(rewards), v_norm=v.norm().item(),
-                 dw_kept=tinylora.dw_kept(self.model), tokens=sum(len(s["logp_vllm"]) for s in samples),
+        m.update(step=step + 1, epoch=step / self.steps_per_epoch, v_norm=v.norm().item(),
+                 dw_kept=tinylora.dw_kept(self.model),
                  peak_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0)
         m = all_mean(m, self.world, v.device, v)
         if v.numel() <= 64:  # the few trained numbers themselves, step by step
             m["v"] = v.detach().flatten().tolist()
-        if self.rank == 0 and args.eval_every and (step + 1) % args.eval_every == 0:
+        if self.rank == 0 and getattr(args, "eval_every", 0) and (step + 1) % args.eval_every == 0:
             m.update(self.evaluate())
         self.after = capture(step + 1, v, self.opt, self.sched)  # before the line: once written, it is kept
         if self.rank == 0:
@@ -417,9 +432,10 @@ def evaluate(args, generate, tokenizer, rows, task_name):
 
 
 def final_line(args, steps, first, last, v):
-    """The one line a run ends with."""
+    """The one line a run ends with (GRPO: the reward's first and last step; SFT: the loss's)."""
     f = lambda m, k, fmt: format(m[k], fmt) if m and m.get(k) is not None else "-"
-    return (f"done: {steps} steps, reward {f(first, 'reward', '.3f')} -> {f(last, 'reward', '.3f')}, "
+    key, fmt = ("reward", ".3f") if "group_size" in vars(args) else ("loss", ".4f")
+    return (f"done: {steps} steps, {key} {f(first, key, fmt)} -> {f(last, key, fmt)}, "
             f"mismatch {f(last, 'mismatch', '.2e')}, dw_kept {f(last, 'dw_kept', '.2f')}, |v| {v.norm().item():.3e}, "
             f"{v.numel()} params ({v.numel() * tinylora.V_DTYPES[args.v_dtype].itemsize} bytes), "
             f"s/step {f(last, 't_step', '.1f')}, adapter {args.run_dir}/adapter.safetensors")
@@ -589,7 +605,8 @@ def check_memory(args, meta, names, longest):
     total = torch.cuda.mem_get_info()[1]
     need = {"trainer weights": sum(p.numel() for p in named.values()) * nbytes,
             "kept W + dW": 0 if args.low_memory else sum(named[f"{n}.weight"].numel() for n in names) * nbytes,
-            "vLLM (--gpu-memory-utilization)": args.gpu_memory_utilization * total if args.backend == "vllm" else 0,
+            "vLLM (--gpu-memory-utilization)": args.gpu_memory_utilization * total
+            if getattr(args, "backend", None) == "vllm" else 0,
             f"activations of one {longest}-token sequence": longest * activation_bytes(meta.config, nbytes, True)
             + logits_chunk(meta.config.vocab_size) * meta.config.vocab_size * 10,
             "CUDA context and workspaces": 2 * 2**30}
@@ -720,7 +737,7 @@ def main(train, parse_args):
         raise SystemExit(130)  # interrupted, state saved: a non-zero exit stops a script chaining runs
     except Warning as w:  # only raised when the user made warnings errors
         fail(warning_as_error(w))
-    if ddp and args.backend == "hf":  # with vLLM, its engine tears the process groups down at exit
+    if ddp and getattr(args, "backend", "hf") == "hf":  # with vLLM, its engine tears the process groups down at exit
         dist.destroy_process_group()
 
 

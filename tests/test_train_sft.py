@@ -1,0 +1,116 @@
+"""Tests of train_sft.py: the paper's SFT baseline with the same TinyLoRA as GRPO, on the tiny model.
+
+    python -m pytest tests/test_train_sft.py      # ~1 minute on a 2-core CPU
+"""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import eval as E
+import task
+import tiny
+import tinylora
+import train_grpo
+import train_sft
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny.write_jsonl(str(tmp_path_factory.mktemp("sft") / "train.jsonl"), tiny.problems(64, seed=1))
+
+
+def sft_args(tiny_dir, data, run_dir, *extra):
+    return train_sft.parse_args(["--model", tiny_dir, "--data", data, "--run-dir", str(run_dir), "--batch", "8",
+                                 "--svd-cache", "", "--save-every", "0", *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def test_the_target_is_the_templates_answer_turn_without_calculator_notes(tiny_dir):
+    tok = task.load_tokenizer(tiny_dir)
+    row = {"question": "What is 3 + 4?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}
+    row["prompt_ids"] = task.build_prompt(tok, row["question"])
+    ids = train_sft.target_ids(tok, row)
+    assert tok.decode(ids) == "3 + 4 = 7\n#### 7<|im_end|>" and ids[-1] == tok.eos_token_id
+    kept = train_sft.target_ids(tok, row, keep_calculator=True)
+    assert tok.decode(kept) == "3 + 4 = <<3+4=7>>7\n#### 7<|im_end|>"
+    full = tok.apply_chat_template(task.messages(row["question"]) + [{"role": "assistant", "content": "3 + 4 = 7\n"
+                                   "#### 7"}], tokenize=True, return_dict=False)
+    assert list(full[:len(row["prompt_ids"]) + len(ids)]) == row["prompt_ids"] + ids  # prompt, then the answer
+
+
+def test_the_loss_is_the_answer_tokens_cross_entropy(tiny_dir, data, tmp_path):
+    """Step 1's logged loss equals the token-mean cross-entropy of the answer tokens under the base
+    model (v = 0 at step 1), computed here with a plain forward: the prompt carries no loss."""
+    args = sft_args(tiny_dir, data, tmp_path, "--steps", "1")
+    train_sft.train(args)
+    loss = metrics(tmp_path)[0]["loss"]
+    tok = task.load_tokenizer(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    rows = task.load_rows(data)[0]
+    total = n = 0.0
+    for r in train_sft.batch_for(rows, 0, len(rows) // 8, args):
+        r["prompt_ids"] = task.build_prompt(tok, r["question"])
+        ids = r["prompt_ids"] + train_sft.target_ids(tok, r)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        p = len(r["prompt_ids"])
+        total -= logp[p - 1:, :].gather(1, torch.tensor(ids[p:])[:, None]).sum().item()
+        n += len(ids) - p
+    assert loss == pytest.approx(total / n, rel=1e-5)
+
+
+def test_the_loss_falls_and_only_v_trains(tiny_dir, data, tmp_path):
+    model, adapter = train_sft.train(sft_args(tiny_dir, data, tmp_path, "--steps", "24", "--lr", "0.05",
+                                              "--n-tie", "1", "--warmup", "0"))
+    loss = [m["loss"] for m in metrics(tmp_path)]
+    assert sum(loss[-4:]) / 4 < sum(loss[:4]) / 4 - 0.1, loss
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0].endswith(".v")  # v, registered in the adapted layers
+    v = load_file(adapter)["v"]
+    assert v.shape == (14, 13) and (v != 0).all()
+
+
+@pytest.mark.parametrize("options", [[], ["--u", "1"], ["--u", "5", "--n-tie", "1"], ["--n-tie", "7", "--tie",
+                                                                                       "structured"]])
+def test_sft_and_grpo_adapters_have_the_same_parameters(tiny_dir, data, tmp_path, options):
+    """The same TinyLoRA options give the same adapter config (u, r, tie groups, P scale, modules,
+    fingerprint) and the same number of trained parameters under either trainer."""
+    _, sft = train_sft.train(sft_args(tiny_dir, data, tmp_path / "sft", "--steps", "1", *options))
+    grpo_args = train_grpo.parse_args(["--model", tiny_dir, "--data", data, "--run-dir", str(tmp_path / "grpo"),
+                                       "--prompts-per-step", "4", "--mini-batch", "4", "--max-new-tokens", "4",
+                                       "--steps", "1", "--backend", "hf", "--svd-cache", "", *options])
+    _, grpo = train_grpo.train(grpo_args, lambda text, gold: float(len(text) % 2))
+    assert tinylora.read_config(sft) == tinylora.read_config(grpo)
+    assert load_file(sft)["v"].shape == load_file(grpo)["v"].shape
+
+
+def test_resume_continues_bit_identically(tiny_dir, data, tmp_path):
+    train_sft.train(sft_args(tiny_dir, data, tmp_path / "once", "--steps", "4", "--lr", "0.01"))
+    train_sft.train(sft_args(tiny_dir, data, tmp_path / "twice", "--steps", "2", "--lr", "0.01"))
+    resumed = train_sft.parse_args(["--resume", str(tmp_path / "twice"), "--steps", "4"])
+    train_sft.train(resumed)
+    a, b = (open(tmp_path / d / "adapter.safetensors", "rb").read() for d in ("once", "twice"))
+    assert a == b
+    assert [m["loss"] for m in metrics(tmp_path / "once")] == [m["loss"] for m in metrics(tmp_path / "twice")]
+
+
+def test_its_adapter_loads_in_eval(tiny_dir, data, tmp_path, capsys):
+    _, adapter = train_sft.train(sft_args(tiny_dir, data, tmp_path, "--steps", "2", "--lr", "0.05"))
+    s = E.main(["--model", tiny_dir, "--adapter", adapter, "--data", data, "--limit", "4", "--backend", "hf",
+                "--max-new-tokens", "4", "--svd-cache", ""])
+    assert s["n"] == 4 and 0 <= s["strict"] <= 1
+
+
+def test_math_rows_are_refused_in_one_line(tiny_dir, tmp_path, capsys):
+    path = tiny.write_jsonl(str(tmp_path / "math.jsonl"), [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                                           for i in range(16)])
+    with pytest.raises(SystemExit) as e:
+        train_sft.train(sft_args(tiny_dir, path, tmp_path / "run"))
+    assert e.value.code == 2 and "SFT trains on GSM8K's worked solutions" in capsys.readouterr().err

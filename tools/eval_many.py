@@ -1,0 +1,102 @@
+"""Greedy pass@1 of many TinyLoRA adapters of one base model, on one vLLM engine.
+
+eval.py starts an engine per call (tens of seconds on a GPU); a learning-rate sweep has dozens of
+adapters. Here one engine serves them all: each adapter's W + dW is synced in, the rows are scored
+exactly as eval.py scores them (eval.evaluate), then the adapted modules' base weights go back in
+before the next adapter. Writes OUT_DIR/<name>.jsonl per adapter (name: its run folder's name, or
+"base") and one summary line per adapter to OUT_DIR/summary.jsonl and stdout.
+
+    python tools/eval_many.py --model qwen/model --data select.jsonl --out-dir evals \\
+        --base runs/*/adapter.safetensors --max-new-tokens 1024
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT]  # the project's modules
+
+import torch  # noqa: E402
+
+import engine  # noqa: E402
+import eval as E  # noqa: E402
+import machinery  # noqa: E402
+import task  # noqa: E402
+import tinylora  # noqa: E402
+
+
+def unapply(model):
+    """Put the plain linears back (their weights were never changed) and forget v."""
+    layers = tinylora.adapted_layers(model)
+    for name, layer in layers:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
+    if layers and layers[0][1].watch.hook:
+        layers[0][1].watch.hook.remove()
+    del model.tinylora_v, model.tinylora_config
+    model.__dict__.pop("save_pretrained", None)
+    return [(f"{name}.weight", layer.base.weight) for name, layer in layers]
+
+
+def name_of(adapter):
+    return os.path.basename(os.path.dirname(os.path.abspath(adapter))) or "adapter"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("adapters", nargs="*", help="TinyLoRA adapter files of --model")
+    p.add_argument("--model", required=True, help="base model: hub id or local directory")
+    p.add_argument("--data", required=True, help="gsm8k, math500 or a .jsonl (as eval.py)")
+    p.add_argument("--out-dir", required=True, help="folder for <name>.jsonl and summary.jsonl (made if missing)")
+    p.add_argument("--base", action="store_true", help="score the base model first")
+    p.add_argument("--limit", type=int, help="the first N rows only")
+    p.add_argument("--max-new-tokens", type=int, default=4096, help="per completion")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM's share of the GPU")
+    p.add_argument("--svd-cache", default=tinylora.CACHE_DIR, help="cached SVD factors ('' disables)")
+    args = p.parse_args(argv)
+    names = [name_of(a) for a in args.adapters]
+    if len(set(names)) < len(names) or "base" in names:
+        p.error("two adapters share a run-folder name (or one is named 'base'): their files would collide")
+    for a in args.adapters:
+        try:
+            tinylora.read_v(a, tinylora.read_config(a))
+        except Exception as e:
+            p.error(f"{a}: not a readable TinyLoRA adapter ({machinery.first_line(e)})")
+    if not (args.adapters or args.base):
+        p.error("nothing to score: give adapters, --base, or both")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        p.error(f"--out-dir {args.out_dir} is a file")
+    try:
+        rows, skipped, task_name = task.load_rows(args.data, "test", args.limit)
+    except (OSError, ValueError) as e:
+        p.error(f"--data {args.data}: {machinery.first_line(e)}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    tokenizer = task.load_tokenizer(args.model)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    max_len = task.context_length(AutoConfig.from_pretrained(args.model))
+    rows, prompts, long = task.prompts_within(tokenizer, rows, task_name, max_len)
+    context = min(max_len, max(map(len, prompts)) + args.max_new_tokens)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()  # on the CPU: merges only
+    llm = engine.make_llm(args.model, str(model.dtype).removeprefix("torch."), 0, args.gpu_memory_utilization,
+                          context)
+    gen_fn = functools.partial(engine.generate_vllm, llm, n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
+    todo = ([("base", None)] if args.base else []) + list(zip(names, args.adapters))
+    with open(os.path.join(args.out_dir, "summary.jsonl"), "a") as summary:
+        for name, adapter in todo:
+            if adapter:
+                tinylora.load(model, adapter, cache_dir=args.svd_cache or None, verbose=False, keep_merged=False)
+                engine.sync_weights(llm, tinylora.merged_weights(model))
+            s = E.evaluate(gen_fn, tokenizer, rows, task_name, args.max_new_tokens,
+                           os.path.join(args.out_dir, f"{name}.jsonl"), 512, skipped + long, context, prompts)
+            print(f"{name}: {E.summary_line(task_name, 'vllm', s)}", flush=True)
+            summary.write(json.dumps({"name": name, "adapter": adapter, "data": args.data, **s}) + "\n")
+            summary.flush()
+            if adapter:
+                engine.sync_weights(llm, unapply(model))  # the base weights back in
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+if __name__ == "__main__":
+    main()

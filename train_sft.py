@@ -1,0 +1,196 @@
+"""SFT with TinyLoRA: the paper's baseline at the same budget, cross-entropy on the reference answers.
+
+The paper's contrast: under GRPO 13 parameters learn GSM8K; under SFT "directly on answers" at the
+same budget they do not (Qwen2.5-7B: 91% vs 83%). This is that SFT, with everything but the loss
+shared with train_grpo.py: the same TinyLoRA (tinylora.apply: the same P, tie groups, v dtype and
+rounding), the same prompt and chat template (task.build_prompt), the same token logprobs
+(train_grpo.token_logprobs), AdamW on v with the same warmup (5%, then constant), weight decay and
+gradient clip, the same run folder (args.json, metrics.jsonl, adapter.safetensors, --resume).
+One step, per batch of --batch training rows (a seeded permutation per epoch):
+
+    loss = -(1 / T) sum over the batch's answer tokens of log p(token | prompt, answer so far)
+
+T the number of answer tokens in the batch (a token-mean, as GRPO's loss); the prompt's tokens
+carry no loss. The target is the chat template's assistant turn for the reference solution: its
+tokens after the prompt, up to and including the end-of-turn token (so the model learns to stop).
+
+What the paper leaves open, and what is chosen here:
+  - the reference solution's calculator annotations ("48/2 = <<48/2=24>>24") are stripped: the
+    model never sees them in a prompt, and no test-time answer has them (--keep-calculator keeps
+    them); the final "#### 72" line stays, so a learned answer is one the reward can pay;
+  - batch 64 rows per update (GRPO's 64 prompts per step), lr chosen per budget on a held-out
+    selection set (docs/results.md), epochs as GRPO's default (3);
+  - no evaluation inside the run: eval.py scores the adapter, as it scores GRPO's.
+GSM8K-format data only (question / answer rows whose answer is a worked solution).
+
+    python train_sft.py --u 13 --model Qwen/Qwen2.5-7B-Instruct
+    python tests/tiny.py tiny && python train_sft.py --model tiny/model --data tiny/train.jsonl \\
+        --batch 8 --steps 3
+    python -m pytest tests/test_train_sft.py
+"""
+import argparse
+import re
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+import machinery  # what a reader may skip: checks, run folder, memory plan, signals
+import task  # data, prompt
+import tinylora
+from train_grpo import token_logprobs  # the same log p of completion tokens as GRPO's trainer
+
+CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="Qwen/Qwen2.5-7B-Instruct", help="hub id or local path of the base model")
+    a("--data", default="gsm8k", help="'gsm8k' (hub openai/gsm8k train) or a local GSM8K-format .jsonl")
+    # TinyLoRA: the same options as train_grpo.py
+    a("--u", type=int, default=13, help="trainable numbers per tie group (size of v)")
+    a("--r", type=int, default=2, help="rank of the frozen truncated SVD of each adapted weight")
+    a("--n-tie", type=int, default=None, help="modules sharing one v (default: all, so params = u)")
+    a("--tie", default="tiled", choices=tinylora.TIE_MODES, help="how modules form tie groups")
+    a("--targets", default=",".join(tinylora.TARGETS), help="comma-separated linears to adapt")
+    a("--v-dtype", default="fp32", choices=list(tinylora.V_DTYPES),
+      help="storage dtype of v (the forward sees v rounded to it)")
+    a("--rounding", default="nearest", choices=tinylora.ROUNDINGS,
+      help="how W + dW is rounded to a bf16 base")
+    a("--svd-cache", default=tinylora.CACHE_DIR, help="cached SVD factors ('' disables)")
+    # SFT
+    a("--batch", type=int, default=64, help="training rows per optimizer update (one step)")
+    a("--epochs", type=float, default=3, help="passes over the training set")
+    a("--steps", type=int, default=None,
+      help="stop after this many steps (default: all epochs; the lr schedule is the full run's)")
+    a("--keep-calculator", action="store_true",
+      help="keep GSM8K's <<a*b=c>> calculator annotations in the targets")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate of v")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    a("--warmup", type=float, default=0.05,
+      help="fraction of the run's updates with a linear lr warmup, then constant")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+      help="dtype of the base model: auto is the checkpoint's")
+    a("--seed", type=int, default=0, help="seeds data order and P")
+    # how to run (machinery.MACHINERY: these may change on --resume)
+    a("--micro-tokens", type=int, default=None, help="padded tokens per forward/backward "
+      "micro-batch (memory only; gradients accumulate); default: what free GPU memory holds, "
+      "8192 on a CPU")
+    a("--grad-ckpt", default="auto", choices=["auto", "always", "never"],
+      help="gradient checkpointing; auto: on in a step whose longest sequence needs it")
+    a("--low-memory", action="store_true", help="do not keep merged W + dW in the trainer")
+    a("--max-model-len", type=int, default=None,
+      help="context length (default: the model's own); longer rows are skipped")
+    a("--run-dir", default=None, help="where metrics.jsonl, checkpoints and the adapter go "
+      "(default: runs/<time>); must not hold another run")
+    a("--save-every", type=int, default=10, help="checkpoint every N steps (0: only at the end)")
+    a("--resume", default=None, help="RUN_DIR of a run to continue")
+    a("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project")
+    return p
+
+
+def parse_args(argv=None):
+    """The options, plus what was given on the command line (`given`) and the defaults."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.defaults = vars(p.parse_args([]))
+    for action in p._actions:  # parse again without defaults: what the command line gave
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))
+    return args
+
+
+# -----------------------------------------------------------------------------
+# the data: prompt + reference answer, in the chat template
+
+
+def target_ids(tokenizer, row, keep_calculator=False):
+    """The answer tokens of a row: the chat template's assistant turn holding the reference
+    solution, after the prompt (row["prompt_ids"]), through the end-of-turn token."""
+    answer = row["answer"] if keep_calculator else CALCULATOR.sub("", row["answer"])
+    prompt = row["prompt_ids"]  # task.build_prompt's: the same user turn, then the assistant's
+    turn = task.messages(row["question"]) + [{"role": "assistant", "content": answer}]
+    full = list(tokenizer.apply_chat_template(turn, tokenize=True, return_dict=False))
+    if full[:len(prompt)] != prompt:  # a template that renders the turn otherwise: answer + end of turn
+        return tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids, end = full[len(prompt):], tokenizer.eos_token_id
+    return ids[:ids.index(end) + 1] if end in ids else ids
+
+
+def batch_for(rows, step, steps_per_epoch, args, rank=0, world=1):
+    """This step's rows: a slice of a seeded permutation per epoch; rank r takes every world-th."""
+    epoch, offset = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    return [rows[i] for i in order[offset * args.batch:(offset + 1) * args.batch]][rank::world]
+
+
+# -----------------------------------------------------------------------------
+# one SFT step, and the run
+
+
+def sft_step(args, model, opt, sched, v, batch, world, act_bytes):
+    """One optimizer update on the batch: token-mean cross-entropy of the answer tokens."""
+    t0 = time.time()
+    longest = max(len(s["ids"]) for s in batch)
+    ckpt, micro_tokens = machinery.micro_batch_plan(args, model, longest, act_bytes)
+    n_tokens = torch.tensor(float(sum(len(s["ids"]) - s["n_prompt"] for s in batch)), device=v.device)
+    if world > 1:
+        dist.all_reduce(n_tokens)  # the token-mean is over the whole batch, all ranks
+    loss_sum = 0.0
+    for micro in machinery.pack(batch, micro_tokens):
+        logp = token_logprobs(model, [s["ids"] for s in micro], [s["n_prompt"] for s in micro], 1.0)
+        loss = -logp.sum() / n_tokens
+        loss.backward()
+        loss_sum += loss.item()
+    if world > 1:
+        dist.all_reduce(v.grad)
+        loss_sum = torch.tensor(loss_sum, device=v.device)
+        dist.all_reduce(loss_sum)
+        loss_sum = loss_sum.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(v, args.grad_clip).item()
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return dict(loss=loss_sum, grad_norm=grad_norm, lr=lr, tokens=int(n_tokens.item()),
+                grad_ckpt=int(ckpt), t_step=time.time() - t0)
+
+
+def train(args):
+    """Run SFT; returns (model, path of the final adapter)."""
+    run = machinery.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
+    args = run.args
+    if run.task_name != "gsm8k":
+        machinery.fail(f"--data {args.data}: {run.task_name} rows; SFT trains on GSM8K's worked solutions")
+    if run.done:
+        return None, run.adapter
+    for row in run.rows:
+        row["target_ids"] = target_ids(run.tokenizer, row, args.keep_calculator)
+    long = sum(len(r["prompt_ids"]) + len(r["target_ids"]) > args.max_model_len for r in run.rows)
+    if long:
+        machinery.fail(f"--data {args.data}: {long} rows are longer than the context {args.max_model_len} "
+                       f"with their answer; a larger --max-model-len, or data without them")
+    with machinery.refusing(f"--model {args.model}: cannot load its weights"):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=run.device)
+    v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","), args.seed,
+                       args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
+                       keep_merged=not args.low_memory, rounding=args.rounding)
+    model.train()
+    opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
+    warmup = lambda i: min(1.0, (i + 1) / run.warmup_updates)  # linear warmup, then constant
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    with run.checkpointed(model, v, opt, sched, sync=lambda: None, generate=None):
+        for step in run.steps():  # resumes; saves every finished step on Ctrl-C, SIGTERM, crashes
+            rows = batch_for(run.rows, step, run.steps_per_epoch, args, run.rank, run.world)
+            batch = [dict(ids=r["prompt_ids"] + r["target_ids"], n_prompt=len(r["prompt_ids"])) for r in rows]
+            m = run.within_memory(sft_step, batch)
+            run.finish_step(step, m)  # metrics line; checkpoint at --save-every
+    return model, run.adapter
+
+
+if __name__ == "__main__":
+    machinery.main(train, parse_args)
