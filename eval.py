@@ -11,7 +11,7 @@ share answered correctly. GSM8K has three columns, each equal to the reference i
 \\boxed{...} judged by math-verify, "math_verify" math-verify's own search. Rows without a usable
 question and gold, or whose prompt does not fit the context, are skipped and counted.
 Output: one summary line, and one JSON line per example with --out (written as it goes: Ctrl-C
-keeps what is done). Several --adapter files share one engine: each is synced in and evaluated.
+keeps what is done). tools/eval_many.py scores many adapters on one engine.
 
     python -m pytest tests/test_eval.py
 """
