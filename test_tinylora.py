@@ -718,3 +718,26 @@ def test_save_pretrained_of_an_adapted_model_names_the_ways_to_save(tiny_dir, tm
     assert len(str(e.value).splitlines()) == 1 and not (tmp_path / "m").exists()
     tinylora.export_merged(model, str(tmp_path / "merged"))  # the class's own save_pretrained again
     assert (tmp_path / "merged" / "config.json").exists()
+
+
+def test_fp32_and_bf16_copies_of_a_model_keep_their_own_svds(tiny_dir, tmp_path):
+    """One fingerprint (bf16-rounded samples), two dtypes: each loads the SVD of its own weights (CS1)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        model = load(tiny_dir, dtype)
+        tinylora.apply(model, u=13, cache_dir=str(tmp_path), verbose=False)
+        layer = model.model.layers[0].mlp.down_proj
+        U, S, V = tinylora.svd_top_r(layer.base.weight, 2)
+        assert torch.equal(layer.U, U) and torch.equal(layer.S, S)
+    assert sorted(p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("svd-*")) == ["bfloat16.safetensors",
+                                                                                  "float32.safetensors"]
+
+
+def test_a_temp_file_left_by_a_killed_process_is_removed(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    tinylora.apply(model, u=13, cache_dir=str(tmp_path), verbose=False)
+    (path,) = tmp_path.glob("svd-*.safetensors")
+    stale, live = tmp_path / f"{path.name}.999999999.tmp", tmp_path / f"{path.name}.{os.getpid()}.tmp"
+    stale.write_bytes(b"x" * 100)
+    live.write_bytes(b"x")
+    tinylora.apply(load(tiny_dir), u=13, cache_dir=str(tmp_path), verbose=False)
+    assert not stale.exists() and live.exists()  # a live process's file is its own

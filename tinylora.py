@@ -20,6 +20,7 @@ then the adapter file (SVD cache, save / load / export) at the end.
     v = tinylora.apply(model, u=13)     # freezes the model; v is the only trainable tensor
     python -m pytest test_tinylora.py
 """
+import glob
 import hashlib
 import json
 import math
@@ -291,6 +292,8 @@ def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_
     named = dict(model.named_modules())
     names, groups = choose_modules(named, u, r, n_tie, tie, targets, v_dtype, rounding)
     linears = [named[n] for n in names]
+    bad = next((n for n, lin in zip(names, linears) if not torch.isfinite(lin.weight).all()), None)
+    require(bad is None, f"{bad}.weight has non-finite entries (NaN or inf): a broken checkpoint, no SVD of it")
     fp = fingerprint((n, lin.weight) for n, lin in zip(names, linears))
     usv = load_svd(linears, r, fp, cache_dir)
     v = nn.Parameter(torch.zeros(max(groups) + 1, u, device=linears[0].weight.device))  # exactly 0
@@ -402,8 +405,15 @@ def fingerprint(weights):
 
 def load_svd(linears, r, fp, cache_dir):
     """[(U, S, V)] of each linear: from cache_dir when there and sound, else computed (and cached
-    when the directory is writable; if not, the run goes on without a cache, with a warning)."""
-    path = cache_dir and os.path.join(cache_dir, f"svd-{fp}-r{r}.safetensors")
+    when the directory is writable; if not, the run goes on without a cache, with a warning). The
+    file is keyed by the weights' fingerprint, r and dtype: a bf16 and an fp32 copy of one model
+    share a fingerprint, but not their SVDs."""
+    dtype = str(linears[0].weight.dtype).removeprefix("torch.")
+    path = cache_dir and os.path.join(cache_dir, f"svd-{fp}-r{r}-{dtype}.safetensors")
+    for stale in glob.glob(f"{glob.escape(path)}.*.tmp") if path else []:  # left by a killed process
+        pid = stale.rsplit(".", 2)[-2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            os.remove(stale)
     if path and os.path.exists(path):
         try:
             t = load_file(path)
@@ -509,7 +519,10 @@ def load(model, path, cache_dir=CACHE_DIR, verbose=True, keep_merged=True):
 
 def export_peft_lora(model, out_dir, base_model_name_or_path=""):
     """Write the adapter as a standard rank-r LoRA (PEFT format, loadable by peft and by vLLM's
-    --enable-lora): lora_A = V^T (r, d_in), lora_B = U diag(S) R (d_out, r), alpha = r: scale 1."""
+    --enable-lora): lora_A = V^T (r, d_in), lora_B = U diag(S) R (d_out, r), alpha = r: scale 1.
+    Equal to the TinyLoRA model in fp32. On a bf16 base the LoRA adds B A x in bf16 at run time,
+    while the trained model ran bf16(W + dW): the two differ by rounding until the LoRA is merged
+    (logits up to ~0.06 apart on the tiny test model); export_merged gives the trained weights."""
     os.makedirs(out_dir, exist_ok=True)
     c, tensors = model.tinylora_config, {}
     with torch.no_grad():

@@ -272,9 +272,10 @@ def train(args, reward_fn=None, llm=None):
     # the policy: the frozen model, TinyLoRA on its linears; v (tie groups, u) is all that trains
     with machinery.refusing(f"--model {args.model}: cannot load its weights"):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=run.device)
-    v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","), args.seed,
-                       args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
-                       keep_merged=not args.low_memory, rounding=args.rounding)
+    with machinery.refusing(f"--model {args.model}", errors=ValueError):  # e.g. NaN weights
+        v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","), args.seed,
+                           args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
+                           keep_merged=not args.low_memory, rounding=args.rounding)
     model.train()  # gradient checkpointing acts in train mode (Qwen2 has no dropout)
     opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
     warmup = lambda i: min(1.0, (i + 1) / run.warmup_updates)  # linear warmup, then constant

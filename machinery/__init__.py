@@ -48,8 +48,21 @@ def fail(msg):
     """Bad input: one line on stderr, exit code 2 (as argparse does)."""
     for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar ends its line first
         bar.close()
-    print(f"train_grpo.py: error: {msg}", file=sys.stderr)
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    forget_empty_run_dir()
     raise SystemExit(2)
+
+
+PROG = "train_grpo.py"  # the script whose errors these are (Run sets it)
+MADE = []  # the run folder this process created, until args.json is in it
+
+
+def forget_empty_run_dir():
+    """A start that failed (bad input, Ctrl-C while loading) leaves no empty run folder behind."""
+    for d in MADE:
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
+    MADE.clear()
 
 
 def check_args(args, world=1):
@@ -71,20 +84,29 @@ def check_args(args, world=1):
     need(args.steps is None or args.steps >= 1, f"--steps {args.steps} must be >= 1 (omit it to train all epochs)")
     for k, x in vars(args).items():
         need(not isinstance(x, float) or math.isfinite(x), f"--{k.replace('_', '-')} {x} must be a finite number")
-    need(0 <= args.seed < 2**31, f"--seed {args.seed} must be in [0, 2**31)")
+    need(0 <= args.seed < 10**6, f"--seed {args.seed} must be in [0, 10**6) (rollout seeds are built from it and must "
+         f"fit vLLM's 64-bit seeds)")
     need(not args.wandb or importlib.util.find_spec("wandb"), "--wandb needs the wandb package (pip install wandb)")
     need(not os.path.isfile(args.svd_cache or ""), f"--svd-cache {args.svd_cache} is a file, not a directory")
     need(args.epochs > 0, f"--epochs {args.epochs} must be > 0")
     if grpo:
         need(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be >= 1")
         need(args.temperature > 0, f"--temperature {args.temperature} must be > 0 (GRPO learns from sampled rollouts)")
+        vllm = args.backend == "vllm"
+        need(not vllm or importlib.util.find_spec("vllm"), "--backend vllm: vLLM is not installed (pip install vllm, "
+             "or --backend hf, the slow Hugging Face generate)")
+        need(not vllm or args.temperature >= 0.01, f"--temperature {args.temperature}: vLLM samples at 0.01 at "
+             f"least (it raises lower values silently), so the trainer's logprobs would not be the sampler's")
+        need(not vllm or cache_writable(vllm_cache_root()), f"vLLM's cache {vllm_cache_root()} is not writable: set "
+             f"VLLM_CACHE_ROOT to a writable folder, or --backend hf")
     need(args.lr > 0 and args.weight_decay >= 0 and args.grad_clip > 0,
          f"--lr {args.lr} and --grad-clip {args.grad_clip} must be > 0, --weight-decay {args.weight_decay} >= 0")
     need(0 <= args.warmup < 1, f"--warmup {args.warmup} must be in [0, 1)")
     if grpo:
         need(0 <= args.clip_low < 1 and args.clip_high >= 0 and args.tis_cap >= 1, f"--clip-low {args.clip_low} must be "
              f"in [0, 1), --clip-high {args.clip_high} >= 0, --tis-cap {args.tis_cap} >= 1")
-        need(0 < args.gpu_memory_utilization < 1, f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in (0, 1)")
+        need(0.01 <= args.gpu_memory_utilization < 1,
+             f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in [0.01, 1)")
         need(args.eval_every >= 0 and args.eval_limit >= 1, "--eval-every must be >= 0, --eval-limit >= 1")
     need(args.micro_tokens is None or args.micro_tokens >= 1, f"--micro-tokens {args.micro_tokens} must be >= 1")
     need(args.save_every >= 0, "--save-every must be >= 0")
@@ -94,6 +116,19 @@ def check_args(args, world=1):
         need(path in task.HUB or os.path.isfile(path), f"cannot read data file {path} (expected gsm8k, math500 or a .jsonl)")
     need(not task.needs_math_verify(args.data, eval_data)
          or importlib.util.find_spec("math_verify"), "MATH data is judged by math-verify: pip install math-verify")
+
+
+def vllm_cache_root():
+    """Where vLLM writes its compile cache and config: VLLM_CACHE_ROOT, else under ~/.cache."""
+    return os.environ.get("VLLM_CACHE_ROOT") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm")
+
+
+def cache_writable(path):
+    """Whether `path` exists as a writable folder or can be made (its nearest existing parent is)."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path) or "."
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 # -----------------------------------------------------------------------------
@@ -106,13 +141,15 @@ def open_run(args):
     that another process holds, a new run into another run's directory, a recipe option changed on
     resume, a --steps the checkpoint is already past."""
     if not args.resume:
-        args.run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        args.run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
         if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
             fail(f"--run-dir {args.run_dir} is a file, not a directory")
         refuse_model_dir(args.run_dir, args.model)
         found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.run_dir, f))]
         if found:
             fail(f"--run-dir {args.run_dir} holds a run ({', '.join(found)}): --resume {args.run_dir} continues it")
+        if not os.path.exists(args.run_dir):
+            MADE.append(os.path.abspath(args.run_dir))
         lock(args.run_dir, create=True)
         for k in LOCATIONS:  # a local path is kept absolute, so --resume works from any directory
             if os.path.exists(getattr(args, k)):
@@ -209,6 +246,11 @@ def data_hash(rows):
     return h.hexdigest()[:16]
 
 
+def prompt_hash(rows):
+    """A hash of the rows' prompt token ids: another tokenizer or chat template differs."""
+    return hashlib.sha256(json.dumps([r["prompt_ids"] for r in rows]).encode()).hexdigest()[:16]
+
+
 def write_args(args):
     tmp = os.path.join(args.run_dir, "args.json.tmp")
     with open(tmp, "w") as f:
@@ -284,6 +326,8 @@ class Run:
     SIGTERM, SIGHUP, a crash) saves the state after the last finished (= logged) step."""
 
     def __init__(self, args):
+        global PROG
+        PROG = "train_grpo.py" if "group_size" in vars(args) else "train_sft.py"
         self.rank, self.world = rank_world()
         self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         args, self.start, state = open_run(args)
@@ -303,10 +347,19 @@ class Run:
             fail(f"--model {args.model}: {e}")
         per_step = args.prompts_per_step if "prompts_per_step" in vars(args) else args.batch  # rows per step
         self.rows, skipped, self.task_name = load_data(args, self.tokenizer, args.data, "train", per_step)
-        self.extra = dict(recipe=recipe(args), data=data_hash(self.rows))
+        # what the checkpoint must match on resume: the rows, the prompts the model sees (tokenizer and chat
+        # template included), the dtype the weights load in (bf16 and fp32 copies share a fingerprint)
+        self.extra = dict(recipe=recipe(args), data=data_hash(self.rows), dtype=str(meta.dtype).removeprefix("torch."),
+                          prompts=prompt_hash(self.rows))
         if state and state.get("data") not in (None, self.extra["data"]):
             fail(f"--data {args.data}: not the rows this run was trained on (other rows, another order, or a "
                  f"--max-model-len that skips others; hash {self.extra['data']}, the run's {state['data']})")
+        if state and state.get("prompts") not in (None, self.extra["prompts"]):
+            fail(f"--model {args.model}: its tokenizer or chat template makes other prompts than the run's (hash "
+                 f"{self.extra['prompts']}, the run's {state['prompts']}); the run's own model continues it")
+        if state and state.get("dtype") not in (None, self.extra["dtype"]):
+            fail(f"--model {args.model} loads in {self.extra['dtype']}, the run trained in {state['dtype']}: "
+                 f"the run's own weights continue it bit-identically")
         if getattr(args, "eval_every", 0):
             self.eval_rows, _, self.eval_task_name = load_data(args, self.tokenizer, args.eval_data, "test", 1,
                                                           args.eval_limit)
@@ -364,6 +417,11 @@ class Run:
                 wandb.init(project=args.wandb, config=recipe(args), resume="allow")
             if args.resume:
                 trim_metrics(self.metrics_path, self.start)
+                lines = dict(logged(self.metrics_path))
+                if 1 in lines:  # the run's first step, for the final line
+                    self.first = json.loads(lines[1])
+                if getattr(args, "eval_every", 0) and self.start == 0 and 0 not in lines:  # stopped in the baseline
+                    log(self.metrics_path, dict(step=0, **self.evaluate()), self.wandb)
             else:  # written once the weights and the engine are up: a failed start leaves no run behind
                 write_args(args)
                 save_checkpoint(args.run_dir, model, capture(0, v, opt, sched), self.extra)
@@ -534,18 +592,19 @@ def load_data(args, tok, data, split, need, limit=None):
     return rows, skipped + long, task_name
 
 
-def refusing(what, hint=""):
-    """A context in which any error ends the program with one line, `what: <the error> hint`, exit 2:
-    a truncated weights file, an engine that cannot start (no traceback for what the user can fix)."""
-    return _Refusing(what, hint)
+def refusing(what, hint="", errors=Exception):
+    """A context in which an error (of the `errors` types) ends the program with one line, `what:
+    <the error> hint`, exit 2: a truncated weights file, NaN weights, an engine that cannot start
+    (no traceback for what the user can fix)."""
+    return _Refusing(what, hint, errors)
 
 
 class _Refusing(contextlib.AbstractContextManager):
-    def __init__(self, what, hint):
-        self.what, self.hint = what, hint
+    def __init__(self, what, hint, errors):
+        self.what, self.hint, self.errors = what, hint, errors
 
     def __exit__(self, kind, e, tb):
-        if isinstance(e, Exception):
+        if isinstance(e, self.errors):
             fail(f"{self.what}: {first_line(e)}{self.hint}")
 
 
@@ -734,6 +793,7 @@ def main(train, parse_args):
         ddp = start_distributed()
         train(args)
     except KeyboardInterrupt:
+        forget_empty_run_dir()
         raise SystemExit(130)  # interrupted, state saved: a non-zero exit stops a script chaining runs
     except Warning as w:  # only raised when the user made warnings errors
         fail(warning_as_error(w))

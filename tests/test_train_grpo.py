@@ -969,3 +969,124 @@ def test_a_checkpoint_made_on_a_gpu_is_read_on_a_cpu(tmp_path):
     args, step, state = machinery.open_run(train_grpo.parse_args(["--resume", str(run)]))
     assert step == state["step"] == len(metrics(run)) - 1 > 0  # the step-0 eval line + one per step
     assert (args.u, args.n_tie, state["recipe"]["u"], state["v"].device.type) == (1, 1, 1, "cpu")
+
+
+# -----------------------------------------------------------------------------
+# nothing lost, nothing silently wrong: resumes that would change the model, seeds, broken weights
+
+
+def copy_model(tiny_dir, dest):
+    shutil.copytree(tiny_dir, dest)
+    return str(dest)
+
+
+def refused(args, capsys, *words):
+    """train_grpo.train(args) ends with one line naming `words`, exit 2, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        train_grpo.train(args)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "Traceback" not in err and all(w in last for w in words), err
+    return last
+
+
+def test_a_resume_onto_the_same_weights_in_bf16_is_refused(tiny_dir, data, tmp_path, capsys):
+    """A bf16 copy of the run's fp32 weights has the same fingerprint; continuing in bf16 would
+    not be the run (I04)."""
+    train_grpo.train(args_for(tiny_dir, data, tmp_path / "run", "--steps", "1"), length_reward)
+    bf16 = tiny.make_model_dir(str(tmp_path / "bf16"), dtype="bfloat16")  # the same seed: the same weights, rounded
+    args = train_grpo.parse_args(["--resume", str(tmp_path / "run"), "--model", bf16, "--steps", "2"])
+    refused(args, capsys, "loads in bfloat16, the run trained in float32")
+
+
+def test_a_resume_under_another_chat_template_is_refused(tiny_dir, data, tmp_path, capsys):
+    """The weights' fingerprint and the data's hash do not see the prompt: its hash does (RS1)."""
+    train_grpo.train(args_for(tiny_dir, data, tmp_path / "run", "--steps", "1"), length_reward)
+    other = copy_model(tiny_dir, tmp_path / "other")
+    config = json.load(open(os.path.join(other, "tokenizer_config.json")))
+    template = os.path.join(other, "chat_template.jinja")
+    if os.path.exists(template):
+        open(template, "w").write("System: be brief.\n" + open(template).read())
+    else:
+        config["chat_template"] = "System: be brief.\n" + config["chat_template"]
+        json.dump(config, open(os.path.join(other, "tokenizer_config.json"), "w"))
+    args = train_grpo.parse_args(["--resume", str(tmp_path / "run"), "--model", other, "--steps", "2"])
+    refused(args, capsys, "makes other prompts than the run's")
+
+
+def test_interrupted_in_the_baseline_eval_the_resume_writes_it(tiny_dir, data, tmp_path, monkeypatch):
+    """Ctrl-C during the step-0 eval, then --resume: the curve keeps its starting point (TR11)."""
+    evaluate = machinery.evaluate
+    calls = []
+
+    def interrupted_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return evaluate(*a, **k)
+    monkeypatch.setattr(machinery, "evaluate", interrupted_once)
+    flags = ("--steps", "1", "--eval-every", "1", "--eval-data", data, "--eval-limit", "2")
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo.train(args_for(tiny_dir, data, tmp_path, *flags), length_reward)
+    train_grpo.train(train_grpo.parse_args(["--resume", str(tmp_path)]), length_reward)
+    steps = [m["step"] for m in metrics(tmp_path)]
+    assert steps == [0, 1] and "eval_strict" in metrics(tmp_path)[0]
+
+
+def test_the_final_line_of_a_resumed_run_starts_at_the_runs_first_step(tiny_dir, data, tmp_path, capsys):
+    """'reward A -> B' is the run's step 1 to its last, not the resumed session's first step (L08)."""
+    train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "2"), length_reward)
+    train_grpo.train(train_grpo.parse_args(["--resume", str(tmp_path), "--steps", "4"]), length_reward)
+    m = metrics(tmp_path)
+    done = [x for x in capsys.readouterr().out.splitlines() if x.startswith("done:")][-1]
+    assert done.startswith(f"done: 4 steps, reward {m[0]['reward']:.3f} -> {m[-1]['reward']:.3f},"), done
+
+
+@pytest.mark.parametrize("seed", ["2147483647", "20000000", "-1"])
+def test_a_seed_whose_rollout_seeds_overflow_is_refused_early(tiny_dir, data, tmp_path, capsys, seed):
+    refused(args_for(tiny_dir, data, tmp_path / "run", "--seed", seed), capsys, f"--seed {seed} must be in [0, 10**6)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_rollout_seed_of_the_largest_seed_fits_64_bits():
+    seeds = train_grpo.rollout_seeds(10**6 - 1, 10**6 - 1, 7, 8, 64, 16)
+    assert max(seeds) + 16 < 2**63
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_weights_are_one_line_and_leave_no_run_folder(tiny_dir, data, tmp_path, capsys, value):
+    """NaN or inf in an adapted weight: named before any SVD (N01, N02), no empty run folder left."""
+    from safetensors.torch import load_file, save_file
+    broken = copy_model(tiny_dir, tmp_path / "broken")
+    path = os.path.join(broken, "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float(value)
+    save_file(tensors, path, metadata={"format": "pt"})
+    refused(args_for(broken, data, tmp_path / "run"), capsys, "model.layers.1.mlp.up_proj.weight has non-finite")
+    assert not (tmp_path / "run").exists()
+
+
+def test_vllm_options_it_would_not_honour_are_refused_early(tiny_dir, data, tmp_path, capsys, monkeypatch):
+    """A temperature under vLLM's floor (N19), a memory share too small to hold anything (EN15), an
+    unwritable vLLM cache (EN1), no vLLM at all (L03): one line each, before any weight loads."""
+    pytest.importorskip("vllm")
+    run = tmp_path / "run"
+    refused(args_for(tiny_dir, data, run, "--backend", "vllm", "--temperature", "0.001"), capsys, "0.01 at least")
+    refused(args_for(tiny_dir, data, run, "--gpu-memory-utilization", "0.000001"), capsys, "[0.01, 1)")
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "afile" / "vllm"))
+    refused(args_for(tiny_dir, data, run, "--backend", "vllm"), capsys, "VLLM_CACHE_ROOT")
+    monkeypatch.delenv("VLLM_CACHE_ROOT")
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else find_spec(n, *a))
+    refused(args_for(tiny_dir, data, run, "--backend", "vllm"), capsys, "vLLM is not installed", "--backend hf")
+    assert not run.exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tiny_dir, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = train_grpo.parse_args(flags_for(tiny_dir, data, "x")[:4] + ["--backend", "hf"])
+    args.run_dir = None
+    args, _, _ = machinery.open_run(args)
+    assert args.run_dir.endswith(f"-{os.getpid()}")
