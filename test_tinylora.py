@@ -656,7 +656,7 @@ def test_readme_snippet_runs_as_written(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(code, scope)
-    v, base = scope["v"], scope["base"]
+    v = scope["v"]
     assert v.shape == (1, 13) and (v != 0).all()  # one optimizer step moved every number
     assert os.path.getsize("adapter.safetensors") < 4096 and load_file("adapter.safetensors")["v"].numel() == 13
     assert os.path.exists("lora/adapter_model.safetensors") and os.path.exists("merged/config.json")
