@@ -75,7 +75,7 @@ def build_parser():
       help="fraction of the run's updates with a linear lr warmup, then constant")
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
       help="dtype of the base model: auto is the checkpoint's")
-    a("--seed", type=int, default=0, help="seeds data order and P")
+    a("--seed", type=int, default=0, help="seeds data order and P; in [0, 10**6)")
     # how to run (machinery.MACHINERY: these may change on --resume)
     a("--micro-tokens", type=int, default=None, help="padded tokens per forward/backward "
       "micro-batch (memory only; gradients accumulate); default: what free GPU memory holds, "
