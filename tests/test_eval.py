@@ -249,7 +249,8 @@ def test_load_rows_skips_and_counts_bad_rows(tmp_path, capsys):
 def test_load_rows_detects_math500(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"problem": "Half of 1?", "solution": r"\boxed{\frac12}", "answer": r"\frac12"}) + "\n")
-    assert task.load_rows(str(path)) == ([{"id": 0, "question": "Half of 1?", "gold": r"\frac12"}], 0, "math500")
+    assert task.load_rows(str(path)) == ([{"id": 0, "question": "Half of 1?", "gold": r"\frac12", "answer": r"\frac12"}],
+                                         0, "math500")
 
 
 def test_load_rows_missing_path_raises(tmp_path):
