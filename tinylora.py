@@ -78,7 +78,7 @@ def svd_top_r(W, r):
     Contiguous, as a reload from the cache is: strided copies would round products differently.
     On the GPU when there is one, even for a model on the CPU (eval.py's for vLLM): a 1.5B model's
     196 SVDs ran over 6 minutes on 16 CPU cores; on an H200 a whole 200-row eval took 68 s."""
-    dev = "cuda" if torch.cuda.is_available() and not W.is_cuda else W.device  # a rank's GPU stays its own
+    dev = "cuda" if torch.cuda.is_available() and not W.is_cuda else W.device  # a rank: its GPU
     U, S, Vh = torch.linalg.svd(W.detach().to(dev).float(), full_matrices=False)
     U, V = canonical_signs(U[:, :r], Vh[:r].T)
     return tuple(x.to(W.device).contiguous() for x in (U, S[:r], V))
@@ -193,8 +193,8 @@ class TinyLoRALinear(nn.Module):
         super().__init__()
         if not (v.dim() in (1, 2) and P.dim() == 3 and v.shape[-1] == P.shape[0] == len(P) and
                 P.shape[1] == P.shape[2]):
-            raise ValueError(f"TinyLoRALinear: v must be (u,) or (groups, u) and P (u, r, r) with the "
-                             f"same u; got v {tuple(v.shape)}, P {tuple(P.shape)}")
+            raise ValueError(f"TinyLoRALinear: v must be (u,) or (groups, u) and P (u, r, r) with "
+                             f"the same u; got v {tuple(v.shape)}, P {tuple(P.shape)}")
         U, S, V = usv if usv is not None else svd_top_r(base.weight, P.shape[1])
         self.base, self.v, self.group, self.v_dtype = base, v, group, v_dtype
         self.keep_merged, self.round_seed = keep_merged, round_seed
@@ -293,7 +293,7 @@ def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_
     names, groups = choose_modules(named, u, r, n_tie, tie, targets, v_dtype, rounding)
     linears = [named[n] for n in names]
     bad = next((n for n, lin in zip(names, linears) if not torch.isfinite(lin.weight).all()), None)
-    require(bad is None, f"{bad}.weight has non-finite entries (NaN or inf): a broken checkpoint, no SVD of it")
+    require(bad is None, f"{bad}.weight has non-finite entries (NaN or inf): a broken checkpoint")
     fp = fingerprint((n, lin.weight) for n, lin in zip(names, linears))
     usv = load_svd(linears, r, fp, cache_dir)
     v = nn.Parameter(torch.zeros(max(groups) + 1, u, device=linears[0].weight.device))  # exactly 0
@@ -324,8 +324,8 @@ def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_
 
 def _save_pretrained_refused(*args, **kwargs):
     raise ValueError("this model has TinyLoRA applied: tinylora.save(model, 'adapter.safetensors') "
-                     "writes its adapter (v + config, bytes), tinylora.export_merged(model, dir) a plain "
-                     "checkpoint with W + dW merged")
+                     "writes its adapter (v + config, bytes), tinylora.export_merged(model, dir) a "
+                     "plain checkpoint with W + dW merged")
 
 
 def adapted_layers(model):
@@ -410,7 +410,7 @@ def load_svd(linears, r, fp, cache_dir):
     share a fingerprint, but not their SVDs."""
     dtype = str(linears[0].weight.dtype).removeprefix("torch.")
     path = cache_dir and os.path.join(cache_dir, f"svd-{fp}-r{r}-{dtype}.safetensors")
-    for stale in glob.glob(f"{glob.escape(path)}.*.tmp") if path else []:  # left by a killed process
+    for stale in glob.glob(f"{glob.escape(path)}.*.tmp") if path else []:  # a killed process's
         pid = stale.rsplit(".", 2)[-2]
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             os.remove(stale)
@@ -431,7 +431,7 @@ def load_svd(linears, r, fp, cache_dir):
             warnings.warn(f"SVD cache {path} is unusable ({e}); recomputing it")
     out = [tuple(x.cpu() for x in svd_top_r(lin.weight, r)) for lin in linears]
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the SVDs' workspace goes back before a vLLM engine measures free memory
+        torch.cuda.empty_cache()  # the SVDs' workspace goes back before vLLM measures free memory
     if path:
         tensors = {f"{i}.{k}": x for i, usv in enumerate(out) for k, x in zip("USV", usv)}
         tmp = f"{path}.{os.getpid()}.tmp"  # one temp file per process: torchrun ranks write at once

@@ -271,10 +271,11 @@ def train(args, reward_fn=None, llm=None):
         return None, run.adapter
     # the policy: the frozen model, TinyLoRA on its linears; v (tie groups, u) is all that trains
     with machinery.refusing(f"--model {args.model}: cannot load its weights"):
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=run.device)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype,
+                                                     device_map=run.device)
     with machinery.refusing(f"--model {args.model}", errors=ValueError):  # e.g. NaN weights
-        v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","), args.seed,
-                           args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
+        v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","),
+                           args.seed, args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
                            keep_merged=not args.low_memory, rounding=args.rounding)
     model.train()  # gradient checkpointing acts in train mode (Qwen2 has no dropout)
     opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
@@ -284,8 +285,9 @@ def train(args, reward_fn=None, llm=None):
         for _ in tinylora.merged_weights(model):  # the kept W + dW made now: the engine sizes
             pass  # itself to the memory left after them
         with machinery.refusing("vLLM could not start", machinery.engine_hint(args)):
-            llm = engine.make_llm(args.model, str(model.dtype).removeprefix("torch."), args.seed + run.rank,
-                                  args.gpu_memory_utilization, args.max_model_len)
+            llm = engine.make_llm(args.model, str(model.dtype).removeprefix("torch."),
+                                  args.seed + run.rank, args.gpu_memory_utilization,
+                                  args.max_model_len)
     generate = engine.make_generate(llm, model, run.tokenizer, args.max_model_len)
     reward_fn = reward_fn or (lambda text, gold: task.reward(run.task_name, text, gold))
     with run.checkpointed(model, v, opt, sched, lambda: sync(llm, model), generate):

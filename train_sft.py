@@ -1,4 +1,4 @@
-"""SFT with TinyLoRA: the paper's baseline at the same budget, cross-entropy on the reference answers.
+"""SFT with TinyLoRA: the paper's baseline at the same budget, cross-entropy on reference answers.
 
 The paper's contrast: under GRPO 13 parameters learn GSM8K; under SFT "directly on answers" at the
 same budget they do not (Qwen2.5-7B: 91% vs 83%). This is that SFT, with everything but the loss
@@ -49,7 +49,8 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="Qwen/Qwen2.5-7B-Instruct", help="hub id or local path of the base model")
-    a("--data", default="gsm8k", help="'gsm8k' (hub openai/gsm8k train) or a local GSM8K-format .jsonl")
+    a("--data", default="gsm8k",
+      help="'gsm8k' (hub openai/gsm8k train) or a local GSM8K-format .jsonl")
     # TinyLoRA: the same options as train_grpo.py
     a("--u", type=int, default=13, help="trainable numbers per tie group (size of v)")
     a("--r", type=int, default=2, help="rank of the frozen truncated SVD of each adapted weight")
@@ -115,7 +116,7 @@ def target_ids(tokenizer, row, keep_calculator=False):
     prompt = row["prompt_ids"]  # task.build_prompt's: the same user turn, then the assistant's
     turn = task.messages(row["question"]) + [{"role": "assistant", "content": answer}]
     full = list(tokenizer.apply_chat_template(turn, tokenize=True, return_dict=False))
-    if full[:len(prompt)] != prompt:  # a template that renders the turn otherwise: answer + end of turn
+    if full[:len(prompt)] != prompt:  # a template that renders the turn otherwise: answer + eos
         return tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     ids, end = full[len(prompt):], tokenizer.eos_token_id
     return ids[:ids.index(end) + 1] if end in ids else ids
@@ -124,7 +125,8 @@ def target_ids(tokenizer, row, keep_calculator=False):
 def batch_for(rows, step, steps_per_epoch, args, rank=0, world=1):
     """This step's rows: a slice of a seeded permutation per epoch; rank r takes every world-th."""
     epoch, offset = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    order = torch.randperm(len(rows), generator=g)
     return [rows[i] for i in order[offset * args.batch:(offset + 1) * args.batch]][rank::world]
 
 
@@ -137,7 +139,8 @@ def sft_step(args, model, opt, sched, v, batch, world, act_bytes):
     t0 = time.time()
     longest = max(len(s["ids"]) for s in batch)
     ckpt, micro_tokens = machinery.micro_batch_plan(args, model, longest, act_bytes)
-    n_tokens = torch.tensor(float(sum(len(s["ids"]) - s["n_prompt"] for s in batch)), device=v.device)
+    n_tokens = torch.tensor(float(sum(len(s["ids"]) - s["n_prompt"] for s in batch)),
+                            device=v.device)
     if world > 1:
         dist.all_reduce(n_tokens)  # the token-mean is over the whole batch, all ranks
     loss_sum = 0.0
@@ -165,20 +168,23 @@ def train(args):
     run = machinery.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
     args = run.args
     if run.task_name != "gsm8k":
-        machinery.fail(f"--data {args.data}: {run.task_name} rows; SFT trains on GSM8K's worked solutions")
+        machinery.fail(f"--data {args.data}: {run.task_name} rows; SFT trains on GSM8K's worked "
+                       f"solutions")
     if run.done:
         return None, run.adapter
     for row in run.rows:
         row["target_ids"] = target_ids(run.tokenizer, row, args.keep_calculator)
     long = sum(len(r["prompt_ids"]) + len(r["target_ids"]) > args.max_model_len for r in run.rows)
     if long:
-        machinery.fail(f"--data {args.data}: {long} rows are longer than the context {args.max_model_len} "
-                       f"with their answer; a larger --max-model-len, or data without them")
+        machinery.fail(f"--data {args.data}: {long} rows are longer than the context "
+                       f"{args.max_model_len} with their answer; a larger --max-model-len, or data "
+                       f"without them")
     with machinery.refusing(f"--model {args.model}: cannot load its weights"):
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=run.device)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype,
+                                                     device_map=run.device)
     with machinery.refusing(f"--model {args.model}", errors=ValueError):  # e.g. NaN weights
-        v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","), args.seed,
-                           args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
+        v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","),
+                           args.seed, args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
                            keep_merged=not args.low_memory, rounding=args.rounding)
     model.train()
     opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
@@ -187,7 +193,8 @@ def train(args):
     with run.checkpointed(model, v, opt, sched, sync=lambda: None, generate=None):
         for step in run.steps():  # resumes; saves every finished step on Ctrl-C, SIGTERM, crashes
             rows = batch_for(run.rows, step, run.steps_per_epoch, args, run.rank, run.world)
-            batch = [dict(ids=r["prompt_ids"] + r["target_ids"], n_prompt=len(r["prompt_ids"])) for r in rows]
+            batch = [dict(ids=r["prompt_ids"] + r["target_ids"], n_prompt=len(r["prompt_ids"]))
+                     for r in rows]
             m = run.within_memory(sft_step, batch)
             run.finish_step(step, m)  # metrics line; checkpoint at --save-every
     return model, run.adapter
