@@ -78,11 +78,12 @@ def test_trl_or_peft_missing_is_one_line(tiny_dir, data, tmp_path, capsys, monke
     for missing, words in [("trl", "trl is not installed (pip install trl==1.16.0)"),
                            ("peft.tuners.tinylora", "peft with the tinylora tuner is not installed")]:
         present = lambda name, *a: find("json") if name == "trl" else find(name, *a)  # trl there, or not
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else present(name, *a))
+        fake = lambda name, *a: None if name == missing else present(name, *a)
+        monkeypatch.setattr(importlib.util, "find_spec", fake)
         code, err = refused(tiny_flags(tiny_dir, data, tmp_path / "b.json"), capsys)
         assert code == 2 and err.count("\n") == 1 and f"--sides trl: {words}" in err, err
     # our side alone needs neither: it gets past the checks (to the side, stubbed here)
-    monkeypatch.setattr(bench_trl, "run_side", lambda side, argv, path: (None, 7))
+    monkeypatch.setattr(bench_trl, "run_side", lambda side, argv, path, device: (None, 7))
     assert bench_trl.main(tiny_flags(tiny_dir, data, tmp_path / "b.json", "--sides", "ours")) == 1
     assert json.load(open(tmp_path / "b.json"))["failed"] == {"ours": 7}
 
@@ -90,7 +91,8 @@ def test_trl_or_peft_missing_is_one_line(tiny_dir, data, tmp_path, capsys, monke
 def test_medians_are_of_steps_two_on_and_of_the_only_step_alone():
     step = lambda t, g, tok: dict(t_step=t, t_generate=g, t_trainer=t - g - 0.5, t_sync=0.5, tokens=tok)
     m = bench_trl.summarize([step(100.0, 90.0, 10), step(10.0, 6.0, 600), step(12.0, 8.0, 800), step(11.0, 5.0, 700)])
-    assert (m["t_step"], m["t_generate"], m["t_trainer"], m["tokens"]) == (11.0, 6.0, 3.5, 700)  # each column its own median
+    # each column its own median, of steps 2..4
+    assert (m["t_step"], m["t_generate"], m["t_trainer"], m["tokens"]) == (11.0, 6.0, 3.5, 700)
     assert m["gen_tokens_per_s"] == 700 / 6.0 and m["median_of_steps"] == "2..4"
     one = bench_trl.summarize([step(3.0, 2.0, 30)])
     assert (one["t_step"], one["tokens"], one["median_of_steps"]) == (3.0, 30, "1..1")
@@ -140,6 +142,8 @@ def test_both_sides_run_a_tiny_step_on_the_same_prompts(tiny_dir, data, tmp_path
         (seen,) = r["sides"][side]["seen"]
         assert len(seen["rows"]) == 2 and len(seen["prompts"]) == 2
     assert r["sides"]["ours"]["seen"] == r["sides"]["trl"]["seen"]
+    # --reward signal draws from the rows' golds in scoring order: the same rewards on both sides
+    assert r["sides"]["ours"]["steps"][0]["reward"] == r["sides"]["trl"]["steps"][0]["reward"]
     assert r["same_work"] == {"rows": True, "prompt_ids": True, "steps": 1}
     assert r["ratio"]["t_step"] == r["summary"]["ours"]["t_step"] / r["summary"]["trl"]["t_step"]
     table = open(tmp_path / "b.md").read()

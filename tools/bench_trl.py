@@ -58,7 +58,7 @@ On a CPU (the wiring, not a speed result: HF generate on both sides, fp32, the t
 
     python tests/tiny.py /tmp/tiny && python tools/bench_trl.py --model /tmp/tiny/model \\
         --data /tmp/tiny/train.jsonl --prompts-per-step 4 --group-size 2 --max-new-tokens 8 \\
-        --steps 2 --trl-micro-batch 2 --reward signal
+        --steps 3 --trl-micro-batch 2 --reward signal
 """
 import argparse
 import contextlib
@@ -274,6 +274,7 @@ def run_ours(args):
     """train_grpo.train as a user runs it, with the bench's reward; returns per-step timings (from
     the run's metrics.jsonl: t_generate, t_logp_old, t_update, t_sync, t_step, tokens) and the rows
     and prompt ids each step used (recorded around train_grpo.prompts_for)."""
+    import task
     import train_grpo
 
     seen, pick = [], train_grpo.prompts_for
@@ -283,16 +284,15 @@ def run_ours(args):
         seen.append(dict(rows=[r["id"] for r in rows], prompts=[ids_hash(r["prompt_ids"]) for r in rows]))
         return rows
     train_grpo.prompts_for = recording
-    run_dir = tempfile.mkdtemp(prefix="bench-trl-ours-")
+    run_dir = os.path.join(os.path.dirname(os.path.abspath(args.child_out)), "ours-run")  # the driver removes it
     targs = train_grpo.parse_args(ours_argv(args, run_dir))
-    import task
     reward = make_reward(args, task.task_of(args.data))
     train_grpo.train(targs, reward_fn=reward)
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
     steps = [dict(t_step=m["t_step"], t_generate=m["t_generate"], t_sync=m["t_sync"],
                   t_trainer=m["t_step"] - m["t_generate"] - m["t_sync"], t_logp_old=m["t_logp_old"],
                   t_update=m["t_update"], tokens=m["tokens"], reward=m["reward"]) for m in metrics]
-    return dict(steps=steps, seen=seen, run_dir=run_dir, **peak_memory())
+    return dict(steps=steps, seen=seen, **peak_memory())
 
 
 # -----------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def import_trl():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import trl
-        from trl import GRPOConfig, GRPOTrainer  # noqa: F401 (trl imports lazily: the warning comes here)
+        trl.GRPOTrainer  # trl imports its modules lazily: the warning comes at the first use
     return trl
 
 
@@ -376,7 +376,7 @@ def timed_trainer_class():
                 self.vllm_generation.sync_weights = timed_sync
 
         def _generate_and_score_completions(self, inputs):
-            rows = list(dict.fromkeys(x["row"] for x in inputs))  # G copies of each row, in order
+            rows = [x["row"] for x in inputs][::self.num_generations]  # G copies of each row, in a run
             self.rollouts.append(dict(rows=rows, prompts=[], t_generate=0.0, t_sync=0.0))
             out = super()._generate_and_score_completions(inputs)
             self.rollouts[-1]["tokens"] = int(out["completion_mask"].sum().item())
@@ -384,7 +384,7 @@ def timed_trainer_class():
 
         def _tokenize_prompts(self, prompts):
             out = super()._tokenize_prompts(prompts)
-            self.rollouts[-1]["prompts"] = list(dict.fromkeys(ids_hash(ids) for ids in out[0]))
+            self.rollouts[-1]["prompts"] = [ids_hash(ids) for ids in out[0][::self.num_generations]]
             return out
 
         def _generate_single_turn(self, *a, **k):  # sync (if the step moved) + generation
@@ -424,11 +424,13 @@ def run_trl(args):
     plan, task_name = step_rows(args)
     data = Dataset.from_list([dict(prompt=task.messages(r["question"], task_name), gold=r["gold"], row=r["id"])
                               for rows in plan for r in rows])
-    reward = make_reward(args, task_name)
+    reward, means = make_reward(args, task_name), []
 
     def gsm8k_reward(completions, gold, **_):  # TRL's signature; conversational completions
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        return [reward(t, g) for t, g in zip(texts, gold)]
+        rewards = [reward(t, g) for t, g in zip(texts, gold)]
+        means.append(sum(rewards) / len(rewards))  # one call per generation: per GRPO step
+        return rewards
     Trainer, StepClock = timed_trainer_class()
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="bench-trl-trl-") as out_dir:
@@ -441,7 +443,7 @@ def run_trl(args):
         t_step = clock.ends[(k + 1) * UPDATES] - clock.ends[k * UPDATES]
         t_generate = r["t_generate"] - r["t_sync"]  # _generate_single_turn holds the sync
         steps.append(dict(t_step=t_step, t_generate=t_generate, t_sync=r["t_sync"],
-                          t_trainer=t_step - t_generate - r["t_sync"], tokens=r["tokens"]))
+                          t_trainer=t_step - t_generate - r["t_sync"], tokens=r["tokens"], reward=means[k]))
     seen = [dict(rows=r["rows"], prompts=r["prompts"]) for r in trainer.rollouts]
     return dict(steps=steps, seen=seen, **peak_memory())
 
@@ -467,12 +469,18 @@ def same_work(results):
                 prompt_ids=[s["prompts"] for s in a] == [s["prompts"] for s in b], steps=min(len(a), len(b)))
 
 
-def run_side(side, argv, path):
+def run_side(side, argv, path, device):
     """This script again with --child SIDE: one side in a fresh process (its own vLLM engine, its own
-    CUDA memory peak); its results come back through a JSON file. Returns (results or None, exit code)."""
+    CUDA memory peak); its results come back through a JSON file. Returns (results or None, exit code).
+    On a CPU each side gets one torch thread (OMP_NUM_THREADS=1 unless set): on the project's shared
+    2-core machines two threads stall the tiny model's small ops (one generate call of the CPU smoke
+    took 0.07 s with one thread, 1.9 s with two)."""
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", side, "--child-out", path]
+    env = dict(os.environ)
+    if device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")
     print(f"{PROG}: {side}: {' '.join(cmd[1:])}", flush=True)
-    code = subprocess.call(cmd)
+    code = subprocess.call(cmd, env=env)
     if code or not os.path.isfile(path):
         return None, code or 1
     with open(path) as f:
@@ -525,7 +533,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         for side in args.sides:
             child_argv = [*argv, "--max-model-len", str(args.max_model_len)]  # as resolved by check()
-            out, code = run_side(side, child_argv, os.path.join(tmp, f"{side}.json"))
+            out, code = run_side(side, child_argv, os.path.join(tmp, f"{side}.json"), args.device)
             if out is None:
                 results["failed"][side] = code
                 print(f"{PROG}: {side} failed (exit {code})", file=sys.stderr)
