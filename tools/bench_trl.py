@@ -33,7 +33,8 @@ Where TRL 1.16.0 does not do the same work (the closest configuration is what ru
     equal (their advantage is 0, so they change no gradient). Same loss, less work.
   - TRL's advantages divide by (group std + 1e-4), ours by (group std + 1e-6).
   - TRL syncs every weight of the model into vLLM (PEFT merge_adapter, then all tensors, then
-    unmerge_adapter); ours sends W + dW of the adapted modules only.
+    unmerge_adapter, which round the bf16 base in place); ours sends W + dW of the adapted
+    modules only.
   - TRL caps its engine at max_num_batched_tokens 4096 and max_num_seqs P x G (fixed in its
     colocate code); ours keeps vLLM's defaults. TRL's gradient checkpointing is on by default
     (--trl-grad-ckpt); ours turns it on only for a step that needs it.
@@ -43,13 +44,14 @@ Where TRL 1.16.0 does not do the same work (the closest configuration is what ru
 
 The GPU run (not measured yet). On the lent H100 / H200, after the vLLM kit and the
 Qwen2.5-Coder-1.5B-Instruct kit (shared/gpu-vllm/README.md: vLLM 0.24.0, torch 2.11, transformers
-5.17 there), carry these wheels in .whl (python 3.12; pip download --no-deps as
-/work/.library/device/README.md says): trl==1.16.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1
-multiprocess==0.70.19 (the image has no datasets; TRL needs it), then, on the same warm machine:
+5.17 there), carry these wheels in .whl (Python 3.12, pip download --no-deps): trl==1.16.0
+peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 (the image has no datasets; TRL
+needs it) and a GSM8K train .jsonl (e.g. shared/data/gsm8k/train.jsonl as gsm8k/train.jsonl),
+then, on the same warm machine:
 
     . /tmp/vllm-env.sh && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \\
       && PYTHONPATH=/tmp/site:$PYTHONPATH python3 tools/bench_trl.py --device cuda \\
-         --model /tmp/qwen-coder-1.5b --data shared/data/gsm8k/train.jsonl --out $OUT/bench_trl.json
+         --model /tmp/qwen-coder-1.5b --data gsm8k/train.jsonl --out $OUT/bench_trl.json
 
 (defaults: 6 steps of 64 prompts x 4 samples, 1,024 new tokens, bf16, vLLM at 0.4 of the GPU).
 TRL 1.16.0 declares vLLM 0.22.0-0.31.0 (trl/import_utils.py), so 0.24.0 is inside its range.
@@ -341,7 +343,8 @@ def peft_tinylora(args):
 
     import tinylora
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    # on the GPU from the start: PEFT's TinyLoRA takes an SVD of every adapted weight where it lies
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device_map=args.device)
     config = TinyLoraConfig(r=args.r, u=args.u, weight_tying=1.0, target_modules=list(tinylora.TARGETS))
     model = get_peft_model(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
