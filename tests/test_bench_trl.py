@@ -1,0 +1,151 @@
+"""Tests of tools/bench_trl.py's CPU part: bad input refused in one line before anything heavy, the
+recipe as TRL's GRPOConfig and PEFT's TinyLoRA, the medians, and one tiny step of both sides (Hugging
+Face generate, the tiny model) that sees the same rows and prompt ids. No timing is asserted.
+
+    python -m pytest tests/test_bench_trl.py
+"""
+import importlib.util
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+import bench_trl
+import tiny
+
+
+def trl_installed():
+    return importlib.util.find_spec("trl") is not None and importlib.util.find_spec("peft.tuners.tinylora") is not None
+
+
+needs_trl = pytest.mark.skipif(not trl_installed(), reason="trl or peft's tinylora tuner not installed")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(tiny.write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", tiny.problems(32, seed=1)))
+
+
+def tiny_flags(tiny_dir, data, out, *extra):
+    """The CPU smoke's size: 2 prompts x 2 samples, 4 new tokens, one step, a reward with signal."""
+    return ["--model", tiny_dir, "--data", data, "--device", "cpu", "--steps", "1", "--prompts-per-step", "2",
+            "--group-size", "2", "--max-new-tokens", "4", "--trl-micro-batch", "2", "--reward", "signal",
+            "--out", str(out), *extra]
+
+
+def refused(argv, capsys):
+    """(exit code, stderr) of bench_trl.main(argv), which must stop before running any side."""
+    with pytest.raises(SystemExit) as e:
+        bench_trl.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"--model": "/nonexistent/model"}, "--model /nonexistent/model: not a model folder"),
+    ({"--data": "/nonexistent/train.jsonl"}, "--data /nonexistent/train.jsonl: no such file"),
+    ({"--sides": "ours,peft"}, "--sides ours,peft: a comma list of distinct sides from ours,trl"),
+    ({"--sides": "ours,ours"}, "--sides ours,ours: a comma list of distinct sides"),
+    ({"--group-size": "1"}, "--group-size 1: GRPO needs >= 2 samples per prompt"),
+    ({"--prompts-per-step": "3"}, "--prompts-per-step 3: must be even"),
+    ({"--trl-micro-batch": "3"}, "--trl-micro-batch 3 must divide the 2 completions of an update"),
+    ({"--memory-share": "1.5"}, r"--memory-share 1.5: must be in \(0, 1\)"),
+    ({"--lr": "nan"}, "--lr nan: must be a finite number > 0"),
+    ({"--steps": "0"}, "--steps 0: must be >= 1"),
+    ({"--max-model-len": "4096"}, "--max-model-len 4096 must be <= the model's context, 1024"),
+    ({"--max-model-len": "4"}, "--max-model-len 4 leaves no room for a prompt"),
+])
+def test_bad_input_is_one_line_before_any_side_runs(tiny_dir, data, tmp_path, edit, match, capsys, monkeypatch):
+    monkeypatch.setattr(bench_trl, "run_side", lambda *a: pytest.fail("a side ran"))
+    argv = tiny_flags(tiny_dir, data, tmp_path / "b.json")
+    for flag, value in edit.items():
+        argv = [*argv, flag, value]  # argparse: the last one given wins
+    code, err = refused(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("bench_trl.py: error: ") and re.search(match, err), err
+    assert not os.path.exists(tmp_path / "b.json")
+
+
+def test_cuda_without_a_gpu_is_one_line(tiny_dir, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = refused(tiny_flags(tiny_dir, data, tmp_path / "b.json", "--device", "cuda"), capsys)
+    assert code == 2 and err.count("\n") == 1 and "--device cuda: CUDA is not available here" in err, err
+
+
+def test_trl_or_peft_missing_is_one_line(tiny_dir, data, tmp_path, capsys, monkeypatch):
+    find = importlib.util.find_spec
+    for missing, words in [("trl", "trl is not installed (pip install trl==1.16.0)"),
+                           ("peft.tuners.tinylora", "peft with the tinylora tuner is not installed")]:
+        present = lambda name, *a: find("json") if name == "trl" else find(name, *a)  # trl there, or not
+        fake = lambda name, *a: None if name == missing else present(name, *a)
+        monkeypatch.setattr(importlib.util, "find_spec", fake)
+        code, err = refused(tiny_flags(tiny_dir, data, tmp_path / "b.json"), capsys)
+        assert code == 2 and err.count("\n") == 1 and f"--sides trl: {words}" in err, err
+    # our side alone needs neither: it gets past the checks (to the side, stubbed here)
+    monkeypatch.setattr(bench_trl, "run_side", lambda side, argv, path, device: (None, 7))
+    assert bench_trl.main(tiny_flags(tiny_dir, data, tmp_path / "b.json", "--sides", "ours")) == 1
+    assert json.load(open(tmp_path / "b.json"))["failed"] == {"ours": 7}
+
+
+def test_medians_are_of_steps_two_on_and_of_the_only_step_alone():
+    step = lambda t, g, tok: dict(t_step=t, t_generate=g, t_trainer=t - g - 0.5, t_sync=0.5, tokens=tok)
+    m = bench_trl.summarize([step(100.0, 90.0, 10), step(10.0, 6.0, 600), step(12.0, 8.0, 800), step(11.0, 5.0, 700)])
+    # each column its own median, of steps 2..4
+    assert (m["t_step"], m["t_generate"], m["t_trainer"], m["tokens"]) == (11.0, 6.0, 3.5, 700)
+    assert m["gen_tokens_per_s"] == 700 / 6.0 and m["median_of_steps"] == "2..4"
+    one = bench_trl.summarize([step(3.0, 2.0, 30)])
+    assert (one["t_step"], one["tokens"], one["median_of_steps"]) == (3.0, 30, "1..1")
+
+
+@needs_trl
+def test_trl_config_is_the_recipe(tiny_dir, data, tmp_path):
+    args = bench_trl.parse_args(["--model", tiny_dir, "--data", data, "--device", "cpu"])  # the GPU recipe's sizes
+    c = bench_trl.trl_config(args, str(tmp_path))
+    per_step = c.per_device_train_batch_size * c.steps_per_generation  # completions per generation
+    assert per_step == 64 * 4 and c.num_generations == 4 and c.max_completion_length == 1024
+    assert c.steps_per_generation == 2 * c.gradient_accumulation_steps  # 2 optimizer updates per generation
+    assert c.max_steps == 6 * 2 and c.num_iterations == 1 and not c.shuffle_dataset
+    assert (c.beta, c.epsilon, c.epsilon_high, c.loss_type, c.scale_rewards) == (0.0, 0.2, 0.4, "dapo", "group")
+    assert c.vllm_importance_sampling_correction and c.vllm_importance_sampling_mode == "token_truncate"
+    assert c.vllm_importance_sampling_clip_max == 2.0 and (c.temperature, c.top_p, c.top_k) == (1.0, 1.0, 0)
+    assert (c.vllm_mode, c.vllm_gpu_memory_utilization, c.learning_rate) == ("colocate", 0.4, 1e-4)
+    assert not c.use_vllm and c.use_cpu  # --device cpu: Hugging Face generate
+
+
+@needs_trl
+def test_peft_tinylora_trains_u_numbers_and_starts_at_the_base_model(tiny_dir, data):
+    from transformers import AutoModelForCausalLM
+
+    args = bench_trl.parse_args(["--model", tiny_dir, "--data", data, "--device", "cpu"])
+    model = bench_trl.peft_tinylora(args)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 13
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)  # v = 0: dW = 0, as on our side
+
+
+@needs_trl
+def test_both_sides_run_a_tiny_step_on_the_same_prompts(tiny_dir, data, tmp_path):
+    out = tmp_path / "b.json"
+    assert bench_trl.main(tiny_flags(tiny_dir, data, out)) == 0
+    r = json.load(open(out))
+    assert r["failed"] == {} and set(r["sides"]) == {"ours", "trl"}
+    for side in ("ours", "trl"):
+        (step,) = r["sides"][side]["steps"]
+        assert all(math.isfinite(step[k]) and step[k] >= 0 for k in ("t_step", "t_generate", "t_trainer", "t_sync"))
+        assert step["t_step"] > 0 and 0 < step["tokens"] <= 2 * 2 * 4  # P x G completions of <= 4 tokens
+        if side == "trl":  # Hugging Face generate: no engine, TRL never syncs (ours times an empty call)
+            assert step["t_sync"] == 0
+        assert r["sides"][side]["peak_gib"] is None and r["sides"][side]["peak_rss_gib"] > 0  # no CUDA here
+        (seen,) = r["sides"][side]["seen"]
+        assert len(seen["rows"]) == 2 and len(seen["prompts"]) == 2
+    assert r["sides"]["ours"]["seen"] == r["sides"]["trl"]["seen"]
+    # --reward signal draws from the rows' golds in scoring order: the same rewards on both sides
+    assert r["sides"]["ours"]["steps"][0]["reward"] == r["sides"]["trl"]["steps"][0]["reward"]
+    assert r["same_work"] == {"rows": True, "prompt_ids": True, "steps": 1}
+    assert r["ratio"]["t_step"] == r["summary"]["ours"]["t_step"] / r["summary"]["trl"]["t_step"]
+    table = open(tmp_path / "b.md").read()
+    assert "| ours / TRL |" in table and "same rows at every step: yes; same prompt token ids: yes" in table
+    assert f"TRL {r['versions']['trl']} + PEFT {r['versions']['peft']} TinyLoRA" in table
