@@ -42,11 +42,10 @@ Where TRL 1.16.0 does not do the same work (the closest configuration is what ru
     them tokens per step, differ: compare tokens per second as well as seconds per step.
   - lr schedule: TRL constant at --lr; ours warms up over 5% of a full run (speed is the same).
 
-The GPU run (not measured yet). On one H100 or H200 with vLLM 0.24.0, torch 2.11 and transformers
-5.17 and Qwen2.5-Coder-1.5B-Instruct (tools/prepare.py) at /tmp/qwen-coder-1.5b, carry these wheels in .whl (Python 3.12, pip download --no-deps): trl==1.16.0
-peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 (the image has no datasets; TRL
-needs it) and a GSM8K train .jsonl at gsm8k/train.jsonl,
-then, on the same warm machine:
+The GPU run (not measured yet): one H100 or H200 with vLLM 0.24.0, torch 2.11, transformers 5.17,
+Qwen2.5-Coder-1.5B-Instruct at /tmp/qwen-coder-1.5b (tools/prepare.py), GSM8K train at
+gsm8k/train.jsonl, and as wheels in .whl (Python 3.12, pip download --no-deps) trl==1.16.0
+peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 (TRL needs datasets):
 
     . /tmp/vllm-env.sh && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \\
       && PYTHONPATH=/tmp/site:$PYTHONPATH python3 tools/bench_trl.py --device cuda \\
