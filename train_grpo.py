@@ -54,18 +54,7 @@ def build_parser():
       ".jsonl with question/answer (GSM8K) or problem/answer (MATH) rows; the reward follows it")
     a("--eval-data", default="gsm8k",
       help="held-out set of --eval-every: 'gsm8k' (its test split), 'math500', or a .jsonl")
-    # TinyLoRA
-    a("--u", type=int, default=13, help="trainable numbers per tie group (size of v)")
-    a("--r", type=int, default=2, help="rank of the frozen truncated SVD of each adapted weight")
-    a("--n-tie", type=int, default=None, help="modules sharing one v (default: all, so params = u)")
-    a("--tie", default="tiled", choices=tinylora.TIE_MODES, help="how modules form tie groups")
-    a("--targets", default=",".join(tinylora.TARGETS), help="comma-separated linears to adapt")
-    a("--v-dtype", default="fp32", choices=list(tinylora.V_DTYPES),
-      help="storage dtype of v (the forward sees v rounded to it)")
-    a("--rounding", default="nearest", choices=tinylora.ROUNDINGS, help="how W + dW is rounded to "
-      "a bf16 base (trainer and vLLM alike): 'nearest' erases entries of dW under half a bf16 "
-      "step; 'stochastic' keeps them on average (unbiased)")
-    a("--svd-cache", default=tinylora.CACHE_DIR, help="cached SVD factors ('' disables)")
+    tinylora_options(a)
     # GRPO
     a("--prompts-per-step", type=int, default=64, help="prompts per GRPO step")
     a("--group-size", type=int, default=4, help="samples per prompt (a group)")
@@ -114,15 +103,24 @@ def build_parser():
     return p
 
 
+def tinylora_options(a):
+    """The TinyLoRA options (train_sft.py takes the same)."""
+    a("--u", type=int, default=13, help="trainable numbers per tie group (size of v)")
+    a("--r", type=int, default=2, help="rank of the frozen truncated SVD of each adapted weight")
+    a("--n-tie", type=int, default=None, help="modules sharing one v (default: all, so params = u)")
+    a("--tie", default="tiled", choices=tinylora.TIE_MODES, help="how modules form tie groups")
+    a("--targets", default=",".join(tinylora.TARGETS), help="comma-separated linears to adapt")
+    a("--v-dtype", default="fp32", choices=list(tinylora.V_DTYPES),
+      help="storage dtype of v (the forward sees v rounded to it)")
+    a("--rounding", default="nearest", choices=tinylora.ROUNDINGS, help="how W + dW is rounded to "
+      "a bf16 base (trainer and vLLM alike): 'nearest' erases entries of dW under half a bf16 "
+      "step; 'stochastic' keeps them on average (unbiased)")
+    a("--svd-cache", default=tinylora.CACHE_DIR, help="cached SVD factors ('' disables)")
+
+
 def parse_args(argv=None):
     """The options, plus what was given on the command line (`given`) and the defaults."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    args.defaults = vars(p.parse_args([]))
-    for action in p._actions:  # parse again without defaults: what the command line gave
-        action.default = argparse.SUPPRESS
-    args.given = sorted(vars(p.parse_args(argv)))
-    return args
+    return machinery.parse(build_parser(), argv)
 
 
 # -----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM
 import machinery  # what a reader may skip: checks, run folder, memory plan, signals
 import task  # data, prompt
 import tinylora
-from train_grpo import token_logprobs  # the same log p of completion tokens as GRPO's trainer
+from train_grpo import tinylora_options, token_logprobs  # GRPO's TinyLoRA options, its log p
 
 CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
 
@@ -51,17 +51,7 @@ def build_parser():
     a("--model", default="Qwen/Qwen2.5-7B-Instruct", help="hub id or local path of the base model")
     a("--data", default="gsm8k",
       help="'gsm8k' (hub openai/gsm8k train) or a local GSM8K-format .jsonl")
-    # TinyLoRA: the same options as train_grpo.py
-    a("--u", type=int, default=13, help="trainable numbers per tie group (size of v)")
-    a("--r", type=int, default=2, help="rank of the frozen truncated SVD of each adapted weight")
-    a("--n-tie", type=int, default=None, help="modules sharing one v (default: all, so params = u)")
-    a("--tie", default="tiled", choices=tinylora.TIE_MODES, help="how modules form tie groups")
-    a("--targets", default=",".join(tinylora.TARGETS), help="comma-separated linears to adapt")
-    a("--v-dtype", default="fp32", choices=list(tinylora.V_DTYPES),
-      help="storage dtype of v (the forward sees v rounded to it)")
-    a("--rounding", default="nearest", choices=tinylora.ROUNDINGS,
-      help="how W + dW is rounded to a bf16 base")
-    a("--svd-cache", default=tinylora.CACHE_DIR, help="cached SVD factors ('' disables)")
+    tinylora_options(a)  # the same as train_grpo.py's
     # SFT
     a("--batch", type=int, default=64, help="training rows per optimizer update (one step)")
     a("--epochs", type=float, default=3, help="passes over the training set")
@@ -96,13 +86,7 @@ def build_parser():
 
 def parse_args(argv=None):
     """The options, plus what was given on the command line (`given`) and the defaults."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    args.defaults = vars(p.parse_args([]))
-    for action in p._actions:  # parse again without defaults: what the command line gave
-        action.default = argparse.SUPPRESS
-    args.given = sorted(vars(p.parse_args(argv)))
-    return args
+    return machinery.parse(build_parser(), argv)
 
 
 # -----------------------------------------------------------------------------

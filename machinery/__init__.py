@@ -65,6 +65,17 @@ def forget_empty_run_dir():
     MADE.clear()
 
 
+def parse(parser, argv=None):
+    """parser.parse_args(argv), plus what the command line gave (`given`) and the defaults: resume
+    takes the recipe from args.json and only the given machinery options from the command line."""
+    args = parser.parse_args(argv)
+    args.defaults = vars(parser.parse_args([]))
+    for action in parser._actions:  # parse again without defaults: what the command line gave
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(parser.parse_args(argv)))
+    return args
+
+
 def check_args(args, world=1):
     """Every check that needs no model, before anything loads."""
     def need(ok, msg):
