@@ -249,7 +249,8 @@ def test_load_rows_skips_and_counts_bad_rows(tmp_path, capsys):
 def test_load_rows_detects_math500(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"problem": "Half of 1?", "solution": r"\boxed{\frac12}", "answer": r"\frac12"}) + "\n")
-    assert task.load_rows(str(path)) == ([{"id": 0, "question": "Half of 1?", "gold": r"\frac12"}], 0, "math500")
+    assert task.load_rows(str(path)) == ([{"id": 0, "question": "Half of 1?", "gold": r"\frac12", "answer": r"\frac12"}],
+                                      0, "math500")
 
 
 def test_load_rows_missing_path_raises(tmp_path):
@@ -393,7 +394,7 @@ def test_a_huge_question_is_skipped_without_tokenizing_it_whole(tok, monkeypatch
     rows = [{"id": i, "question": r["question"], "gold": "7"} for i, r in enumerate(tiny.problems(3, seed=4))]
     rows[1]["question"] = "What is 3 + 4? " * 200_000  # 3 MB
     seen, build = [], task.build_prompt
-    monkeypatch.setattr(engine, "build_prompt", lambda t, q, task: seen.append(len(q)) or build(t, q, task))
+    monkeypatch.setattr(task, "build_prompt", lambda t, q, task: seen.append(len(q)) or build(t, q, task))
     kept, prompts, dropped = task.prompts_within(tok, rows, "gsm8k", 1024)
     assert [r["id"] for r in kept] == [0, 2] and dropped == 1 and max(seen) < 1000
     assert prompts == [build(tok, rows[i]["question"], "gsm8k") for i in (0, 2)]
@@ -740,7 +741,7 @@ def test_cli_refuses_a_tokenizer_it_cannot_use_and_missing_math_verify(tiny_dir,
 def test_cli_tokenizes_each_prompt_once(tiny_dir, tmp_path, monkeypatch):
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(5, seed=5))
     calls, build_prompt = [], task.build_prompt
-    monkeypatch.setattr(engine, "build_prompt", lambda *a, **k: calls.append(1) or build_prompt(*a, **k))
+    monkeypatch.setattr(task, "build_prompt", lambda *a, **k: calls.append(1) or build_prompt(*a, **k))
     E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--max-new-tokens", "1", "--dtype", "float32"])
     assert len(calls) == 5
 
