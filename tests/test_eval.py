@@ -67,7 +67,7 @@ CASES = [
     ("x" * 400 + "\n#### 7", "7", "7"),  # a long completion: only the tail is read
     ("####42", "42", None),  # the pattern needs "#### " with its space
     ("##### 42", "42", "42"),
-    ("#### 1 000", "1", "1"),  # gold "1 000" reads as 1 too (test_gold_and_completion_are_read_alike)
+    ("#### 1 000", "1", "1"),  # a gold "1 000" is refused (test_a_gold_the_reward_would_misread_is_refused)
     ("The answer is 42.", "42", None),
     ("", "42", None),
 ]
@@ -169,7 +169,7 @@ def test_the_three_real_files_score_as_the_external_references(name, strict, fle
 def test_gold_and_completion_are_read_alike():
     """A completion that ends with "#### " + the row's answer text earns the reward, whatever that
     text is: gold and completion are read by one rule."""
-    for answer in ["72", "1,234", ".5", "1 000", "1,00", "-3", "3/4", "7.50", "#### 12", "so 5 + 7\n#### 12"]:
+    for answer in ["72", "1,234", ".5", "1,00", "-3", "7.50", "#### 12", "so 5 + 7\n#### 12"]:
         gold = task.gold_of("gsm8k", answer)
         text = answer if "####" in answer else "#### " + answer
         assert gold is not None and task.reward("gsm8k", "The steps.\n" + text, gold) == 1.0, answer

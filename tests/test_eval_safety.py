@@ -1,0 +1,70 @@
+"""Tests of eval.py's safety: golds the reward would misread are refused and named, --out never
+overwrites what the run reads, one clear line (exit 2) for what the user can fix, and scores that
+do not depend on the batch or on the engine's dtype.
+
+    python -m pytest tests/test_eval_safety.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import task
+import tiny
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def eval_py(*args, env=None, **kw):
+    """eval.py run as a user runs it: (returncode, stdout, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *map(str, args)], capture_output=True,
+                       text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", **(env or {})), **kw)
+    return p.returncode, p.stdout, p.stderr
+
+
+def one_error_line(rc, err):
+    """The error of a refused run: exit 2, no traceback, one `eval.py: error: ...` line last."""
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("eval.py: error: "), err
+    return last
+
+
+# -----------------------------------------------------------------------------
+# golds (DA1, DA2, DA8)
+
+
+@pytest.mark.parametrize("answer,gold", [
+    (1234567.0, "1234567"), (7, "7"), (0.5, "0.5"), (-3.0, "-3"),  # JSON numbers, as a completion writes them
+    (1e+30, None), (1e-05, None), (True, None),  # no plain decimal text: the pattern would read "1"
+    ("#### 1e5", None), ("#### 3/4", None), ("#### .", None), ("#### 1 000", None), ("#### 5 dollars", None),
+    ("3\\sqrt{2}", None), ("10^5", None), ("2/3", None), ("\\frac{1}{2}", None),  # MATH answers in GSM8K rows
+    ("#### 72", "72"), ("so 9 - 2 = 7\n#### 7\n", "7"), ("#### 1,234", "1234"), ("-3", "-3"), ("#### 7.50", "7.50"),
+])
+def test_a_gold_the_reward_would_misread_is_refused(answer, gold):
+    assert task.gold_of("gsm8k", answer) == gold
+    if gold is not None:  # what is kept, the reward pays
+        assert task.reward("gsm8k", f"steps\n#### {gold}", gold) == 1.0
+
+
+def test_refused_golds_are_named_and_counted(tmp_path, capsys):
+    rows = [{"question": "q1", "answer": "#### 7"}, {"question": "q2", "answer": 1234567.0},
+            {"question": "q3", "answer": "#### 1e5"}, {"question": "q4", "answer": 1e30}]
+    rows += [{"question": f"m{i}", "answer": "3\\sqrt{2}"} for i in range(task.MAX_NOTES)]
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), rows)
+    kept, skipped, name = task.load_rows(data)
+    assert [(r["id"], r["gold"]) for r in kept] == [(0, "7"), (1, "1234567")] and skipped == len(rows) - 2
+    err = capsys.readouterr().err.splitlines()
+    assert "line 3: its answer '#### 1e5' holds no gold the reward can pay" in err[0]
+    assert "MATH answers belong in problem/answer rows" in err[0] and "line 4:" in err[1]
+    assert len(err) == task.MAX_NOTES + 1 and err[-1].endswith(f"{skipped} lines skipped in all")
+
+
+def test_cli_refuses_a_gsm8k_file_of_math_answers(tiny_dir, tmp_path):
+    data = tiny.write_jsonl(str(tmp_path / "m.jsonl"), [{"question": "q", "answer": a} for a in
+                                                         ["3\\sqrt{2}", "10^5", "2/3"]])
+    last = one_error_line(*eval_py("--model", tiny_dir, "--data", data, "--backend", "hf")[::2])
+    assert "no usable rows (3 skipped" in last
