@@ -103,6 +103,35 @@ def _same_file(a, b):
     return bool(a and b) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
+def _model_dir(model):
+    """The local directory of --model's files: the directory itself, or a hub id's cached snapshot
+    (None where nothing is cached)."""
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import try_to_load_from_cache
+    config = try_to_load_from_cache(model, "config.json")
+    return os.path.dirname(config) if isinstance(config, str) else None
+
+
+def _check_out_reads_nothing(args):
+    """Raises ValueError if --out is a file this run reads: opened for writing, it would be cut to 0 bytes
+    (the weights are memory-mapped: the process dies of SIGBUS, and the model is lost). Those files: the
+    data, the adapter, every file of the model's directory (weights, config, tokenizer), and, with an
+    adapter, anything in the SVD cache directory (a cache file may be written there during the run)."""
+    if not args.out:
+        return
+    model_dir = _model_dir(args.model)
+    reads = [("the --data file", args.data), ("the --adapter file", args.adapter)]
+    reads += [(f"a file of --model {args.model} ({os.path.relpath(os.path.join(d, f), model_dir)})", os.path.join(d, f))
+              for d, _, files in (os.walk(model_dir) if model_dir else []) for f in files]
+    for what, path in reads:
+        if _same_file(args.out, path):
+            raise ValueError(f"--out {args.out} is {what}: it would be overwritten; give another path")
+    if args.adapter and args.svd_cache and _same_file(os.path.dirname(os.path.abspath(args.out)), args.svd_cache):
+        raise ValueError(f"--out {args.out} is in the --svd-cache directory {args.svd_cache}, whose files this run "
+                         f"reads and writes; give another path")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Greedy pass@1 of a model (+ TinyLoRA adapter) on GSM8K / MATH500.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -146,9 +175,6 @@ def main(argv=None):
         if args.out and (os.path.isdir(args.out) or not os.access(
                 args.out if os.path.exists(args.out) else os.path.dirname(os.path.abspath(args.out)), os.W_OK)):
             raise ValueError(f"--out {args.out}: cannot be written (a directory, or a read-only place)")
-        for flag, path in (("--data", args.data), ("--adapter", args.adapter)):
-            if args.out and _same_file(args.out, path):
-                raise ValueError(f"--out {args.out} is the {flag} file: it would be overwritten; give another path")
         if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization < 1:
             raise ValueError(f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in (0, 1)")
         from transformers import AutoConfig
@@ -156,6 +182,7 @@ def main(argv=None):
             config = AutoConfig.from_pretrained(args.model)
         except Exception as e:  # no such directory, or a hub id with no hub
             raise ValueError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from e
+        _check_out_reads_nothing(args)
         try:
             tokenizer = task.load_tokenizer(args.model)
             if backend == "vllm":

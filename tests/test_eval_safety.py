@@ -68,3 +68,40 @@ def test_cli_refuses_a_gsm8k_file_of_math_answers(tiny_dir, tmp_path):
                                                          ["3\\sqrt{2}", "10^5", "2/3"]])
     last = one_error_line(*eval_py("--model", tiny_dir, "--data", data, "--backend", "hf")[::2])
     assert "no usable rows (3 skipped" in last
+
+
+# -----------------------------------------------------------------------------
+# --out never overwrites what the run reads (L07)
+
+
+@pytest.fixture
+def model_copy(tiny_dir, tmp_path):
+    """A copy of the tiny model that a test may lose."""
+    import shutil
+    return shutil.copytree(tiny_dir, str(tmp_path / "model"))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_out_is_never_a_file_of_the_model(model_copy, tmp_path, name):
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    target = os.path.join(model_copy, name)
+    before = open(target, "rb").read()
+    os.symlink(target, tmp_path / "link")  # by another name too
+    for out in (target, tmp_path / "link"):
+        last = one_error_line(*eval_py("--model", model_copy, "--data", data, "--backend", "hf", "--out", out)[::2])
+        assert f"is a file of --model {model_copy} ({name}): it would be overwritten" in last
+    assert open(target, "rb").read() == before
+
+
+def test_out_is_never_in_the_svd_cache(model_copy, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+    import tinylora
+    model = AutoModelForCausalLM.from_pretrained(model_copy, dtype=torch.float32)
+    tinylora.apply(model, u=13, cache_dir=None, verbose=False)
+    adapter = tinylora.save(model, str(tmp_path / "a.safetensors")) or str(tmp_path / "a.safetensors")
+    data, cache = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2)), tmp_path / "svd"
+    cache.mkdir()
+    last = one_error_line(*eval_py("--model", model_copy, "--data", data, "--backend", "hf", "--adapter", adapter,
+                                   "--svd-cache", cache, "--out", cache / "svd-x-r2.safetensors")[::2])
+    assert "is in the --svd-cache directory" in last and not os.listdir(cache)
