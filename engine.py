@@ -1,7 +1,8 @@
 """The engine: rollouts from vLLM in this process, weight sync, and a Hugging Face fallback.
 
     generate(prompts, n, temperature, max_new_tokens, seed) -> per prompt {"prompt_ids", "samples":
-        n x {"ids", "logprobs", "text"}}, logprobs of each sampled token under the sampled distribution
+        n x {"ids", "logprobs", "text", "truncated"}}, logprobs of each sampled token under the sampled
+        distribution; truncated: cut by max_new_tokens or the context before its stop token
 
 vLLM runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so its torch model is reachable:
 sync_weights loads W + dW of the adapted modules into it by their Hugging Face names (vLLM's
@@ -112,9 +113,10 @@ def generate_vllm(llm, prompts, n, temperature, max_new_tokens, stop_token_ids=N
               for p, s in zip(prompts, seeds)]
     outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
     tok = llm.get_tokenizer()  # decode here, like generate_hf, so both backends give the same text
-    return [{"prompt_ids": list(p), "samples": [_sample(tok, c.token_ids, [lp[t].logprob for t, lp in
-                                                                            zip(c.token_ids, c.logprobs)])
-                                                for c in o.outputs]} for p, o in zip(prompts, outs)]
+    return [{"prompt_ids": list(p), "samples": [{**_sample(tok, c.token_ids, [lp[t].logprob for t, lp in
+                                                                               zip(c.token_ids, c.logprobs)]),
+                                                 "truncated": c.finish_reason == "length"} for c in o.outputs]}
+            for p, o in zip(prompts, outs)]
 
 
 def make_generate(llm, model, tokenizer, max_len):
@@ -152,15 +154,30 @@ class SampledLogprobs(LogitsProcessor):
         return torch.cat(self.out + [self.prev.gather(1, sequences[:, -1:])], dim=1)  # (B*n, new tokens)
 
 
-@torch.no_grad()
 def generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens, max_len=None):
     """generate_vllm's output from Hugging Face generate (batched, left-padded); temperature 0 is greedy.
-    max_len: the context length; like vLLM, completions stop there (for the batch's longest prompt)."""
+    max_len: the context length; like vLLM, each completion stops there, at its own prompt's room: rows
+    are generated in groups of one cap (room or max_new_tokens), so one long prompt does not cut the
+    others of its batch, and a row's completion does not depend on which rows share its batch (a
+    common cap would cut them all; generating past a row's room could move other rows' positions past
+    the model's context). Prompts within max_new_tokens of the context cost a call per distinct cap."""
+    caps = [max(1, min(max_new_tokens, max_len - len(p))) if max_len else max_new_tokens for p in prompts]
+    out = [None] * len(prompts)
+    for cap in sorted(set(caps), reverse=True):  # the usual case, every prompt with room to spare: one call
+        group = [i for i, c in enumerate(caps) if c == cap]
+        for i, o in zip(group, _generate_hf(model, tokenizer, [prompts[i] for i in group], n, temperature, cap)):
+            out[i] = o
+    return out
+
+
+@torch.no_grad()
+def _generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens):
+    """generate_hf of prompts sharing one cap, max_new_tokens. A sample cut there, before its stop token, is
+    marked truncated (as vLLM's finish_reason "length")."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
     eos = set(eos) if isinstance(eos, list) else {eos}
     L = max(map(len, prompts))
-    max_new_tokens = max(1, min(max_new_tokens, max_len - L)) if max_len else max_new_tokens
     ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts], device=model.device)  # (B, L)
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     # every sampling knob explicit: otherwise generate() fills them from the model's generation_config
@@ -176,7 +193,7 @@ def generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens, max_l
     for i, p in enumerate(prompts):
         samples = []
         for row, lp in zip(new[i * n:(i + 1) * n], logprobs[i * n:(i + 1) * n]):
-            k = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))  # keep the eos, drop padding
-            samples.append(_sample(tokenizer, row[:k], lp[:k]))
+            k = next((k + 1 for k, t in enumerate(row) if t in eos), None)  # keep the eos, drop padding
+            samples.append({**_sample(tokenizer, row[:k], lp[:k]), "truncated": k is None})
         out.append({"prompt_ids": list(p), "samples": samples})
     return out

@@ -55,7 +55,8 @@ def evaluate(gen_fn, tokenizer, rows, task_name, max_new_tokens, out_path=None, 
             for r, o in zip(rows[i:i + batch_size], outs):
                 s = o["samples"][0]
                 sc = task.score(task_name, s["text"], r["gold"])
-                tokens, truncated, n = tokens + len(s["ids"]), truncated + (len(s["ids"]) >= max_new_tokens), n + 1
+                cut = s.get("truncated", len(s["ids"]) >= max_new_tokens)  # by max_new_tokens or the context
+                tokens, truncated, n = tokens + len(s["ids"]), truncated + cut, n + 1
                 for k in task.SCORES:
                     totals[k] += bool(sc[k])
                 if f:

@@ -105,3 +105,34 @@ def test_out_is_never_in_the_svd_cache(model_copy, tmp_path):
     last = one_error_line(*eval_py("--model", model_copy, "--data", data, "--backend", "hf", "--adapter", adapter,
                                    "--svd-cache", cache, "--out", cache / "svd-x-r2.safetensors")[::2])
     assert "is in the --svd-cache directory" in last and not os.listdir(cache)
+
+
+# -----------------------------------------------------------------------------
+# scores that do not depend on the batch (DA5, DA13)
+
+
+def summary(stdout):
+    """The summary line's fields, less the timings."""
+    fields = dict(x.split("=") for x in stdout.strip().splitlines()[-1].split()[2:])
+    return {k: v for k, v in fields.items() if k not in ("seconds", "tokens/s")}
+
+
+def test_hf_gives_each_row_its_own_room(tiny_dir, tmp_path):
+    """One long prompt no longer caps its whole batch: HF with batch 16 == HF with batch 1, the long row
+    stops at the context, the others at --max-new-tokens, and `truncated` counts both kinds of cut."""
+    tok = task.load_tokenizer(tiny_dir)
+    rows = tiny.problems(16, seed=7)
+    rows[5]["question"] = "What is 3 + 4? " * 20
+    room = 10  # the long row's: the context ends 10 tokens after its prompt
+    context = len(task.build_prompt(tok, rows[5]["question"])) + room
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), rows)
+    runs = {}
+    for batch in (16, 1):
+        out = tmp_path / f"b{batch}.jsonl"
+        rc, stdout, err = eval_py("--model", tiny_dir, "--data", data, "--backend", "hf", "--dtype", "float32",
+                                  "--max-model-len", context, "--max-new-tokens", 24, "--batch-size", batch, "--out", out)
+        assert rc == 0, err
+        runs[batch] = summary(stdout), [json.loads(x)["completion"] for x in out.read_text().splitlines()]
+    assert runs[16] == runs[1]
+    assert runs[16][0]["tokens"] == str(15 * 24 + room) and runs[16][0]["truncated"] == "1.000"  # the random
+    # model never stops early: every row is cut, the long one by the context
