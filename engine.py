@@ -98,12 +98,20 @@ def _sample(tokenizer, ids, logprobs):
     return {"ids": list(ids), "logprobs": list(logprobs), "text": tokenizer.decode(ids, skip_special_tokens=True)}
 
 
+VLLM_MIN_TEMPERATURE = 0.01  # vLLM's SamplingParams raises 0 < T < 0.01 to 0.01 (its _MAX_TEMP)
+
+
 def generate_vllm(llm, prompts, n, temperature, max_new_tokens, stop_token_ids=None, seed=None):
-    """Per prompt {"prompt_ids", "samples": n x {"ids", "logprobs", "text"}}; temperature 0 is greedy.
+    """Per prompt {"prompt_ids", "samples": n x {"ids", "logprobs", "text"}}; temperature 0 is greedy, and
+    0 < temperature < 0.01 is refused (ValueError): vLLM would quietly sample at 0.01 instead.
     logprobs: of the sampled distribution (make_llm asks for processed_logprobs: after temperature).
     seed: reproducible rollouts; vLLM seeds sample j of a request seed + j, so prompt i gets seed + i * n and
     every (prompt, sample) of the call has its own seed + i * n + j. A list: prompt i's seed (its samples
     seed[i] + j). None: the engine's own generator."""
+    if 0 < temperature < VLLM_MIN_TEMPERATURE:
+        raise ValueError(f"temperature {temperature}: vLLM samples every temperature below {VLLM_MIN_TEMPERATURE} at "
+                         f"{VLLM_MIN_TEMPERATURE} (its floor, said only in its log), so its samples and logprobs would "
+                         f"not be those of temperature {temperature}; use 0 (greedy) or >= {VLLM_MIN_TEMPERATURE}")
     from vllm import SamplingParams
 
     room = llm.llm_engine.model_config.max_model_len  # cap each request at the context length

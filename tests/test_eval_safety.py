@@ -136,3 +136,17 @@ def test_hf_gives_each_row_its_own_room(tiny_dir, tmp_path):
     assert runs[16] == runs[1]
     assert runs[16][0]["tokens"] == str(15 * 24 + room) and runs[16][0]["truncated"] == "1.000"  # the random
     # model never stops early: every row is cut, the long one by the context
+
+
+# -----------------------------------------------------------------------------
+# what vLLM would change quietly or fail at late
+
+
+def test_vllm_refuses_a_temperature_below_its_floor():
+    """vLLM samples 0 < T < 0.01 at 0.01 (only its log says so), while the trainer scores at T (N19)."""
+    import engine
+    vllm_sampling = pytest.importorskip("vllm.sampling_params")
+    assert engine.VLLM_MIN_TEMPERATURE == vllm_sampling._MAX_TEMP  # the floor of this vLLM
+    for t in (1e-6, 0.009):
+        with pytest.raises(ValueError, match=f"temperature {t}: vLLM samples every temperature below 0.01 at 0.01"):
+            engine.generate_vllm(None, [[1, 2, 3]], 1, t, 4)
