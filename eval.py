@@ -184,6 +184,8 @@ def main(argv=None):
         except Exception as e:  # no such directory, or a hub id with no hub
             raise ValueError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from e
         _check_out_reads_nothing(args)
+        if backend == "vllm":
+            engine.check_vllm_cache()  # installed, and its cache writable: else it fails only after the weights
         try:
             tokenizer = task.load_tokenizer(args.model)
             if backend == "vllm":

