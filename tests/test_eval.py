@@ -634,7 +634,8 @@ def test_smollm2_task_rows_are_gsm8k_rows_with_the_right_answer(tmp_path):
 @pytest.mark.parametrize("extra,match", [
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: cannot read its config"),
     (["--out", "/nonexistent/dir/out.jsonl"], "its directory does not exist"),
-    (["--gpu-memory-utilization", "1.5"], r"must be in \(0, 1\)"),
+    (["--gpu-memory-utilization", "1.5"], r"must be in \[0.01, 1\)"),
+    (["--gpu-memory-utilization", "0.000001"], r"--gpu-memory-utilization 1e-06 must be in \[0.01, 1\): a smaller share"),
 ])
 def test_cli_rejects_a_bad_model_output_or_memory_share_before_loading(monkeypatch, tmp_path, capsys, extra, match):
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))

@@ -201,3 +201,9 @@ def test_vllm_on_a_cpu_refuses_a_head_dim_it_has_no_kernel_for(tiny_dir, tmp_pat
     last = one_error_line(*eval_py("--model", model, "--data", data, "--backend", "vllm")[::2])
     assert "vLLM on a CPU has no attention kernel for head_dim 16" in last and "--backend hf" in last
 
+
+def test_a_memory_share_too_small_to_hold_anything_is_refused(tmp_path):
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+    last = one_error_line(*eval_py("--model", "unused", "--data", data, "--gpu-memory-utilization", "0.000001")[::2])
+    assert "--gpu-memory-utilization 1e-06 must be in [0.01, 1)" in last  # EN15
+
