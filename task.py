@@ -14,6 +14,7 @@ and pay one reward:
     python -m pytest tests/test_eval.py -k "reward or gold or extract"
 """
 import json
+import math
 import os
 import re
 import sys
@@ -23,6 +24,9 @@ QUESTION = {"gsm8k": "question", "math500": "problem"}  # the field holding the 
 INSTRUCTION = {"gsm8k": "Let's think step by step and output the final answer after \"####\".",
                "math500": "Let's think step by step and output the final answer within \\boxed{}."}
 SCORES = ("strict", "flexible", "math_verify")  # the columns of a pass@1 evaluation
+MAX_NOTES = 10  # skipped rows named one by one; the rest counted
+GOLD_RULE = {"gsm8k": " (a number alone after \"#### \"; MATH answers belong in problem/answer rows)",
+             "math500": ""}
 
 # -----------------------------------------------------------------------------
 # data and the prompt
@@ -47,9 +51,14 @@ def load_rows(data, split="test", limit=None):
         gold = None if a is None else gold_of(task, a)
         if isinstance(q, str) and q.strip() and gold:
             rows.append({"id": i, "question": q, "gold": gold, "answer": str(a)})  # answer: SFT's target
-        else:
-            note(f"{data}: {unit} {i + 1}: no {QUESTION[task]} or no usable gold answer; skipped")
-            skipped += 1
+            continue
+        skipped += 1
+        if skipped <= MAX_NOTES:  # the first few by line; all of them in the count below
+            why = (f"no {QUESTION[task]} or no answer" if not (isinstance(q, str) and q.strip()) or a is None else
+                   f"its answer {str(a)[-40:]!r} holds no gold the reward can pay" + GOLD_RULE[task])
+            note(f"{data}: {unit} {i + 1}: {why}; skipped")
+    if skipped > MAX_NOTES:
+        note(f"{data}: {skipped} {unit}s skipped in all")
     return rows, skipped, task
 
 
@@ -177,14 +186,36 @@ HARNESS_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")  # lm-eval's gsm8k exact_m
 
 
 def gold_of(task, answer):
-    """The gold answer in a data row's answer text. GSM8K: by the paper's pattern, as completions
-    are read (the first "#### <number>", commas removed; a bare number is read as "#### " + it), so
-    a completion ending in "#### " + the row's answer earns the reward. None: no usable gold."""
+    """The gold answer in a data row's answer text, or None: no gold the reward can pay rightly.
+    GSM8K: by the paper's pattern, as completions are read (the first "#### <number>", commas
+    removed; a bare answer is read as "#### " + it), so a completion ending in "#### " + the row's
+    answer earns the reward. The number must be all of its line and hold a digit: the pattern would
+    read "#### 1e5" as 1, "3/4" as 3, "3\\sqrt{2}" (a MATH answer) as 3 and "#### ." as "." -- golds
+    that pay wrong answers. A JSON number is read as its text: 1234567.0 as "1234567"; a float that
+    has no plain decimal text (1e+30) is no gold."""
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = _number_text(answer)
+        if answer is None:
+            return None
     text = str(answer).strip()
     if task == "math500":
         return text or None
-    m = GSM8K_ANSWER.search(text if "####" in text else "#### " + text)
-    return m.group(1).replace(",", "") if m else None
+    text = text if "####" in text else "#### " + text
+    m = GSM8K_ANSWER.search(text)
+    if not m or text[m.end():].split("\n")[0].strip() or not re.search("[0-9]", m.group(1)):
+        return None  # the number is not all of its line, or holds no digit
+    return m.group(1).replace(",", "")
+
+
+def _number_text(x):
+    """A JSON number as the text a completion would write: integers (and integer-valued floats below
+    2**53, exact) without ".0", other floats as Python writes them unless in e-notation (None)."""
+    if isinstance(x, int):
+        return str(x)
+    if math.isfinite(x) and x.is_integer() and abs(x) < 2 ** 53:
+        return str(int(x))
+    text = repr(x)
+    return None if not math.isfinite(x) or "e" in text else text
 
 
 def extract_strict(text):
