@@ -106,10 +106,14 @@ def check_args(args, world=1):
         vllm = args.backend == "vllm"
         need(not vllm or importlib.util.find_spec("vllm"), "--backend vllm: vLLM is not installed (pip install vllm, "
              "or --backend hf, the slow Hugging Face generate)")
-        need(not vllm or args.temperature >= 0.01, f"--temperature {args.temperature}: vLLM samples at 0.01 at "
-             f"least (it raises lower values silently), so the trainer's logprobs would not be the sampler's")
-        need(not vllm or cache_writable(vllm_cache_root()), f"vLLM's cache {vllm_cache_root()} is not writable: set "
-             f"VLLM_CACHE_ROOT to a writable folder, or --backend hf")
+        need(not vllm or args.temperature >= engine.VLLM_MIN_TEMPERATURE, f"--temperature {args.temperature}: "
+             f"vLLM samples at {engine.VLLM_MIN_TEMPERATURE} at least (it raises lower values silently), so the "
+             f"trainer's logprobs would not be the sampler's")
+        if vllm:
+            try:
+                engine.check_vllm_cache()
+            except ValueError as e:
+                fail(str(e))
     need(args.lr > 0 and args.weight_decay >= 0 and args.grad_clip > 0,
          f"--lr {args.lr} and --grad-clip {args.grad_clip} must be > 0, --weight-decay {args.weight_decay} >= 0")
     need(0 <= args.warmup < 1, f"--warmup {args.warmup} must be in [0, 1)")
@@ -127,19 +131,6 @@ def check_args(args, world=1):
         need(path in task.HUB or os.path.isfile(path), f"cannot read data file {path} (expected gsm8k, math500 or a .jsonl)")
     need(not task.needs_math_verify(args.data, eval_data)
          or importlib.util.find_spec("math_verify"), "MATH data is judged by math-verify: pip install math-verify")
-
-
-def vllm_cache_root():
-    """Where vLLM writes its compile cache and config: VLLM_CACHE_ROOT, else under ~/.cache."""
-    return os.environ.get("VLLM_CACHE_ROOT") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm")
-
-
-def cache_writable(path):
-    """Whether `path` exists as a writable folder or can be made (its nearest existing parent is)."""
-    while not os.path.exists(path):
-        path = os.path.dirname(path) or "."
-    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 # -----------------------------------------------------------------------------
@@ -496,7 +487,7 @@ def evaluate(args, generate, tokenizer, rows, task_name):
     """Greedy pass@1 on the held-out rows, with the policy as it is now."""
     import eval  # the pass@1 loop (eval.py imports this module)
     res = eval.evaluate(lambda p: generate(p, 1, 0.0, args.max_new_tokens), tokenizer, rows, task_name,
-                        args.max_new_tokens)
+                        args.max_new_tokens, max_len=args.max_model_len, prompts=[r["prompt_ids"] for r in rows])
     return {f"eval_{k}": res[k] for k in task.SCORES if res.get(k) is not None}
 
 

@@ -68,6 +68,10 @@ def main(argv=None):
         p.error("nothing to score: give adapters, --base, or both")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         p.error(f"--out-dir {args.out_dir} is a file")
+    outs = [os.path.join(args.out_dir, f"{n}.jsonl") for n in ["base", "summary", *names]]
+    for path in [args.data, *args.adapters]:  # never write over an input
+        if any(os.path.exists(o) and os.path.exists(path) and os.path.samefile(o, path) for o in outs):
+            p.error(f"--out-dir {args.out_dir}: its output files would overwrite {path}")
     try:
         rows, skipped, task_name = task.load_rows(args.data, "test", args.limit)
     except (OSError, ValueError) as e:
@@ -81,15 +85,24 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()  # on the CPU: merges only
     llm = engine.make_llm(args.model, str(model.dtype).removeprefix("torch."), 0, args.gpu_memory_utilization,
                           context)
-    gen_fn = functools.partial(engine.generate_vllm, llm, n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
+    gen_fn = E.checked(functools.partial(engine.generate_vllm, llm, n=1, temperature=0.0,
+                                         max_new_tokens=args.max_new_tokens))  # failures in one line
     todo = ([("base", None)] if args.base else []) + list(zip(names, args.adapters))
+    try:
+        score_all(args, todo, model, llm, gen_fn, tokenizer, rows, prompts, task_name, skipped + long, context)
+    except E.Refused as e:
+        p.error(str(e))
+
+
+def score_all(args, todo, model, llm, gen_fn, tokenizer, rows, prompts, task_name, skipped, context):
+    """Each (name, adapter) in turn: synced in, scored, the base weights synced back."""
     with open(os.path.join(args.out_dir, "summary.jsonl"), "a") as summary:
         for name, adapter in todo:
             if adapter:
                 tinylora.load(model, adapter, cache_dir=args.svd_cache or None, verbose=False, keep_merged=False)
                 engine.sync_weights(llm, tinylora.merged_weights(model))
             s = E.evaluate(gen_fn, tokenizer, rows, task_name, args.max_new_tokens,
-                           os.path.join(args.out_dir, f"{name}.jsonl"), 512, skipped + long, context, prompts)
+                           os.path.join(args.out_dir, f"{name}.jsonl"), 512, skipped, context, prompts)
             print(f"{name}: {E.summary_line(task_name, 'vllm', s)}", flush=True)
             summary.write(json.dumps({"name": name, "adapter": adapter, "data": args.data, **s}) + "\n")
             summary.flush()
