@@ -66,7 +66,10 @@ def check_vllm_runs(config):
 def check_vllm_cache():
     """Raises ValueError unless vLLM's cache directory (VLLM_CACHE_ROOT, else ~/.cache/vllm) can be
     written: vLLM writes its compile cache there while it starts, after the weights have loaded."""
-    root = import_vllm().envs.VLLM_CACHE_ROOT
+    # vLLM's own rule (vllm.envs), read here from the environment: vllm.envs caches its values once
+    # an engine has started in this process
+    root = os.path.expanduser(os.environ.get("VLLM_CACHE_ROOT") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm"))
     there = os.path.abspath(root)
     while not os.path.exists(there):  # the directory, or the nearest one above it that vLLM would create it in
         there = os.path.dirname(there)
