@@ -5,6 +5,7 @@ over, an interruption is one line and exit code 130 and leaves no half-written o
 
     python -m pytest tests/test_tools.py      # ~1 min on a 2-core CPU, offline
 """
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import time
 
 import pytest
 
+import plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the repository
@@ -92,3 +94,73 @@ def test_tiny_interrupted_says_one_line_exits_130_and_leaves_nothing(tmp_path, s
     rc, err = interrupt_when([sys.executable, SCRIPTS["tiny"], str(out)], out.exists, getattr(signal, sig))
     assert rc == 130 and messages(err) == [f"tiny.py: interrupted; nothing was left in {out}"]
     assert not out.exists()
+
+
+# -----------------------------------------------------------------------------
+# plot.py
+
+
+def write_run(folder, cut=False):
+    """A run folder whose metrics.jsonl has 20 steps and two evals (and a line cut off if cut)."""
+    folder.mkdir(parents=True)
+    rows = [{"step": 0, "eval_strict": 0.1, "eval_flexible": 0.2}]
+    rows += [{"step": s, "reward": s / 20, "dw_kept": 0.9} for s in range(1, 21)]
+    rows += [{"step": 20, "eval_strict": 0.4, "eval_flexible": 0.5}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + ('{"step": 21, "rew' if cut else "")
+    (folder / "metrics.jsonl").write_text(text)
+    return folder
+
+
+def test_plot_skips_a_cut_last_line_and_plots_the_rest(tmp_path):
+    """A live or killed run's metrics.jsonl may end in a cut line: it was a traceback."""
+    run_dir = write_run(tmp_path / "run", cut=True)
+    r = run("plot", run_dir, "--out", tmp_path / "c.png")
+    assert r.returncode == 0 and r.stdout == f"wrote {tmp_path}/c.png\n", r.stderr
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    fig = plot.plot([str(run_dir)], str(tmp_path / "d.png"))
+    assert list(fig.axes[0].lines[1].get_xdata()) == list(range(1, 21))
+
+
+def test_plot_takes_a_metrics_file_for_its_run(tmp_path):
+    write_run(tmp_path / "u13")
+    r = run("plot", tmp_path / "u13" / "metrics.jsonl", "--out", tmp_path / "c.svg")
+    assert r.returncode == 0 and (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
+    fig = plot.plot([str(tmp_path / "u13" / "metrics.jsonl")], str(tmp_path / "d.png"))
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["u13"]
+
+
+@pytest.mark.parametrize("case", ["no metrics", "empty metrics", "no run", "missing folder",
+                                  "no extension", "a folder", "an input"])
+def test_plot_refuses_bad_input_in_one_line_writing_nothing(tmp_path, case):
+    run_dir = write_run(tmp_path / "run")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    (tmp_path / "m.png").write_text((run_dir / "metrics.jsonl").read_text())  # metrics, oddly named
+    runs, out, text = {
+        "no metrics": ("bare", "c.png", "bare: no metrics.jsonl there"),
+        "empty metrics": ("empty", "c.png", "empty/metrics.jsonl holds no metrics lines yet"),
+        "no run": ("nosuch", "c.png", "nosuch: no metrics.jsonl there"),
+        "missing folder": ("run", "plots/c.png", "--out plots/c.png: no folder plots (make it first)"),
+        "no extension": ("run", "plots_x", "--out plots_x: name a .png, .pdf or .svg file"),
+        "a folder": ("run", "run", "--out run is a folder"),
+        "an input": ("m.png", "m.png", "--out m.png is one of the inputs"),
+    }[case]
+    before = sorted(os.listdir(tmp_path))
+    refused(run("plot", runs, "--out", out, cwd=tmp_path), f"plot.py: error: {text}")
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / "m.png").read_text() == (run_dir / "metrics.jsonl").read_text()
+
+
+def test_plot_interrupted_while_saving_leaves_no_file(tmp_path, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    def cut(self, f, **kw):
+        f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Figure, "savefig", cut)
+    run_dir = write_run(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(run_dir), "--out", str(tmp_path / "c.png")])
+    assert e.value.code == 130 and capsys.readouterr().err == f"plot.py: interrupted; {tmp_path}/c.png not written\n"
+    assert sorted(os.listdir(tmp_path)) == ["run"]
