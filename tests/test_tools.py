@@ -14,7 +14,9 @@ import sys
 import time
 
 import pytest
+import torch
 
+import bench
 import plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -164,3 +166,73 @@ def test_plot_interrupted_while_saving_leaves_no_file(tmp_path, monkeypatch, cap
         plot.main([str(run_dir), "--out", str(tmp_path / "c.png")])
     assert e.value.code == 130 and capsys.readouterr().err == f"plot.py: interrupted; {tmp_path}/c.png not written\n"
     assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+# -----------------------------------------------------------------------------
+# bench.py
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
+def test_bench_refuses_cuda_without_cuda_before_any_work(tmp_path):
+    r = run("bench", "--device", "cuda", "--out", tmp_path / "b.json")
+    refused(r, "bench.py: error: --device cuda: torch sees no CUDA device here; --device cpu runs on the CPU")
+    assert "bench:" not in r.stdout and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--reps", "0"], "--reps 0: must be >= 1"),
+    (["--batch", "0"], "--batch 0: must be >= 1"),
+    (["--layers", "-1"], "--layers -1: must be >= 1"),
+    (["--rollout", "64x4"], "--rollout '64x4': 3 positive integers separated by 'x'"),
+    (["--step-tokens", "300,0"], "--step-tokens '300,0': one or more positive integers"),
+    (["--step-accuracy", "1.5"], "--step-accuracy 1.5: a share, from 0 to 1"),
+    (["--step-cases", "some"], "--step-cases some: signal, all, or signal,all"),
+    (["--sections", "trian"], "--sections: unknown trian; choose from init,train"),
+    (["--sections", "grpo"], "--sections grpo needs --grpo-metrics"),
+    (["--sections", "grpo", "--grpo-metrics", "no.jsonl"], "--grpo-metrics no.jsonl: no such file"),
+    (["--sections", "step", "--step-data", "no.jsonl"], "--step-data no.jsonl: no such file"),
+    (["--sections", "grpo", "--grpo-metrics", "empty.jsonl"], "--grpo-metrics empty.jsonl: no step lines"),
+    (["--out", "d"], "--out d is a folder: name the JSON file, e.g. d/bench.json"),
+    (["--out", "afile/b.json"], "afile cannot be written (read-only, no permission, or a file)"),
+    (["--out", "notes.json"], "--out notes.json exists and is not a bench.py result"),
+    (["--sections", "grpo", "--grpo-metrics", "m.jsonl", "--out", "m.jsonl"],
+     "--grpo-metrics m.jsonl is a file bench.py writes"),
+    (["--sections", "step", "--step-model", "d"], "--step-model d holds files but no model"),
+])
+def test_bench_refuses_bad_input_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, argv, text):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "mine.txt").write_text("mine\n")
+    for name, content in (("afile", "x\n"), ("notes.json", '{"mine": 1}\n'), ("empty.jsonl", ""),
+                          ("m.jsonl", '{"step": 1, "t_step": 2.0, "t_generate": 1.5}\n')):
+        (tmp_path / name).write_text(content)
+    before = {f: open(f).read() for f in ("afile", "notes.json", "m.jsonl", "d/mine.txt")}
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("bench.py: error: --") and text in err
+    assert {f: open(f).read() for f in before} == before and sorted(os.listdir("d")) == ["mine.txt"]
+
+
+def test_bench_grpo_section_skips_a_cut_last_line_and_replaces_its_own_result(tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "t_step": 2.0, "t_generate": 1.5, "t_sync": 0.01}\n{"step": 2, "t_st')
+    for _ in range(2):  # the second run replaces the first's result
+        bench.main(["--sections", "grpo", "--grpo-metrics", str(metrics), "--out", str(tmp_path / "b.json")])
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["grpo"]["steps"] == 1 and result["grpo"]["share"]["t_sync"] == pytest.approx(0.005)
+    assert sorted(os.listdir(tmp_path)) == ["b.json", "metrics.jsonl"]
+
+
+def test_bench_interrupted_says_one_line_exits_130_and_writes_no_out(tmp_path):
+    out = tmp_path / "b.json"
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, SCRIPTS["bench"], "--shape", "tiny", "--sections", "train",
+                              "--reps", "100000", "--out", str(out)], stdout=f, stderr=subprocess.PIPE, text=True)
+        while p.poll() is None and "train rep 1/" not in log.read_text():
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and messages(err)[-1:] == ["bench.py: interrupted; no --out written"], err
+    assert "Traceback" not in err and sorted(os.listdir(tmp_path)) == ["log"]
