@@ -2097,7 +2097,7 @@ def _(c):
 
 @probe("Y01", "tools", "tiny.py DIR, DIR/model holding a model (a converted real one): refused, intact (TY1)")
 def _(c):
-    c.copy_model(os.path.join("d", "model"))
+    c.copy_model(os.path.join("d", "model"), c.h.variant("seed1"))  # other weights than tiny.py's own
     before = snapshot(c, "d")
     return tool_refusal(c, c.run("tiny", "d"), "model", before)
 
