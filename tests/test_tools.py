@@ -86,7 +86,7 @@ def test_tiny_help_builds_nothing(tmp_path):
 
 def test_tiny_refuses_a_dir_it_cannot_make(tmp_path):
     (tmp_path / "afile").write_text("x")
-    refused(run("tiny", tmp_path / "afile" / "d"), f"cannot write in {tmp_path}/afile/d: Not a directory")
+    refused(run("tiny", tmp_path / "afile" / "d"), f"could not write in {tmp_path}/afile/d: [Errno 20] Not a directory")
     refused(run("tiny", tmp_path / "afile"), f"DIR {tmp_path}/afile is a file")
 
 

