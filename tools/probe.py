@@ -2316,6 +2316,117 @@ def _(c):
     return v, f"{how}: {why}"
 
 
+
+# -----------------------------------------------------------------------------
+# the two CLIs: resumes that would change the model, seeds, broken weights, golds, outputs
+
+
+@probe("X01", "resume", "--resume RUN --model <the run's weights in bf16> (the same fingerprint): refused",
+       bad_input=True)
+def _(c):
+    run = c.finished_run("run", 1)
+    return c.refused(c.train("--resume", run, "--model", c.h.variant("bf16"), "--steps", "2"), "bfloat16|dtype")
+
+
+@probe("X02", "resume", "--resume RUN --model <a copy whose chat template differs>: refused", bad_input=True)
+def _(c):
+    run = c.finished_run("run", 1)
+    other = c.copy_model("other")
+    jinja = os.path.join(other, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja) as f:
+            text = f.read()
+        c.write("other/chat_template.jinja", "System: be brief.\n" + text)
+    else:
+        cfg = json.load(open(os.path.join(other, "tokenizer_config.json")))
+        cfg["chat_template"] = "System: be brief.\n" + cfg["chat_template"]
+        c.write("other/tokenizer_config.json", json.dumps(cfg))
+    return c.refused(c.train("--resume", run, "--model", other, "--steps", "2"), "prompts|template")
+
+
+@probe("X03", "resume", "a resumed run's final line starts from the run's step 1, not the session's first")
+def _(c):
+    run = c.finished_run("run", 2)
+    r = c.train("--resume", run, "--steps", "4")
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    first = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
+    done = [x for x in r.out.splitlines() if x.startswith("done:")]
+    want = f"reward {first['reward']:.3f} ->"
+    return ("ok", done[-1][:60]) if done and want in done[-1] else ("wrong", f"{done[-1:] or 'no final line'}; "
+                                                                           f"step 1 had {first['reward']:.3f}")
+
+
+@probe("X04", "input", "train_grpo.py --seed 2147483647 (rollout seeds past 64 bits)", bad_input=True)
+def _(c):
+    r = c.train(*c.train_args("run", 1, "--seed", "2147483647"))
+    verdict, why = c.refused(r, "--seed")
+    if os.path.exists(c.path("run")):
+        return "wrong", why + "; an empty run folder is left"
+    return verdict, why
+
+
+@probe("X05", "input", "train_grpo.py on a model with a NaN weight: named, no run folder left", bad_input=True)
+def _(c):
+    from safetensors.torch import load_file, save_file
+    model = c.copy_model("nan")
+    path = os.path.join(model, "model.safetensors")
+    t = load_file(path)
+    t["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(t, path, metadata={"format": "pt"})
+    r = c.train(*c.train_args("run", 1, model=model))
+    verdict, why = c.refused(r, "non-finite|nan", heavy_ok=True)
+    if os.path.exists(c.path("run")):
+        return "wrong", why + "; an empty run folder is left"
+    return verdict, why
+
+
+@probe("X06", "input", "train_grpo.py --backend vllm --temperature 1e-6 (under vLLM's floor of 0.01)",
+       bad_input=True)
+def _(c):
+    return c.refused(c.train(*c.train_args("run", 1, "--temperature", "1e-6", backend="vllm")), "temperature")
+
+
+@probe("X07", "eval-input", "eval.py --backend hf --out MODEL/model.safetensors: refused, the weights intact",
+       bad_input=True)
+def _(c):
+    model = c.copy_model("m")
+    weights = os.path.join(model, "model.safetensors")
+    size = os.path.getsize(weights)
+    verdict, why = c.refused(c.eval(*c.eval_args("--out", weights, model=model)), "--out")
+    if os.path.getsize(weights) != size:
+        return "lost", f"the model file is now {os.path.getsize(weights)} bytes (was {size})"
+    return verdict, why
+
+
+@probe("X08", "eval-input", "eval.py on rows whose golds the reward cannot pay (1e+30, #### 1e5, #### 3/4, "
+                            "#### .): named and skipped, the rest scored")
+def _(c):
+    bad = [{"question": "q1", "answer": 1e30}, {"question": "q2", "answer": "work\n#### 1e5"},
+           {"question": "q3", "answer": "work\n#### 3/4"}, {"question": "q4", "answer": "work\n#### ."}]
+    r = c.eval(*c.eval_args(data=c.write("golds.jsonl", good_rows(8) + bad)))
+    bad_result = judge_failure(r)
+    if bad_result:
+        return bad_result
+    n = rows_read(r)
+    return ("ok", f"n={n}, skipped noted") if n == 8 and "skipped" in r.out else ("wrong", f"n={n}: {last_line(r.out)}")
+
+
+@probe("X09", "eval-input", "eval.py --backend hf: one long prompt does not cap the other rows of its batch")
+def _(c):
+    rows = good_rows(15) + [{"question": "What is " + " + ".join(["1"] * 60) + "?", "answer": "#### 60"}]
+    data = c.write("long.jsonl", rows)
+    outs = []
+    for batch in ("16", "1"):
+        out = c.path(f"b{batch}.jsonl")
+        r = c.eval(*c.eval_args("--batch-size", batch, "--max-model-len", "260", "--out", out, data=data))
+        bad = judge_failure(r)
+        if bad:
+            return bad
+        outs.append([json.loads(line)["completion"] for line in open(out)])
+    return ("ok", "batch 16 == batch 1") if outs[0] == outs[1] else ("wrong", "the rows differ with the batch")
+
 # -----------------------------------------------------------------------------
 # running the probes
 
