@@ -66,6 +66,7 @@ def check_vllm_runs(config):
 def check_vllm_cache():
     """Raises ValueError unless vLLM's cache directory (VLLM_CACHE_ROOT, else ~/.cache/vllm) can be
     written: vLLM writes its compile cache there while it starts, after the weights have loaded."""
+    import_vllm()  # installed at all (else one line saying so)
     # vLLM's own rule (vllm.envs), read here from the environment: vllm.envs caches its values once
     # an engine has started in this process
     root = os.path.expanduser(os.environ.get("VLLM_CACHE_ROOT") or os.path.join(

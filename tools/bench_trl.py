@@ -52,7 +52,7 @@ peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 (TRL needs datase
          --model /tmp/qwen-coder-1.5b --data gsm8k/train.jsonl --out $OUT/bench_trl.json
 
 (defaults: 6 steps of 64 prompts x 4 samples, 1,024 new tokens, bf16, vLLM at 0.4 of the GPU).
-TRL 1.16.0 declares vLLM 0.22.0-0.31.0 (trl/import_utils.py), so 0.24.0 is inside its range.
+TRL 1.16.0 declares vLLM 0.22.0-0.31.0 (in its import_utils module), so 0.24.0 is inside its range.
 
 On a CPU (the wiring, not a speed result: HF generate on both sides, fp32, the tiny model):
 
