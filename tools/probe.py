@@ -2344,20 +2344,6 @@ def _(c):
     return c.refused(c.train("--resume", run, "--model", other, "--steps", "2"), "prompts|template")
 
 
-@probe("X03", "resume", "a resumed run's final line starts from the run's step 1, not the session's first")
-def _(c):
-    run = c.finished_run("run", 2)
-    r = c.train("--resume", run, "--steps", "4")
-    bad = judge_failure(r)
-    if bad:
-        return bad
-    first = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
-    done = [x for x in r.out.splitlines() if x.startswith("done:")]
-    want = f"reward {first['reward']:.3f} ->"
-    return ("ok", done[-1][:60]) if done and want in done[-1] else ("wrong", f"{done[-1:] or 'no final line'}; "
-                                                                           f"step 1 had {first['reward']:.3f}")
-
-
 @probe("X04", "input", "train_grpo.py --seed 2147483647 (rollout seeds past 64 bits)", bad_input=True)
 def _(c):
     r = c.train(*c.train_args("run", 1, "--seed", "2147483647"))
@@ -2415,12 +2401,15 @@ def _(c):
 
 @probe("X09", "eval-input", "eval.py --backend hf: one long prompt does not cap the other rows of its batch")
 def _(c):
+    import task
     rows = good_rows(15) + [{"question": "What is " + " + ".join(["1"] * 60) + "?", "answer": "#### 60"}]
     data = c.write("long.jsonl", rows)
+    tok = task.load_tokenizer(c.h.model)
+    room = len(task.build_prompt(tok, rows[-1]["question"])) + 4  # the long row has room for 4 new tokens
     outs = []
     for batch in ("16", "1"):
         out = c.path(f"b{batch}.jsonl")
-        r = c.eval(*c.eval_args("--batch-size", batch, "--max-model-len", "260", "--out", out, data=data))
+        r = c.eval(*c.eval_args("--batch-size", batch, "--max-model-len", str(room), "--out", out, data=data))
         bad = judge_failure(r)
         if bad:
             return bad
