@@ -542,16 +542,24 @@ def export_peft_lora(model, out_dir, base_model_name_or_path=""):
 @torch.no_grad()
 def merge_and_unload(model):
     """Write W + dW into each base linear and put the plain nn.Linear back (for export)."""
-    named = adapted_layers(model)
-    for (name, layer), (_, W) in zip(named, list(merged_weights(model))):
+    for (_, layer), (_, W) in zip(adapted_layers(model), list(merged_weights(model))):
         layer.base.weight.copy_(W)
+    unapply(model)
+    return model
+
+
+def unapply(model):
+    """Put each adapted layer's own nn.Linear back (its weight as it is) and forget v; returns
+    [(hf_name, weight)] of the restored linears."""
+    named = adapted_layers(model)
+    for name, layer in named:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.base)
     if named and named[0][1].watch.hook:
         named[0][1].watch.hook.remove()
     del model.tinylora_v, model.tinylora_config
     model.__dict__.pop("save_pretrained", None)  # the class's own again
-    return model
+    return [(f"{name}.weight", layer.base.weight) for name, layer in named]
 
 
 def export_merged(model, out_dir):

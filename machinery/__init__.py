@@ -65,6 +65,11 @@ def forget_empty_run_dir():
     MADE.clear()
 
 
+def is_grpo(args):
+    """train_grpo.py's options (train_sft.py has --batch instead of prompts, groups and mini-batches)."""
+    return "group_size" in vars(args)
+
+
 def parse(parser, argv=None):
     """parser.parse_args(argv), plus what the command line gave (`given`) and the defaults: resume
     takes the recipe from args.json and only the given machinery options from the command line."""
@@ -81,7 +86,7 @@ def check_args(args, world=1):
     def need(ok, msg):
         if not ok:
             fail(msg)
-    grpo = "group_size" in vars(args)  # train_grpo.py's options; train_sft.py has --batch instead
+    grpo = is_grpo(args)
     if grpo:
         need(args.group_size >= 2, f"--group-size {args.group_size}: GRPO needs >= 2 samples per prompt")
         need(args.prompts_per_step >= 1 and args.mini_batch >= 1, "--prompts-per-step and --mini-batch must be >= 1")
@@ -329,7 +334,7 @@ class Run:
 
     def __init__(self, args):
         global PROG
-        PROG = "train_grpo.py" if "group_size" in vars(args) else "train_sft.py"
+        PROG = "train_grpo.py" if is_grpo(args) else "train_sft.py"
         self.rank, self.world = rank_world()
         self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         args, self.start, state = open_run(args)
@@ -347,7 +352,7 @@ class Run:
                 engine.check_vllm_runs(meta.config)
         except ValueError as e:
             fail(f"--model {args.model}: {e}")
-        per_step = args.prompts_per_step if "prompts_per_step" in vars(args) else args.batch  # rows per step
+        per_step = args.prompts_per_step if is_grpo(args) else args.batch  # rows per step
         self.rows, skipped, self.task_name = load_data(args, self.tokenizer, args.data, "train", per_step)
         # what the checkpoint must match on resume: the rows, the prompts the model sees (tokenizer and chat
         # template included), the dtype the weights load in (bf16 and fp32 copies share a fingerprint)
@@ -370,7 +375,7 @@ class Run:
         if schedule < 1:
             fail(f"--epochs {args.epochs} of {self.steps_per_epoch} steps each is less than one step")
         self.last = min(schedule, args.steps or schedule)
-        updates = args.prompts_per_step // args.mini_batch if "mini_batch" in vars(args) else 1  # per step
+        updates = args.prompts_per_step // args.mini_batch if is_grpo(args) else 1  # per step
         self.warmup_updates = max(1, round(args.warmup * schedule * updates))
         self.args, self.adapter = args, os.path.join(args.run_dir, "adapter.safetensors")
         self.done = bool(self.start) and self.start >= self.last
@@ -390,7 +395,7 @@ class Run:
     def steps(self):
         """The steps to run, with a progress bar; the state at the start of each is kept for a rollback."""
         bar = tqdm(range(self.start, self.last), initial=self.start, total=self.last,
-                   desc="grpo" if "group_size" in vars(self.args) else "sft", disable=self.rank != 0)
+                   desc="grpo" if is_grpo(self.args) else "sft", disable=self.rank != 0)
         for step in bar:
             self.state = capture(step, self.v, self.opt, self.sched)
             yield step
@@ -494,7 +499,7 @@ def evaluate(args, generate, tokenizer, rows, task_name):
 def final_line(args, steps, first, last, v):
     """The one line a run ends with (GRPO: the reward's first and last step; SFT: the loss's)."""
     f = lambda m, k, fmt: format(m[k], fmt) if m and m.get(k) is not None else "-"
-    key, fmt = ("reward", ".3f") if "group_size" in vars(args) else ("loss", ".4f")
+    key, fmt = ("reward", ".3f") if is_grpo(args) else ("loss", ".4f")
     return (f"done: {steps} steps, {key} {f(first, key, fmt)} -> {f(last, key, fmt)}, "
             f"mismatch {f(last, 'mismatch', '.2e')}, dw_kept {f(last, 'dw_kept', '.2f')}, |v| {v.norm().item():.3e}, "
             f"{v.numel()} params ({v.numel() * tinylora.V_DTYPES[args.v_dtype].itemsize} bytes), "

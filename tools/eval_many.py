@@ -27,19 +27,6 @@ import task  # noqa: E402
 import tinylora  # noqa: E402
 
 
-def unapply(model):
-    """Put the plain linears back (their weights were never changed) and forget v."""
-    layers = tinylora.adapted_layers(model)
-    for name, layer in layers:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.base)
-    if layers and layers[0][1].watch.hook:
-        layers[0][1].watch.hook.remove()
-    del model.tinylora_v, model.tinylora_config
-    model.__dict__.pop("save_pretrained", None)
-    return [(f"{name}.weight", layer.base.weight) for name, layer in layers]
-
-
 def name_of(adapter):
     return os.path.basename(os.path.dirname(os.path.abspath(adapter))) or "adapter"
 
@@ -107,7 +94,7 @@ def score_all(args, todo, model, llm, gen_fn, tokenizer, rows, prompts, task_nam
             summary.write(json.dumps({"name": name, "adapter": adapter, "data": args.data, **s}) + "\n")
             summary.flush()
             if adapter:
-                engine.sync_weights(llm, unapply(model))  # the base weights back in
+                engine.sync_weights(llm, tinylora.unapply(model))  # the base weights back in
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
