@@ -1,10 +1,11 @@
 """RL against SFT at the same budget: the table and the figure, from the committed completions.
 
 Reads the GSM8K test completions (1,319 rows each, with their three scores) of the SFT runs here
-(test/*.jsonl.gz, named <budget>-lr<lr>-seed<s> or sel-<budget>-lr<lr> for seed 0) and of the GRPO
-runs in ../qwen-coder-1.5b (p1, p13-seed0, p13-seed1, p196, p2548, base); prints a markdown table
-(mean over seeds, min..max across seeds, and RL - SFT paired per problem on seed-averaged
-correctness, +- one standard error) and draws budget_curve.png. Needs matplotlib.
+(test/*.jsonl.gz, named <budget>-lr<lr>-seed<s> or sel-<budget>-lr<lr> for seed 0; each learning
+rate its own row) and of the GRPO runs in ../qwen-coder-1.5b (p1, p13-seed0, p13-seed1, p196, p2548,
+base); prints a markdown table (mean over seeds, min..max across seeds, and GRPO - SFT paired per
+problem on seed-averaged correctness, +- one standard error) and draws budget_curve.png. Needs
+matplotlib.
 
     python results/sft-vs-rl/analyze.py
 """
@@ -19,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GRPO = os.path.join(HERE, "..", "qwen-coder-1.5b")
 COLS = ("strict", "flexible", "math_verify")
 BUDGETS = {"p1": 1, "p13": 13, "p196": 196, "p2548": 2548, "p12544": 12544}
+CURVES = {("GRPO", "1e-4"): "o-", ("SFT", "1e-3"): "s-.", ("SFT", "3e-3"): "^:"}  # (method, lr): line style
 
 
 def scores(path):
@@ -28,15 +30,14 @@ def scores(path):
 
 
 def runs():
-    """{(method, budget): [scores of each seed]} and the SFT learning rate per budget."""
-    out, lrs = {}, {}
+    """{(method, budget, lr): [scores of each seed]}: SFT at each learning rate apart."""
+    out = {}
     for path in sorted(glob.glob(os.path.join(HERE, "test", "*.jsonl.gz"))):
         m = re.match(r"(?:sel-)?(p\d+)-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz", os.path.basename(path))
-        out.setdefault(("SFT", BUDGETS[m.group(1)]), []).append(scores(path))
-        lrs[BUDGETS[m.group(1)]] = m.group(2)
+        out.setdefault(("SFT", BUDGETS[m.group(1)], m.group(2)), []).append(scores(path))
     for name, budget in (("p1", 1), ("p13-seed0", 13), ("p13-seed1", 13), ("p196", 196), ("p2548", 2548)):
-        out.setdefault(("GRPO", budget), []).append(scores(os.path.join(GRPO, name, "eval_gsm8k.jsonl.gz")))
-    return out, lrs
+        out.setdefault(("GRPO", budget, "1e-4"), []).append(scores(os.path.join(GRPO, name, "eval_gsm8k.jsonl.gz")))
+    return out
 
 
 def mean_over_seeds(seeds, col):
@@ -51,28 +52,29 @@ def paired(a, b):
     return mu, math.sqrt(sum((x - mu) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
-def table(out, lrs, base):
-    print("| method | params | lr | seeds | strict | flexible | math-verify | RL - SFT, paired: strict / math-verify |")
+def accuracy(seeds, col):
+    """Per seed: % correct in one column."""
+    return [100 * sum(s[i][col] for i in s) / len(s) for s in seeds]
+
+
+def table(out, base):
+    print("| method | params | lr | seeds | strict | flexible | math-verify | GRPO - SFT, paired: strict / math-verify |")
     print("|---|---|---|---|---|---|---|---|")
-    for budget in sorted({b for _, b in out}):
-        for method in ("GRPO", "SFT"):
-            seeds = out.get((method, budget))
-            if not seeds:
-                continue
-            cells = []
-            for col in COLS:
-                acc = [100 * sum(s[i][col] for i in s) / len(s) for s in seeds]
-                spread = f" ({min(acc):.1f}..{max(acc):.1f})" if len(acc) > 1 else ""
-                cells.append(f"{sum(acc) / len(acc):.1f}{spread}")
-            diff = "-"
-            if method == "SFT" and ("GRPO", budget) in out:
-                d = [paired(mean_over_seeds(out[("GRPO", budget)], c), mean_over_seeds(seeds, c)) for c in
-                     ("strict", "math_verify")]
-                diff = " / ".join(f"{100 * mu:+.1f} +- {100 * se:.1f}" for mu, se in d)
-            lr = lrs.get(budget, "") if method == "SFT" else "1e-4"
-            print(f"| {method} | {budget:,} | {lr} | {len(seeds)} | {' | '.join(cells)} | {diff} |")
+    for key in sorted(out, key=lambda k: (k[1], k[0] == "SFT", float(k[2]))):
+        method, budget, lr = key
+        seeds, cells = out[key], []
+        for col in COLS:
+            acc = accuracy(seeds, col)
+            spread = f" ({min(acc):.1f}..{max(acc):.1f})" if len(acc) > 1 else ""
+            cells.append(f"{sum(acc) / len(acc):.1f}{spread}")
+        diff = ""
+        grpo = out.get(("GRPO", budget, "1e-4"))
+        if method == "SFT" and grpo:
+            d = [paired(mean_over_seeds(grpo, c), mean_over_seeds(seeds, c)) for c in ("strict", "math_verify")]
+            diff = " / ".join(f"{100 * mu:+.1f} +- {100 * se:.1f}" for mu, se in d)
+        print(f"| {method} | {budget:,} | {lr} | {len(seeds)} | {' | '.join(cells)} | {diff} |")
     acc = {c: 100 * sum(base[i][c] for i in base) / len(base) for c in COLS}
-    print(f"| base | 0 | - | - | {acc['strict']:.1f} | {acc['flexible']:.1f} | {acc['math_verify']:.1f} | - |")
+    print(f"| base | 0 | | | {acc['strict']:.1f} | {acc['flexible']:.1f} | {acc['math_verify']:.1f} | |")
 
 
 def figure(out, base, path):
@@ -82,24 +84,27 @@ def figure(out, base, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, col, title in zip(axes, ("strict", "math_verify"), ("GSM8K strict (the paper's metric)",
                                                                  "GSM8K math-verify")):
-        for method, style in (("GRPO", "o-"), ("SFT", "s--")):
-            budgets = sorted(b for m, b in out if m == method)
-            accs = [[100 * sum(s[i][col] for i in s) / len(s) for s in out[(method, b)]] for b in budgets]
+        for (method, lr), style in CURVES.items():
+            budgets = sorted(b for m, b, r in out if (m, r) == (method, lr))
+            accs = [accuracy(out[(method, b, lr)], col) for b in budgets]
             mean = [sum(a) / len(a) for a in accs]
             err = [[m - min(a) for m, a in zip(mean, accs)], [max(a) - m for m, a in zip(mean, accs)]]
-            ax.errorbar(budgets, mean, yerr=err, fmt=style, capsize=3, label=method)
-        ax.axhline(100 * sum(base[i][col] for i in base) / len(base), color="gray", linestyle=":", label="base")
+            seeds = "/".join(sorted({str(len(a)) for a in accs}))
+            seeds += " seed" if seeds == "1" else " seeds"
+            ax.errorbar(budgets, mean, yerr=err, fmt=style, capsize=3, label=f"{method}, lr {lr} ({seeds})")
+        ax.axhline(100 * sum(base[i][col] for i in base) / len(base), color="gray", linestyle="--", label="base")
         ax.set(xscale="log", xlabel="trained parameters", ylabel="greedy pass@1 (%)", title=title, ylim=(0, 70))
         ax.legend(fontsize=8)
-    fig.suptitle("Qwen2.5-Coder-1.5B-Instruct, TinyLoRA: GRPO (one epoch) vs SFT (30 steps); bars: seeds' range",
+    fig.suptitle("Qwen2.5-Coder-1.5B-Instruct, TinyLoRA: GRPO (one epoch) vs SFT (30 steps); bars: seeds' range; "
+                 "SFT lr 3e-3 is the selection set's choice by strict",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
-    out, lrs = runs()
+    out = runs()
     base = scores(os.path.join(GRPO, "base", "eval_gsm8k.jsonl.gz"))
-    table(out, lrs, base)
+    table(out, base)
     figure(out, base, os.path.join(HERE, "budget_curve.png"))
     print(f"wrote {os.path.join(HERE, 'budget_curve.png')}")

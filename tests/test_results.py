@@ -1,0 +1,69 @@
+"""The committed results agree with themselves: results/sft-vs-rl/analyze.py, which draws the RL-vs-SFT
+table and figure, reads each learning rate apart, and every committed test completion file re-scores to
+the summary line eval_many wrote for it.
+
+    python -m pytest tests/test_results.py
+"""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "results", "sft-vs-rl")
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(HERE, "analyze.py")), reason="no results/sft-vs-rl")
+
+
+def analyze():
+    spec = importlib.util.spec_from_file_location("analyze", os.path.join(HERE, "analyze.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def summaries(folder):
+    """{name: summary row} of eval_many's summary.jsonl in results/sft-vs-rl/<folder> (the last row of a name)."""
+    with open(os.path.join(HERE, folder, "summary.jsonl")) as f:
+        return {r["name"]: r for r in map(json.loads, f)}
+
+
+def test_each_test_completion_file_rescores_to_its_summary_line():
+    rows = summaries("test")
+    files = sorted(f for f in os.listdir(os.path.join(HERE, "test")) if f.endswith(".jsonl.gz"))
+    assert files
+    a = analyze()
+    for name in files:
+        s = a.scores(os.path.join(HERE, "test", name))
+        row = rows[name[:-len(".jsonl.gz")]]
+        assert len(s) == row["n"] == 1319, name
+        for col in a.COLS:
+            assert sum(x[col] for x in s.values()) / len(s) == pytest.approx(row[col], abs=1e-12), (name, col)
+
+
+def test_the_table_keeps_each_learning_rate_apart():
+    """Seeds pool only within one (method, budget, lr): SFT at 196 parameters has a 1e-3 row of 2 seeds and
+    a 3e-3 row of 1, each the mean of its own files."""
+    a = analyze()
+    out = a.runs()
+    names = [f[:-len(".jsonl.gz")] for f in os.listdir(os.path.join(HERE, "test")) if f.endswith(".jsonl.gz")]
+    for (method, budget, lr), seeds in out.items():
+        if method == "SFT":
+            mine = [n for n in names if n.replace("sel-", "").startswith(f"p{budget}-lr{lr}")]
+            assert len(seeds) == len(mine), (budget, lr, mine)
+    rows = summaries("test")
+    for lr, files in (("1e-3", ["sel-p196-lr1e-3", "p196-lr1e-3-seed1"]), ("3e-3", ["sel-p196-lr3e-3"])):
+        got = sum(a.accuracy(out[("SFT", 196, lr)], "strict")) / len(files)
+        assert got == pytest.approx(100 * sum(rows[n]["strict"] for n in files) / len(files)), lr
+
+
+def test_the_protocols_rule_on_the_selection_set_picks_what_the_results_say():
+    """protocol.sh's rule (strict first, math-verify breaks ties) over every selection row: 3e-3, the
+    grid's largest, at every budget, as docs/results.md says."""
+    best = {}
+    for name, r in summaries("select").items():
+        if name != "base":
+            _, budget, lr = name.split("-", 2)
+            if budget not in best or (r["strict"], r["math_verify"]) > best[budget][0]:
+                best[budget] = ((r["strict"], r["math_verify"]), lr[2:])
+    assert {b: lr for b, (_, lr) in best.items()} == {b: "3e-3" for b in ("p1", "p13", "p196", "p2548", "p12544")}
