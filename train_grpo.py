@@ -260,14 +260,9 @@ def sync(llm, model):
 # the run: setup, then the loop
 
 
-def train(args, reward_fn=None, llm=None):
-    """Run GRPO; returns (model, path of the final adapter). reward_fn(text, gold) replaces the
-    task's reward (tests, benchmarks); `llm` may be an existing vLLM engine."""
-    run = machinery.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
-    args = run.args
-    if run.done:  # a finished run resumed: nothing to load
-        return None, run.adapter
-    # the policy: the frozen model, TinyLoRA on its linears; v (tie groups, u) is all that trains
+def policy(args, run):
+    """The frozen model with TinyLoRA on its linears; v (tie groups, u) is all that trains, by AdamW
+    with a linear warmup, then a constant lr. Returns (model, v, optimizer, scheduler)."""
     with machinery.refusing(f"--model {args.model}: cannot load its weights"):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype,
                                                      device_map=run.device)
@@ -278,7 +273,17 @@ def train(args, reward_fn=None, llm=None):
     model.train()  # gradient checkpointing acts in train mode (Qwen2 has no dropout)
     opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
     warmup = lambda i: min(1.0, (i + 1) / run.warmup_updates)  # linear warmup, then constant
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    return model, v, opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+
+
+def train(args, reward_fn=None, llm=None):
+    """Run GRPO; returns (model, path of the final adapter). reward_fn(text, gold) replaces the
+    task's reward (tests, benchmarks); `llm` may be an existing vLLM engine."""
+    run = machinery.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
+    args = run.args
+    if run.done:  # a finished run resumed: nothing to load
+        return None, run.adapter
+    model, v, opt, sched = policy(args, run)
     if llm is None and args.backend == "vllm":  # in the base dtype, never v's fp32
         for _ in tinylora.merged_weights(model):  # the kept W + dW made now: the engine sizes
             pass  # itself to the memory left after them

@@ -2,10 +2,11 @@
 
 The paper's contrast: under GRPO 13 parameters learn GSM8K; under SFT "directly on answers" at the
 same budget they do not (Qwen2.5-7B: 91% vs 83%). This is that SFT, with everything but the loss
-shared with train_grpo.py: the same TinyLoRA (tinylora.apply: the same P, tie groups, v dtype and
-rounding), the same prompt and chat template (task.build_prompt), the same token logprobs
-(train_grpo.token_logprobs), AdamW on v with the same warmup (5%, then constant), weight decay and
-gradient clip, the same run folder (args.json, metrics.jsonl, adapter.safetensors, --resume).
+shared with train_grpo.py: the same TinyLoRA and AdamW on v (train_grpo.policy: tinylora.apply's P,
+tie groups, v dtype and rounding; the same warmup, 5% then constant, and weight decay), the same
+prompt and chat template (task.build_prompt), the same token logprobs (train_grpo.token_logprobs),
+the same gradient clip, the same run folder (args.json, metrics.jsonl, adapter.safetensors,
+--resume).
 One step, per batch of --batch training rows (a seeded permutation per epoch):
 
     loss = -(1 / T) sum over the batch's answer tokens of log p(token | prompt, answer so far)
@@ -34,12 +35,10 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
 
 import machinery  # what a reader may skip: checks, run folder, memory plan, signals
 import task  # data, prompt
-import tinylora
-from train_grpo import tinylora_options, token_logprobs  # GRPO's TinyLoRA options, its log p
+from train_grpo import policy, tinylora_options, token_logprobs  # GRPO's model, v, AdamW; log p
 
 CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
 
@@ -163,17 +162,7 @@ def train(args):
         machinery.fail(f"--data {args.data}: {long} rows are longer than the context "
                        f"{args.max_model_len} with their answer; a larger --max-model-len, or data "
                        f"without them")
-    with machinery.refusing(f"--model {args.model}: cannot load its weights"):
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype,
-                                                     device_map=run.device)
-    with machinery.refusing(f"--model {args.model}", errors=ValueError):  # e.g. NaN weights
-        v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","),
-                           args.seed, args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
-                           keep_merged=not args.low_memory, rounding=args.rounding)
-    model.train()
-    opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
-    warmup = lambda i: min(1.0, (i + 1) / run.warmup_updates)  # linear warmup, then constant
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    model, v, opt, sched = policy(args, run)  # the same TinyLoRA, AdamW and warmup as GRPO's
     with run.checkpointed(model, v, opt, sched, sync=lambda: None, generate=None):
         for step in run.steps():  # resumes; saves every finished step on Ctrl-C, SIGTERM, crashes
             rows = batch_for(run.rows, step, run.steps_per_epoch, args, run.rank, run.world)
