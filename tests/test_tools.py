@@ -98,6 +98,39 @@ def test_tiny_interrupted_says_one_line_exits_130_and_leaves_nothing(tmp_path, s
     assert not out.exists()
 
 
+@pytest.mark.parametrize("tool", ["tiny", "prepare"])
+def test_a_signal_inside_an_import_is_noted_not_raised_there(tmp_path, tool):
+    """A KeyboardInterrupt raised inside `import torch` can abort the process (no cleanup) or be caught
+    by transformers' import guards (tiny.py then went on and exited 0: CI of 2026-12-06)."""
+    (tmp_path / "slow.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nDONE = True\n")
+    code = (f"import os, signal, sys\nsys.path[:0] = [{HERE!r}, {os.path.join(ROOT, 'tools')!r}, {str(tmp_path)!r}]\n"
+            f"import {tool}\nsignal.signal(signal.SIGTERM, {tool}.interrupted)\n"
+            "import slow\nprint(slow.DONE, {tool}.SIGNALS == [signal.SIGTERM])\n"
+            "try:\n    os.kill(os.getpid(), signal.SIGTERM)\n    print('not raised')\n"
+            "except KeyboardInterrupt:\n    print('raised outside an import')\n").replace("{tool}", tool)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "True True\nraised outside an import\n", r.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("module", ["torch.nn", "numpy.lib.npyio"])
+def test_tiny_interrupted_inside_an_import_exits_130_and_leaves_nothing(tmp_path, sig, module):
+    """The signal lands (every time) as `module` is imported. numpy.lib.npyio is imported inside
+    transformers' lazy import of Qwen2ForCausalLM, whose guard caught the KeyboardInterrupt: tiny.py
+    then failed later with an ImportError."""
+    out = tmp_path / "d"
+    code = ("import importlib.abc, os, runpy, signal, sys\n"
+            "class Hook(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            f"        if name == {module!r} and self in sys.meta_path:\n"
+            f"            sys.meta_path.remove(self)\n            os.kill(os.getpid(), signal.{sig})\n"
+            "sys.meta_path.insert(0, Hook())\n"
+            f"sys.argv = ['tiny.py', {str(out)!r}]\nrunpy.run_path({SCRIPTS['tiny']!r}, run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130 and messages(r.stderr) == [f"tiny.py: interrupted; nothing was left in {out}"], r.stderr
+    assert not out.exists()
+
+
 # -----------------------------------------------------------------------------
 # plot.py
 

@@ -11,7 +11,9 @@ sampling at temperature 1 is peaked (as in a trained model) and small adapters c
 The command replaces no file: it refuses (one line, exit code 2, before building anything) a DIR
 holding a non-empty model/, a train.jsonl or a test.jsonl, or one it cannot write. It builds in a
 temp folder inside DIR and moves the three into place at the end, so a full disk or Ctrl-C /
-SIGTERM (one line, exit 130) leaves nothing behind.
+SIGTERM (one line, exit 130) leaves nothing behind. (A signal that lands inside an import is taken
+before the three are moved: a KeyboardInterrupt raised there can abort torch's import, or be caught
+by transformers' import guards and the build goes on.)
 """
 import argparse
 import json
@@ -99,18 +101,20 @@ def build(out):
         make_model_dir(os.path.join(work, "model"))
         write_jsonl(os.path.join(work, "train.jsonl"), problems(256, seed=1))
         write_jsonl(os.path.join(work, "test.jsonl"), problems(64, seed=2))
+        if SIGNALS:  # one that came inside an import
+            raise KeyboardInterrupt
         for name in OUTPUTS:
             os.replace(os.path.join(work, name), os.path.join(out, name))
             moved.append(name)
+        os.rmdir(work)
     except BaseException:
         for name in moved:
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        raise
-    finally:
         shutil.rmtree(work, ignore_errors=True)
         if made and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)
+        raise
 
 
 def main(argv=None):
@@ -136,11 +140,21 @@ def main(argv=None):
     print(f"wrote {out}/model (tiny random Qwen2), {out}/train.jsonl (256 rows), {out}/test.jsonl (64 rows)")
 
 
+SIGNALS = []  # those received
+
+
 def interrupted(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (kill), SIGHUP (a closed terminal): cleaned up as on Ctrl-C
+    """Ctrl-C, SIGTERM (kill), SIGHUP (a closed terminal): a KeyboardInterrupt, cleaned up alike;
+    inside an import only noted in SIGNALS (build() raises it before moving anything)."""
+    SIGNALS.append(signum)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     main()

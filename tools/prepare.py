@@ -34,7 +34,10 @@ no gguf package, a wrong sha256, an OUT that cannot be written) stops with one l
 before anything is written. Some things are known only later: the Qwen parts' sha256 once they are
 assembled, a GGUF lacking a weight once it is loaded, a full disk. Everything is made in a temp
 folder inside OUT and moved into place at the end, so then, and on Ctrl-C or SIGTERM (one line,
-exit 130), nothing is left behind: no OUT/model, no task files, no download.
+exit 130), nothing is left behind: no OUT/model, no task files, no download. (A signal that lands
+inside an import is taken once the GGUF is loaded or before the outputs are moved: a
+KeyboardInterrupt raised there can abort torch's import, or be caught by transformers' import
+guards and the work goes on.)
 Test: python -m pytest tests/test_prepare.py
 """
 import argparse
@@ -232,6 +235,8 @@ def convert(gguf_path, dest):
             folder, gguf_file=name, dtype=torch.float32, output_loading_info=True, **dense)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    if SIGNALS:  # one that came inside an import
+        raise KeyboardInterrupt
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     if missing or unexpected:  # a missing weight would be left at its random init
         raise RuntimeError(f"{gguf_path} does not fill {type(loaded).__name__}: missing {missing}, "
@@ -384,19 +389,21 @@ def make(args, gguf_path, parts, sha256):
         model, tokenizer = convert(gguf_path, os.path.join(work, "model"))
         if args.model == "smollm2":
             write_task(work)
+        if SIGNALS:  # one that came inside an import
+            raise KeyboardInterrupt
         for name in outputs(args):
             os.replace(os.path.join(work, name), os.path.join(args.out, name))
             moved.append(name)
+        shutil.rmtree(work, ignore_errors=True)  # what is left: the assembled GGUF, a download
         return model, tokenizer
     except BaseException:
         for name in moved:
             path = os.path.join(args.out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        raise
-    finally:
         shutil.rmtree(work, ignore_errors=True)
         if made and os.path.isdir(args.out) and not os.listdir(args.out):
             os.rmdir(args.out)
+        raise
 
 
 def main(argv=None):
@@ -417,11 +424,21 @@ def main(argv=None):
     print(summary(os.path.join(args.out, "model"), model, tokenizer, time.time() - start))
 
 
+SIGNALS = []  # those received
+
+
 def interrupted(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (kill), SIGHUP (a closed terminal): cleaned up as on Ctrl-C
+    """Ctrl-C, SIGTERM (kill), SIGHUP (a closed terminal): a KeyboardInterrupt, cleaned up alike;
+    inside an import only noted in SIGNALS (raised once the GGUF is loaded, or before the move)."""
+    SIGNALS.append(signum)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     main()
