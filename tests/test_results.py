@@ -62,8 +62,24 @@ def test_the_protocols_rule_on_the_selection_set_picks_what_the_results_say():
     grid's largest, at every budget, as docs/results.md says."""
     best = {}
     for name, r in summaries("select").items():
-        if name != "base":
+        if name.startswith("sel-"):  # SFT's (GRPO's are grpo-sel-...)
             _, budget, lr = name.split("-", 2)
             if budget not in best or (r["strict"], r["math_verify"]) > best[budget][0]:
                 best[budget] = ((r["strict"], r["math_verify"]), lr[2:])
     assert {b: lr for b, (_, lr) in best.items()} == {b: "3e-3" for b in ("p1", "p13", "p196", "p2548", "p12544")}
+
+
+def test_grpo_runs_named_by_rest_sh_are_read_as_grpo_at_their_lr(tmp_path):
+    """rest.sh names GRPO's protocol runs grpo-sel-<budget>-lr<lr> (seed 0) and grpo-<budget>-lr<lr>-seed<s>."""
+    import gzip
+    a = analyze()
+    (tmp_path / "test").mkdir()
+    rows = [{"id": i, "strict": i % 2, "flexible": 1, "math_verify": 0} for i in range(4)]
+    for name in ("grpo-sel-p13-lr2e-4", "grpo-p13-lr2e-4-seed1", "sel-p13-lr1e-2"):
+        with gzip.open(tmp_path / "test" / f"{name}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    a.HERE = str(tmp_path)
+    out = a.runs()
+    assert len(out[("GRPO", 13, "2e-4")]) == 2 and len(out[("SFT", 13, "1e-2")]) == 1
+    assert a.accuracy(out[("GRPO", 13, "2e-4")], "strict") == [50.0, 50.0]
+    assert len(out[("GRPO", 13, "1e-4")]) == 2  # the one-epoch runs of ../qwen-coder-1.5b, as before

@@ -2,10 +2,10 @@
 
 Reads the GSM8K test completions (1,319 rows each, with their three scores) of the SFT runs here
 (test/*.jsonl.gz, named <budget>-lr<lr>-seed<s> or sel-<budget>-lr<lr> for seed 0; each learning
-rate its own row) and of the GRPO runs in ../qwen-coder-1.5b (p1, p13-seed0, p13-seed1, p196, p2548,
-base); prints a markdown table (mean over seeds, min..max across seeds, and GRPO - SFT paired per
-problem on seed-averaged correctness, +- one standard error) and draws budget_curve.png. Needs
-matplotlib.
+rate its own row), of GRPO runs named so with a grpo- in front (rest.sh's), and of the one-epoch
+GRPO runs in ../qwen-coder-1.5b (p1, p13-seed0, p13-seed1, p196, p2548 at lr 1e-4, base); prints a
+markdown table (mean over seeds, min..max across seeds, and GRPO at 1e-4 - SFT paired per problem on
+seed-averaged correctness, +- one standard error) and draws budget_curve.png. Needs matplotlib.
 
     python results/sft-vs-rl/analyze.py
 """
@@ -33,8 +33,9 @@ def runs():
     """{(method, budget, lr): [scores of each seed]}: SFT at each learning rate apart."""
     out = {}
     for path in sorted(glob.glob(os.path.join(HERE, "test", "*.jsonl.gz"))):
-        m = re.match(r"(?:sel-)?(p\d+)-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz", os.path.basename(path))
-        out.setdefault(("SFT", BUDGETS[m.group(1)], m.group(2)), []).append(scores(path))
+        m = re.match(r"(grpo-)?(?:sel-)?(p\d+)-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz", os.path.basename(path))
+        method = "GRPO" if m.group(1) else "SFT"
+        out.setdefault((method, BUDGETS[m.group(2)], m.group(3)), []).append(scores(path))
     for name, budget in (("p1", 1), ("p13-seed0", 13), ("p13-seed1", 13), ("p196", 196), ("p2548", 2548)):
         out.setdefault(("GRPO", budget, "1e-4"), []).append(scores(os.path.join(GRPO, name, "eval_gsm8k.jsonl.gz")))
     return out
@@ -84,7 +85,9 @@ def figure(out, base, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, col, title in zip(axes, ("strict", "math_verify"), ("GSM8K strict (the paper's metric)",
                                                                  "GSM8K math-verify")):
-        for (method, lr), style in CURVES.items():
+        styles = iter(["v--", "D-", "x:", "*-."])  # for (method, lr) pairs not in CURVES
+        for method, lr in sorted({(m, r) for m, _, r in out}, key=lambda k: (k[0], float(k[1]))):
+            style = CURVES.get((method, lr)) or next(styles)
             budgets = sorted(b for m, b, r in out if (m, r) == (method, lr))
             accs = [accuracy(out[(method, b, lr)], col) for b in budgets]
             mean = [sum(a) / len(a) for a in accs]
