@@ -397,6 +397,8 @@ class Run:
         bar = tqdm(range(self.start, self.last), initial=self.start, total=self.last,
                    desc="grpo" if is_grpo(self.args) else "sft", disable=self.rank != 0)
         for step in bar:
+            if SIGNALS:  # one that came inside an import (stop_like_ctrl_c)
+                raise KeyboardInterrupt
             self.state = capture(step, self.v, self.opt, self.sched)
             yield step
             m = self.last_metrics
@@ -785,15 +787,26 @@ def all_mean(m, world, device, v):
 # the script's entry point: signals, a closed stdout, warnings turned into errors
 
 
+SIGNALS = []  # those received by stop_like_ctrl_c
+
+
 def stop_like_ctrl_c(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler), SIGHUP (a closed terminal): saved as on Ctrl-C
+    """Ctrl-C, SIGTERM (kill, a scheduler), SIGHUP (a closed terminal): a KeyboardInterrupt, the
+    finished steps saved. Inside an import (vLLM's start imports much lazily) only noted: raised there
+    it can abort torch's import or be caught by an import guard and ignored; Run.steps() raises it."""
+    SIGNALS.append(signum)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
 
 
 def main(train, parse_args):
     """`python train_grpo.py ...`: train, with Ctrl-C / SIGTERM / SIGHUP saving the finished steps
     (exit 130) and a warning made an error (PYTHONWARNINGS=error) reported in one line."""
     sys.stdout = QuietStdout(sys.stdout)  # before vLLM's logger takes hold of sys.stdout
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop_like_ctrl_c)
     try:
         args = parse_args()

@@ -569,6 +569,29 @@ def test_a_stop_right_after_a_metrics_line_keeps_that_step(tiny_dir, data, tmp_p
     assert torch.equal(model.tinylora_v, full.tinylora_v)  # and it is the uninterrupted run
 
 
+def test_a_signal_noted_inside_an_import_stops_the_run_before_the_next_step(tiny_dir, data, tmp_path, monkeypatch):
+    """stop_like_ctrl_c only notes a signal that lands inside an import (raised there, torch's import can
+    abort or an import guard swallow it); Run.steps() raises it before the next step, the steps done saved."""
+    noted = []
+    monkeypatch.setattr(machinery, "SIGNALS", noted)
+    (tmp_path / "slow.py").write_text("import signal, sys\nsys.modules['machinery'].stop_like_ctrl_c("
+                                      "signal.SIGTERM, sys._getframe())\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls = []
+
+    def reward_importing_slow(text, gold):
+        if not calls:
+            import slow  # noqa: F401  (not raised inside it: only noted)
+            assert slow.DONE and noted == [signal.SIGTERM]
+        calls.append(1)
+        return length_reward(text, gold)
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo.train(args_for(tiny_dir, data, tmp_path / "run", "--steps", "4", "--save-every", "0"),
+                         reward_importing_slow)
+    assert [x["step"] for x in metrics(tmp_path / "run")] == [1]  # step 1 finished, step 2 never began
+    assert torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=True)["step"] == 1
+
+
 @pytest.mark.parametrize("edit", ["reordered", "half"])
 def test_resume_refuses_data_that_is_not_the_runs(tiny_dir, data, tmp_path, capsys, edit, monkeypatch):
     path = tmp_path / "train.jsonl"
