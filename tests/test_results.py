@@ -58,15 +58,10 @@ def test_the_table_keeps_each_learning_rate_apart():
 
 
 def test_the_protocols_rule_on_the_selection_set_picks_what_the_results_say():
-    """protocol.sh's rule (strict first, math-verify breaks ties) over every selection row: 3e-3, the
-    grid's largest, at every budget, as docs/results.md says."""
-    best = {}
-    for name, r in summaries("select").items():
-        if name.startswith("sel-"):  # SFT's (GRPO's are grpo-sel-...)
-            _, budget, lr = name.split("-", 2)
-            if budget not in best or (r["strict"], r["math_verify"]) > best[budget][0]:
-                best[budget] = ((r["strict"], r["math_verify"]), lr[2:])
-    assert {b: lr for b, (_, lr) in best.items()} == {b: "3e-3" for b in ("p1", "p13", "p196", "p2548", "p12544")}
+    """protocol.sh's rule (strict first, math-verify breaks ties; analyze.chosen, which rest.sh calls) over
+    every SFT selection row: 3e-3, the grid's largest, at every budget, as docs/results.md says."""
+    got = analyze().chosen(os.path.join(HERE, "select", "summary.jsonl"), "sel-")
+    assert got == {b: "3e-3" for b in ("p1", "p13", "p196", "p2548", "p12544")}
 
 
 def test_grpo_runs_named_by_rest_sh_are_read_as_grpo_at_their_lr(tmp_path):

@@ -41,6 +41,19 @@ def runs():
     return out
 
 
+def chosen(summary, prefix):
+    """The protocol's choice, {budget: lr}, from eval_many's selection summary.jsonl: per budget the lr
+    of the best <prefix><budget>-lr<lr> row by strict, math-verify breaking ties (prefix sel- for SFT,
+    grpo-sel- for GRPO). rest.sh calls it; protocol.sh and finish.sh ran the same rule inline."""
+    best = {}
+    with open(summary) as f:
+        for r in map(json.loads, f):
+            m = re.fullmatch(re.escape(prefix) + r"(p\d+)-lr(.+)", r["name"])
+            if m and (m[1] not in best or (r["strict"], r["math_verify"]) > best[m[1]][0]):
+                best[m[1]] = ((r["strict"], r["math_verify"]), m[2])
+    return {b: lr for b, (_, lr) in best.items()}
+
+
 def mean_over_seeds(seeds, col):
     """Per problem: the share of seeds that got it right."""
     return {i: sum(s[i][col] for s in seeds) / len(seeds) for i in seeds[0]}

@@ -37,17 +37,9 @@ evaluate() {  # select|test adapters...
   python tools/eval_many.py --model $MODEL --data $D/$set.jsonl --out-dir $OUT/$set --max-new-tokens $tokens \
     --gpu-memory-utilization $EVAL_GPU $EVAL_EXTRA "$@" >> $OUT/$set.log 2>&1
 }
-chosen() {  # prefix (sel- or grpo-sel-): "budget lr" per budget, by the protocol's rule
-  python - $OUT/select/summary.jsonl $1 <<'PY'
-import json, re, sys
-best = {}
-for r in map(json.loads, open(sys.argv[1])):
-    m = re.fullmatch(re.escape(sys.argv[2]) + r"(p\d+)-lr(.+)", r["name"])
-    if m and (m[1] not in best or (r["strict"], r["math_verify"]) > best[m[1]][0]):
-        best[m[1]] = ((r["strict"], r["math_verify"]), m[2])
-for b, (_, lr) in sorted(best.items()):
-    print(b, lr)
-PY
+chosen() {  # prefix (sel- or grpo-sel-): "budget lr" per budget, by the protocol's rule (analyze.chosen)
+  PYTHONPATH=$(dirname $0) python -c "import analyze, sys
+for b, lr in sorted(analyze.chosen(sys.argv[1], sys.argv[2]).items()): print(b, lr)" $OUT/select/summary.jsonl $1
 }
 at_most() { while [ $(jobs -r | wc -l) -ge $1 ]; do sleep 2; done; }
 untested() { for a in "$@"; do n=$(basename $(dirname $a)); ls $OUT/test/$n.jsonl* > /dev/null 2>&1 || echo $a; done; }
