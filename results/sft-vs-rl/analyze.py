@@ -41,16 +41,19 @@ def runs():
     return out
 
 
-def chosen(summary, prefix):
+def chosen(summary, prefix, column="strict"):
     """The protocol's choice, {budget: lr}, from eval_many's selection summary.jsonl: per budget the lr
-    of the best <prefix><budget>-lr<lr> row by strict, math-verify breaking ties (prefix sel- for SFT,
-    grpo-sel- for GRPO). rest.sh calls it; protocol.sh and finish.sh ran the same rule inline."""
+    of the best <prefix><budget>-lr<lr> row by strict, math-verify breaking ties (prefix sel- for SFT's
+    30-step runs, ep1-sel- for its one-epoch runs, grpo-sel- for GRPO); column="math_verify": what
+    math-verify alone would choose (strict breaking ties). rest.sh and one_epoch.sh call it; protocol.sh
+    and finish.sh ran the strict rule inline."""
+    other = {"strict": "math_verify", "math_verify": "strict"}[column]
     best = {}
     with open(summary) as f:
         for r in map(json.loads, f):
             m = re.fullmatch(re.escape(prefix) + r"(p\d+)-lr(.+)", r["name"])
-            if m and (m[1] not in best or (r["strict"], r["math_verify"]) > best[m[1]][0]):
-                best[m[1]] = ((r["strict"], r["math_verify"]), m[2])
+            if m and (m[1] not in best or (r[column], r[other]) > best[m[1]][0]):
+                best[m[1]] = ((r[column], r[other]), m[2])
     return {b: lr for b, (_, lr) in best.items()}
 
 

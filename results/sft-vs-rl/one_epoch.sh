@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# SFT on the GRPO runs' terms: one full epoch of the fit set (fit.jsonl, GSM8K train's first 6,973 rows;
+# 108 steps of 64 = 6,912 rows, the last partial batch dropped as GRPO drops its own), run as `--steps 108`
+# of the default 3-epoch schedule: 16 warmup steps, then constant, the treatment of the GRPO runs it is
+# compared with (`--steps 116` of their 3-epoch schedule: 17 warmup steps, then constant).
+#   select  SFT at BUDGETS x LRS (seed 0, all at once), then the selection set (select.jsonl, GSM8K train's
+#           last 500 rows, never trained on; greedy, 512 new tokens) for every adapter not yet scored
+#   edge    where the largest lr tried wins a budget (analyze.chosen: strict, math-verify breaking ties),
+#           the ladder's next lr (1e-4 1e-3 3e-3 1e-2 3e-2) at that budget, then its selection score
+#   seeds   per budget the chosen lr: seeds 1-2 at p13, seed 1 elsewhere (seed 0 is the selection run);
+#           meanwhile the GSM8K test (1,319, greedy, 1,024 new tokens) for the seed-0 run of each column's
+#           choice (strict's rule, and math-verify alone) and for the 30-step adapters here (runs/sel-*)
+#           that either column prefers and that were never tested; then the test for every seed
+#   all     select, edge, seeds, in that order (timeline.txt: seconds since the start after each)
+# Every stage skips what is done (a run whose metrics reach step STEPS, an adapter already scored on
+# that set) and refuses to train over a run folder it did not finish.
+# usage: one_epoch.sh MODEL DATA_DIR OUT STAGE   (DATA_DIR holds fit.jsonl, select.jsonl and test.jsonl)
+# Run names: ep1-sel-<budget>-lr<lr> (seed 0), ep1-<budget>-lr<lr>-seed<s>; analyze.py reads them as
+# "SFT, 1 epoch" beside the 30-step runs.
+set -uo pipefail
+[ $# = 4 ] || { echo "usage: one_epoch.sh MODEL DATA_DIR OUT select|edge|seeds|all" >&2; exit 2; }
+MODEL=$1; D=$2; OUT=$3; STAGE=$4
+HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
+OLD=${OLD:-$HERE}  # the 30-step runs: runs/sel-*, select/summary.jsonl, test/
+for f in fit select test; do [ -f $D/$f.jsonl ] || { echo "one_epoch.sh: no $D/$f.jsonl" >&2; exit 2; }; done
+mkdir -p $OUT/runs $OUT/select $OUT/test || exit 2
+STEPS=${STEPS:-108}; BUDGETS=${BUDGETS:-p13 p196 p2548}; LRS=${LRS:-1e-4 1e-3 3e-3}
+MICRO=${MICRO:-4096}; EVAL_GPU=${EVAL_GPU:-0.45}; SETTLE=${SETTLE:-60}  # s for the runs' memory to settle
+SFT_EXTRA=${SFT_EXTRA:-}; EVAL_EXTRA=${EVAL_EXTRA:-}  # more flags (the CPU check's)
+declare -A BUDGET=([p1]="--u 1" [p13]="--u 13" [p196]="--u 1 --n-tie 1" [p2548]="--u 13 --n-tie 1" [p12544]="--u 64 --r 8 --n-tie 1")
+T0=${T0:-$(date +%s)}; export T0
+
+done_run() { tail -n 1 $OUT/runs/$1/metrics.jsonl 2>/dev/null | grep -q "\"step\": $STEPS,"; }
+sft() {  # name budget lr seed
+  done_run $1 && return 0
+  [ -e $OUT/runs/$1 ] && { echo "one_epoch.sh: $OUT/runs/$1 holds an unfinished run; move it away" >&2; return 1; }
+  (cd $ROOT && python train_sft.py --model $MODEL --data $D/fit.jsonl --batch 64 --micro-tokens $MICRO \
+    --grad-ckpt always --save-every 0 ${BUDGET[$2]} --lr $3 --seed $4 --steps $STEPS $SFT_EXTRA \
+    --run-dir $OUT/runs/$1) > $OUT/runs/$1.log 2>&1 || echo "one_epoch.sh: $1 failed (its log: $OUT/runs/$1.log)" >&2
+}
+scored() { grep -q "\"name\": \"$2\"" $OUT/$1/summary.jsonl 2>/dev/null || ls $OLD/$1/$2.jsonl.gz > /dev/null 2>&1; }
+evaluate() {  # select|test adapters...: those not yet scored on that set, on one engine
+  local set=$1 tokens=512 todo=(); shift; [ $set = test ] && tokens=1024
+  for a in "$@"; do scored $set $(basename $(dirname $a)) || todo+=($a); done
+  [ ${#todo[@]} = 0 ] && return 0
+  (cd $ROOT && python tools/eval_many.py --model $MODEL --data $D/$set.jsonl --out-dir $OUT/$set \
+    --max-new-tokens $tokens --gpu-memory-utilization $EVAL_GPU $EVAL_EXTRA "${todo[@]}") >> $OUT/$set.log 2>&1 \
+    || echo "one_epoch.sh: an evaluation on $set failed (its log: $OUT/$set.log)" >&2
+}
+chosen() {  # summary prefix column: "budget lr" per budget (column strict: the protocol's rule)
+  PYTHONPATH=$HERE python -c "import analyze, sys
+for b, lr in sorted(analyze.chosen(sys.argv[1], sys.argv[2], sys.argv[3]).items()): print(b, lr)" $1 $2 $3
+}
+mark() { echo "$1 $(( $(date +%s) - T0 )) s" | tee -a $OUT/timeline.txt; }
+runs_of() { for a in "$@"; do done_run $(basename $(dirname $a)) && echo $a; done; }
+
+case $STAGE in
+select)
+  for b in $BUDGETS; do for lr in $LRS; do sft ep1-sel-$b-lr$lr $b $lr 0 & sleep 3; done; done; wait
+  evaluate select $(runs_of $OUT/runs/ep1-sel-*/adapter.safetensors)
+  mark "select: $BUDGETS x $LRS" ;;
+edge)
+  next=""
+  while read b lr; do
+    top=$(ls -d $OUT/runs/ep1-sel-$b-lr*/ | sed "s/.*-lr//; s,/,," | sort -g | tail -n 1)
+    up=$(echo 1e-4 1e-3 3e-3 1e-2 3e-2 | tr ' ' '\n' | awk -v t=$top 'f {print; exit} $1 == t {f = 1}')
+    [ "$lr" = "$top" ] && [ -n "$up" ] && next="$next $b:$up"
+  done < <(chosen $OUT/select/summary.jsonl ep1-sel- strict)
+  for x in $next; do sft ep1-sel-${x%:*}-lr${x#*:} ${x%:*} ${x#*:} 0 & sleep 3; done; wait
+  evaluate select $(runs_of $OUT/runs/ep1-sel-*/adapter.safetensors)
+  mark "edge:${next:- none}" ;;
+seeds)
+  chosen $OUT/select/summary.jsonl ep1-sel- strict > $OUT/chosen.txt
+  chosen $OUT/select/summary.jsonl ep1-sel- math_verify > $OUT/chosen-math-verify.txt
+  [ -s $OUT/chosen.txt ] || { echo "one_epoch.sh: nothing chosen yet; run the select stage first" >&2; exit 1; }
+  while read b lr; do
+    seeds=1; [ $b = p13 ] && seeds="1 2"
+    for s in $seeds; do sft ep1-$b-lr$lr-seed$s $b $lr $s & sleep 3; done
+  done < $OUT/chosen.txt
+  sleep $SETTLE  # vLLM measures free memory at its start: let the runs reach their peak first
+  old=$([ -f $OLD/select/summary.jsonl ] && for c in strict math_verify; do chosen $OLD/select/summary.jsonl sel- $c; done \
+        | sort -u | while read b lr; do ls $OLD/runs/sel-$b-lr$lr/adapter.safetensors; done)
+  evaluate test $(cat $OUT/chosen.txt $OUT/chosen-math-verify.txt | sort -u \
+                  | while read b lr; do ls $OUT/runs/ep1-sel-$b-lr$lr/adapter.safetensors; done) $old
+  wait
+  mark "seeds and the chosen runs' test"
+  evaluate test $(runs_of $OUT/runs/ep1-p*-seed*/adapter.safetensors)
+  mark "seeds' test" ;;
+all)
+  for s in select edge seeds; do bash $0 $MODEL $D $OUT $s; done ;;
+*) echo "one_epoch.sh: STAGE is select, edge, seeds or all" >&2; exit 2 ;;
+esac
