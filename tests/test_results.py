@@ -48,12 +48,13 @@ def test_the_table_keeps_each_learning_rate_apart():
     out = a.runs()
     names = [f[:-len(".jsonl.gz")] for f in os.listdir(os.path.join(HERE, "test")) if f.endswith(".jsonl.gz")]
     for (method, budget, lr), seeds in out.items():
-        if method == "SFT":
-            mine = [n for n in names if n.replace("sel-", "").startswith(f"p{budget}-lr{lr}")]
-            assert len(seeds) == len(mine), (budget, lr, mine)
+        if method != "GRPO":
+            prefix = "ep1-" if method == a.SFT_EPOCH else ""
+            mine = [n for n in names if n.replace("sel-", "").startswith(f"{prefix}p{budget}-lr{lr}")]
+            assert len(seeds) == len(mine), (method, budget, lr, mine)
     rows = summaries("test")
     for lr, files in (("1e-3", ["sel-p196-lr1e-3", "p196-lr1e-3-seed1"]), ("3e-3", ["sel-p196-lr3e-3"])):
-        got = sum(a.accuracy(out[("SFT", 196, lr)], "strict")) / len(files)
+        got = sum(a.accuracy(out[(a.SFT_30, 196, lr)], "strict")) / len(files)
         assert got == pytest.approx(100 * sum(rows[n]["strict"] for n in files) / len(files)), lr
 
 
@@ -69,12 +70,13 @@ def test_grpo_runs_named_by_rest_sh_are_read_as_grpo_at_their_lr(tmp_path):
     import gzip
     a = analyze()
     (tmp_path / "test").mkdir()
-    rows = [{"id": i, "strict": i % 2, "flexible": 1, "math_verify": 0} for i in range(4)]
-    for name in ("grpo-sel-p13-lr2e-4", "grpo-p13-lr2e-4-seed1", "sel-p13-lr1e-2"):
+    rows = [{"id": i, "strict": i % 2, "flexible": 1, "math_verify": 0, "extracted": "1"} for i in range(4)]
+    for name in ("grpo-sel-p13-lr2e-4", "grpo-p13-lr2e-4-seed1", "sel-p13-lr1e-2", "ep1-p13-lr1e-2-seed1"):
         with gzip.open(tmp_path / "test" / f"{name}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     a.HERE = str(tmp_path)
     out = a.runs()
-    assert len(out[("GRPO", 13, "2e-4")]) == 2 and len(out[("SFT", 13, "1e-2")]) == 1
+    assert len(out[("GRPO", 13, "2e-4")]) == 2 and len(out[(a.SFT_30, 13, "1e-2")]) == 1
+    assert len(out[(a.SFT_EPOCH, 13, "1e-2")]) == 1  # one_epoch.sh's runs: their own row
     assert a.accuracy(out[("GRPO", 13, "2e-4")], "strict") == [50.0, 50.0]
     assert len(out[("GRPO", 13, "1e-4")]) == 2  # the one-epoch runs of ../qwen-coder-1.5b, as before

@@ -5,7 +5,10 @@ Reads the GSM8K test completions (1,319 rows each, with their three scores) of t
 rate its own row), of GRPO runs named so with a grpo- in front (rest.sh's), and of the one-epoch
 GRPO runs in ../qwen-coder-1.5b (p1, p13-seed0, p13-seed1, p196, p2548 at lr 1e-4, base); prints a
 markdown table (mean over seeds, min..max across seeds, and GRPO at 1e-4 - SFT paired per problem on
-seed-averaged correctness, +- one standard error) and draws budget_curve.png. Needs matplotlib.
+seed-averaged correctness, +- one standard error; beside each row the share of completions that carry
+"#### N" and math-verify's accuracy among them: how much of a strict gap is the format) and the
+selection set's scores per lr, and draws budget_curve.png. SFT's runs of one epoch (one_epoch.sh's,
+named ep1-...) and of 30 steps are separate rows. Needs matplotlib.
 
     python results/sft-vs-rl/analyze.py
 """
@@ -20,21 +23,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GRPO = os.path.join(HERE, "..", "qwen-coder-1.5b")
 COLS = ("strict", "flexible", "math_verify")
 BUDGETS = {"p1": 1, "p13": 13, "p196": 196, "p2548": 2548, "p12544": 12544}
-CURVES = {("GRPO", "1e-4"): "o-", ("SFT", "1e-3"): "s-.", ("SFT", "3e-3"): "^:"}  # (method, lr): line style
+SFT_EPOCH, SFT_30 = "SFT, 1 epoch", "SFT, 30 steps"  # one epoch of the fit set; 0.28 of one
 
 
 def scores(path):
-    """{id: {column: 0/1}} of a completions file."""
+    """{id: {column: 0/1}} of a completions file; "formatted": the completion carries "#### N" where the
+    paper's reward reads it (eval.py's "extracted": the strict rule's answer, right or wrong)."""
     with gzip.open(path, "rt") as f:
-        return {r["id"]: {k: float(bool(r[k])) for k in COLS} for r in map(json.loads, f)}
+        return {r["id"]: {**{k: float(bool(r[k])) for k in COLS}, "formatted": float(r["extracted"] is not None)}
+                for r in map(json.loads, f)}
 
 
 def runs():
-    """{(method, budget, lr): [scores of each seed]}: SFT at each learning rate apart."""
+    """{(method, budget, lr): [scores of each seed]}: each learning rate and training length apart. SFT's
+    one-epoch runs are named ep1-..., its 30-step runs (0.28 epoch) have no prefix."""
     out = {}
     for path in sorted(glob.glob(os.path.join(HERE, "test", "*.jsonl.gz"))):
-        m = re.match(r"(grpo-)?(?:sel-)?(p\d+)-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz", os.path.basename(path))
-        method = "GRPO" if m.group(1) else "SFT"
+        m = re.match(r"(grpo-|ep1-)?(?:sel-)?(p\d+)-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz", os.path.basename(path))
+        method = {"grpo-": "GRPO", "ep1-": SFT_EPOCH}.get(m.group(1), SFT_30)
         out.setdefault((method, BUDGETS[m.group(2)], m.group(3)), []).append(scores(path))
     for name, budget in (("p1", 1), ("p13-seed0", 13), ("p13-seed1", 13), ("p196", 196), ("p2548", 2548)):
         out.setdefault(("GRPO", budget, "1e-4"), []).append(scores(os.path.join(GRPO, name, "eval_gsm8k.jsonl.gz")))
@@ -74,56 +80,116 @@ def accuracy(seeds, col):
     return [100 * sum(s[i][col] for i in s) / len(s) for s in seeds]
 
 
+def among_formatted(seeds):
+    """Per seed that wrote any: math-verify's % correct among the completions that carry "#### N"."""
+    return [100 * sum(s[i]["math_verify"] for i in s if s[i]["formatted"]) / sum(s[i]["formatted"] for i in s)
+            for s in seeds if any(s[i]["formatted"] for i in s)]
+
+
+def choices():
+    """{(method, budget, lr): "strict" | "math-verify" | "both"}: which column's selection rule chose it."""
+    out = {}
+    summary = os.path.join(HERE, "select", "summary.jsonl")
+    for method, prefix in ((SFT_30, "sel-"), (SFT_EPOCH, "ep1-sel-")):
+        for col, name in (("strict", "strict"), ("math_verify", "math-verify")):
+            for b, lr in chosen(summary, prefix, col).items():
+                key = (method, BUDGETS[b], lr)
+                out[key] = "both" if key in out else name
+    return out
+
+
+def cell(values):
+    """mean (min..max) over seeds; - for none."""
+    if not values:
+        return "-"
+    spread = f" ({min(values):.1f}..{max(values):.1f})" if len(values) > 1 else ""
+    return f"{sum(values) / len(values):.1f}{spread}"
+
+
 def table(out, base):
-    print("| method | params | lr | seeds | strict | flexible | math-verify | GRPO - SFT, paired: strict / math-verify |")
-    print("|---|---|---|---|---|---|---|---|")
-    for key in sorted(out, key=lambda k: (k[1], k[0] == "SFT", float(k[2]))):
+    chose = choices()
+    print("| method | params | lr | chosen by | seeds | strict | flexible | math-verify | carries `####` | "
+          "math-verify among them | GRPO - SFT, paired: strict / math-verify |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    order = {"GRPO": 0, SFT_EPOCH: 1, SFT_30: 2}
+    for key in sorted(out, key=lambda k: (k[1], order[k[0]], float(k[2]))):
         method, budget, lr = key
-        seeds, cells = out[key], []
-        for col in COLS:
-            acc = accuracy(seeds, col)
-            spread = f" ({min(acc):.1f}..{max(acc):.1f})" if len(acc) > 1 else ""
-            cells.append(f"{sum(acc) / len(acc):.1f}{spread}")
+        seeds = out[key]
+        cells = [cell(accuracy(seeds, col)) for col in (*COLS, "formatted")] + [cell(among_formatted(seeds))]
         diff = ""
         grpo = out.get(("GRPO", budget, "1e-4"))
-        if method == "SFT" and grpo:
+        if method != "GRPO" and grpo:
             d = [paired(mean_over_seeds(grpo, c), mean_over_seeds(seeds, c)) for c in ("strict", "math_verify")]
             diff = " / ".join(f"{100 * mu:+.1f} +- {100 * se:.1f}" for mu, se in d)
-        print(f"| {method} | {budget:,} | {lr} | {len(seeds)} | {' | '.join(cells)} | {diff} |")
-    acc = {c: 100 * sum(base[i][c] for i in base) / len(base) for c in COLS}
-    print(f"| base | 0 | | | {acc['strict']:.1f} | {acc['flexible']:.1f} | {acc['math_verify']:.1f} | |")
+        print(f"| {method} | {budget:,} | {lr} | {chose.get(key, '')} | {len(seeds)} | {' | '.join(cells)} | {diff} |")
+    row = [cell(accuracy([base], col)) for col in (*COLS, "formatted")] + [cell(among_formatted([base]))]
+    print(f"| base | 0 | | | | {' | '.join(row)} | |")
 
 
 def figure(out, base, path):
+    """Strict and math-verify against the budget: GRPO, and SFT of each length at the lr that strict's rule
+    chose per budget on the selection set (bars: the seeds' range)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    chose = choices()
+    curves = [("GRPO", "GRPO, lr 1e-4", "o-"), (SFT_EPOCH, "SFT, 1 epoch, lr chosen per budget", "s-"),
+              (SFT_30, "SFT, 30 steps (0.28 epoch), lr chosen per budget", "^:")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, col, title in zip(axes, ("strict", "math_verify"), ("GSM8K strict (the paper's metric)",
                                                                  "GSM8K math-verify")):
-        styles = iter(["v--", "D-", "x:", "*-."])  # for (method, lr) pairs not in CURVES
-        for method, lr in sorted({(m, r) for m, _, r in out}, key=lambda k: (k[0], float(k[1]))):
-            style = CURVES.get((method, lr)) or next(styles)
-            budgets = sorted(b for m, b, r in out if (m, r) == (method, lr))
-            accs = [accuracy(out[(method, b, lr)], col) for b in budgets]
+        for method, label, style in curves:
+            keys = sorted((k for k in out if k[0] == method and (method == "GRPO" and k[2] == "1e-4"
+                                                                  or chose.get(k) in ("strict", "both"))),
+                          key=lambda k: k[1])
+            if not keys:
+                continue
+            accs = [accuracy(out[k], col) for k in keys]
             mean = [sum(a) / len(a) for a in accs]
             err = [[m - min(a) for m, a in zip(mean, accs)], [max(a) - m for m, a in zip(mean, accs)]]
-            seeds = "/".join(sorted({str(len(a)) for a in accs}))
-            seeds += " seed" if seeds == "1" else " seeds"
-            ax.errorbar(budgets, mean, yerr=err, fmt=style, capsize=3, label=f"{method}, lr {lr} ({seeds})")
+            ax.errorbar([k[1] for k in keys], mean, yerr=err, fmt=style, capsize=3, label=label)
         ax.axhline(100 * sum(base[i][col] for i in base) / len(base), color="gray", linestyle="--", label="base")
         ax.set(xscale="log", xlabel="trained parameters", ylabel="greedy pass@1 (%)", title=title, ylim=(0, 70))
         ax.legend(fontsize=8)
-    fig.suptitle("Qwen2.5-Coder-1.5B-Instruct, TinyLoRA: GRPO (one epoch) vs SFT (30 steps); bars: seeds' range; "
-                 "SFT lr 3e-3 is the selection set's choice by strict",
+    fig.suptitle("Qwen2.5-Coder-1.5B-Instruct, TinyLoRA, GSM8K test: GRPO (one epoch) vs SFT; bars: the seeds' range",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def selection(summary, prefix):
+    """The selection set's scores, strict / math-verify in %, one row per budget, one column per lr tried;
+    bold: the protocol's choice (strict, math-verify breaking ties)."""
+    got = {}
+    with open(summary) as f:
+        for r in map(json.loads, f):
+            m = re.fullmatch(re.escape(prefix) + r"(p\d+)-lr(.+)", r["name"])
+            if m:
+                got[(BUDGETS[m[1]], m[2])] = r
+    if not got:
+        print("(none)")
+        return
+    lrs = sorted({lr for _, lr in got}, key=float)
+    pick = {BUDGETS[b]: lr for b, lr in chosen(summary, prefix).items()}
+    print(f"| params | {' | '.join('lr ' + lr for lr in lrs)} |")
+    print("|---|" + "---|" * len(lrs))
+    for budget in sorted({b for b, _ in got}):
+        cells = []
+        for lr in lrs:
+            r = got.get((budget, lr))
+            text = f"{100 * r['strict']:.1f} / {100 * r['math_verify']:.1f}" if r else "-"
+            cells.append(f"**{text}**" if r and pick[budget] == lr else text)
+        print(f"| {budget:,} | {' | '.join(cells)} |")
+
+
 if __name__ == "__main__":
     out = runs()
     base = scores(os.path.join(GRPO, "base", "eval_gsm8k.jsonl.gz"))
+    for prefix, what in (("ep1-sel-", SFT_EPOCH), ("sel-", SFT_30)):
+        print(f"Selection set, {what}, seed 0: strict / math-verify (%)\n")
+        selection(os.path.join(HERE, "select", "summary.jsonl"), prefix)
+        print()
+    print("GSM8K test\n")
     table(out, base)
     figure(out, base, os.path.join(HERE, "budget_curve.png"))
     print(f"wrote {os.path.join(HERE, 'budget_curve.png')}")

@@ -25,7 +25,7 @@ OLD=${OLD:-$HERE}  # the 30-step runs: runs/sel-*, select/summary.jsonl, test/
 for f in fit select test; do [ -f $D/$f.jsonl ] || { echo "one_epoch.sh: no $D/$f.jsonl" >&2; exit 2; }; done
 mkdir -p $OUT/runs $OUT/select $OUT/test || exit 2
 STEPS=${STEPS:-108}; BUDGETS=${BUDGETS:-p13 p196 p2548}; LRS=${LRS:-1e-4 1e-3 3e-3}
-MICRO=${MICRO:-4096}; EVAL_GPU=${EVAL_GPU:-0.45}; SETTLE=${SETTLE:-60}  # s for the runs' memory to settle
+MICRO=${MICRO:-4096}; CKPT=${CKPT:-always}; EVAL_GPU=${EVAL_GPU:-0.45}; SETTLE=${SETTLE:-60}  # s for the runs' memory to settle
 SFT_EXTRA=${SFT_EXTRA:-}; EVAL_EXTRA=${EVAL_EXTRA:-}  # more flags (the CPU check's)
 declare -A BUDGET=([p1]="--u 1" [p13]="--u 13" [p196]="--u 1 --n-tie 1" [p2548]="--u 13 --n-tie 1" [p12544]="--u 64 --r 8 --n-tie 1")
 T0=${T0:-$(date +%s)}; export T0
@@ -35,7 +35,7 @@ sft() {  # name budget lr seed
   done_run $1 && return 0
   [ -e $OUT/runs/$1 ] && { echo "one_epoch.sh: $OUT/runs/$1 holds an unfinished run; move it away" >&2; return 1; }
   (cd $ROOT && python train_sft.py --model $MODEL --data $D/fit.jsonl --batch 64 --micro-tokens $MICRO \
-    --grad-ckpt always --save-every 0 ${BUDGET[$2]} --lr $3 --seed $4 --steps $STEPS $SFT_EXTRA \
+    --grad-ckpt $CKPT --save-every 0 ${BUDGET[$2]} --lr $3 --seed $4 --steps $STEPS $SFT_EXTRA \
     --run-dir $OUT/runs/$1) > $OUT/runs/$1.log 2>&1 || echo "one_epoch.sh: $1 failed (its log: $OUT/runs/$1.log)" >&2
 }
 scored() { grep -q "\"name\": \"$2\"" $OUT/$1/summary.jsonl 2>/dev/null || ls $OLD/$1/$2.jsonl.gz > /dev/null 2>&1; }
