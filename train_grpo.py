@@ -23,9 +23,9 @@ helpers, signals. Ctrl-C, SIGTERM or SIGHUP keep every finished step and exit 13
 
     python train_grpo.py --u 13 --model Qwen/Qwen2.5-7B-Instruct
     torchrun --nproc_per_node 8 train_grpo.py --u 13 ...   # data parallel: an engine per rank
-    python tests/tiny.py tiny && python train_grpo.py --model tiny/model --data tiny/train.jsonl \\
-        --eval-data tiny/test.jsonl --prompts-per-step 8 --mini-batch 4 --max-new-tokens 16 \\
-        --steps 3 --gpu-memory-utilization 0.1
+    python tests/tiny.py --taught tiny && python train_grpo.py --model tiny/model \\
+        --data tiny/train.jsonl --eval-data tiny/test.jsonl --eval-every 6 --n-tie 1 --lr 3e-3 \\
+        --max-new-tokens 8 --gpu-memory-utilization 0.1   # CPU smoke run (README), 43 s
 """
 import argparse
 import importlib.util
