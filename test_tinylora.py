@@ -353,8 +353,8 @@ def copy_lists():
     """The names README says to copy: (the definition alone, the fast layer)."""
     sec = layer_section()
     names = lambda pattern: re.findall(r"`(\w+)`", re.search(pattern, sec, re.S).group(1))
-    definition = names(r"Copy from `tinylora.py`(.*?)\(the definition alone")
-    return definition, definition + names(r"dW never formed\), plus (.*?) for the fast layer")
+    definition = names(r"Copy from `tinylora.py`(.*?)\(the\s+definition\s+alone")
+    return definition, definition + names(r"dW\s+never\s+formed\),\s+plus\s+(.*?)\s+for\s+the\s+fast\s+layer")
 
 
 def pasted(names):
