@@ -25,7 +25,7 @@ helpers, signals. Ctrl-C, SIGTERM or SIGHUP keep every finished step and exit 13
     torchrun --nproc_per_node 8 train_grpo.py --u 13 ...   # data parallel: an engine per rank
     python tests/tiny.py --taught tiny && python train_grpo.py --model tiny/model \\
         --data tiny/train.jsonl --eval-data tiny/test.jsonl --eval-every 6 --n-tie 1 --lr 3e-3 \\
-        --max-new-tokens 8 --gpu-memory-utilization 0.1   # CPU smoke run (README), 43 s
+        --max-new-tokens 8 --gpu-memory-utilization 0.1   # CPU smoke run (README), ~45 s
 """
 import argparse
 import importlib.util
