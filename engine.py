@@ -18,7 +18,8 @@ import warnings
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-# 2. the engine: vLLM in-process (with weight sync), the Hugging Face generate fallback
+# -----------------------------------------------------------------------------
+# the engine: vLLM in-process (with weight sync), the Hugging Face generate fallback
 
 
 def import_vllm():

@@ -343,24 +343,48 @@ def test_a_change_of_v_reaches_every_module_whatever_the_targets_order(tiny_dir,
     torch.testing.assert_close(logits(model), logits(fresh), atol=1e-5, rtol=1e-5)
 
 
-def copy_list():
-    """The names README.md says to copy for the layer on its own."""
+def layer_section():
+    """README's "The layer on its own", up to the next section."""
     text = open(os.path.join(HERE, "README.md")).read()
-    return re.findall(r"`(\w+)`", re.search(r"Copy from `tinylora.py`: (.*?) \(torch only\)", text, re.S).group(1))
+    return text[text.index("**The layer on its own.**"):text.index("## Train and evaluate")]
+
+
+def copy_lists():
+    """The names README says to copy: (the definition alone, the fast layer)."""
+    sec = layer_section()
+    names = lambda pattern: re.findall(r"`(\w+)`", re.search(pattern, sec, re.S).group(1))
+    definition = names(r"Copy from `tinylora.py`(.*?)\(the\s+definition\s+alone")
+    return definition, definition + names(r"dW\s+never\s+formed\),\s+plus\s+(.*?)\s+for\s+the\s+fast\s+layer")
+
+
+def pasted(names):
+    """What a user pastes: README's import line, then each listed name as tinylora.py writes it."""
+    import inspect
+    imports = re.findall(r"```python\n(.*?)```", layer_section(), re.S)[0]
+    assert all(line.startswith("import ") for line in imports.strip().splitlines()), imports
+    source = open(tinylora.__file__).read()
+    parts = [imports]
+    for name in names:
+        obj = getattr(tinylora, name)
+        parts.append(inspect.getsource(obj) if inspect.isclass(obj) or inspect.isfunction(obj)
+                     else re.search(rf"^{name} = .*$", source, re.M).group(0))  # a constant's line
+    scope = {}  # an empty module: only what the pasted text itself imports and defines
+    exec("\n\n".join(parts), scope)
+    return scope
+
+
+def readme_usage(cls="TinyLoRALinear"):
+    """README's lines that make a layer (the python block after the import line), for `cls`."""
+    return re.findall(r"```python\n(.*?)```", layer_section(), re.S)[1].replace("TinyLoRALinear", cls)
 
 
 @pytest.mark.parametrize("keep_merged", [True, False])
 def test_the_layer_copied_alone_follows_v_in_a_plain_training_loop(keep_merged):
-    """The layer and what it needs, copied into fresh code (torch only), on a plain nn.Linear and
-    trained by a plain loop: no apply(), no model-level hook. After every optimizer step its output
-    is the definition's, x W^T + b + ((x V) R^T diag(S)) U^T with the current v: never a stale W'."""
-    import inspect
-    import math
-    import torch.nn.functional as F
-    code = {"torch": torch, "nn": torch.nn, "F": F, "math": math}
-    for name in copy_list():
-        obj = getattr(tinylora, name)
-        exec(f"{name} = {obj!r}" if isinstance(obj, (int, float)) else inspect.getsource(obj), code)
+    """The layer and what it needs, pasted as README says into an empty namespace, on a plain
+    nn.Linear and trained by a plain loop: no apply(), no model-level hook. After every optimizer
+    step its output is the definition's, x W^T + b + ((x V) R^T diag(S)) U^T with the current v:
+    never a stale W'."""
+    code = pasted(copy_lists()[1])
     torch.manual_seed(0)
     base = torch.nn.Linear(32, 24)
     v = torch.nn.Parameter(torch.zeros(1, 4))
@@ -665,31 +689,79 @@ def test_readme_snippet_runs_as_written(tiny_dir, tmp_path, monkeypatch):
     torch.testing.assert_close(logits(merged), logits(model), atol=1e-5, rtol=1e-5)
 
 
-def test_the_layer_copied_by_readmes_list_is_the_modules(tiny_dir):
-    """Exactly the names README lists for "the layer on its own", copied into fresh code (torch only),
-    then README's two lines: the layer's P (its scale included) and dW equal tinylora.apply's for
-    the same module and v, bit for bit, and its output is the adapted model's layer output."""
-    import copy
-    import inspect
-    import math
-    import torch.nn.functional as F
-    code = {"torch": torch, "nn": torch.nn, "F": F, "math": math}
-    for name in copy_list():
-        obj = getattr(tinylora, name)
-        exec(f"{name} = {obj!r}" if isinstance(obj, (int, float)) else inspect.getsource(obj), code)
+def adapted_q_proj(tiny_dir, keep_merged=True):
+    """(the tiny model's first q_proj as apply() adapts it, module index 0; the model's v, randomized)."""
     model = load(tiny_dir)
-    q = model.model.layers[0].self_attn.q_proj  # module index 0 in apply's order
-    code["linear"] = copy.deepcopy(q)
-    exec(readme_block("**The layer on its own.**"), code)
-    layer, v = code["layer"], code["v"]
-    ref = tinylora.apply(model, u=13, seed=0, cache_dir=None, verbose=False)
-    randomize(ref)
+    v = tinylora.apply(model, u=13, seed=0, cache_dir=None, verbose=False, keep_merged=keep_merged)
+    randomize(v)
+    return model.model.layers[0].self_attn.q_proj, v
+
+
+def pasted_layer(tiny_dir, names, cls):
+    """README's import line and list pasted into an empty namespace, then README's two lines on a copy
+    of the tiny model's first q_proj (module index 0 in apply's order); (layer, v)."""
+    import copy
+    code = pasted(names)
+    code["linear"] = copy.deepcopy(load(tiny_dir).model.layers[0].self_attn.q_proj)
+    exec(readme_usage(cls), code)
+    return code["layer"], code["v"]
+
+
+def test_the_layer_copied_by_readmes_list_is_the_modules(tiny_dir):
+    """README's import line and fast-layer list, pasted into an empty namespace, then README's two
+    lines: the layer's P (its scale included), dW, output and gradient to v equal tinylora.apply's
+    for the same module and v, bit for bit."""
+    layer, v = pasted_layer(tiny_dir, copy_lists()[1], "TinyLoRALinear")
+    mine, ref = adapted_q_proj(tiny_dir)
     with torch.no_grad():
         v.copy_(ref[0])
-    mine = model.model.layers[0].self_attn.q_proj
     assert torch.equal(layer.P, mine.P) and torch.equal(layer.delta_weight(), mine.delta_weight())
-    x = torch.randn(3, q.in_features)
-    assert torch.equal(layer(x), mine(x))
+    x = torch.randn(3, mine.base.in_features)
+    y, y_ref = layer(x), mine(x)
+    assert torch.equal(y, y_ref)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    assert v.grad.abs().sum() > 0 and torch.equal(v.grad, ref.grad[0])
+
+
+def test_the_definition_alone_copied_by_readmes_short_list_is_applys_definition(tiny_dir):
+    """README's import line and short list (TinyLoRADef and what it needs, nothing of the fast layer),
+    pasted into an empty namespace: its output and gradient to v are apply(keep_merged=False)'s bit
+    for bit (the same computation) and the fast layer's of apply()'s default to fp32 rounding."""
+    short, fast = copy_lists()
+    assert short[-1] == "TinyLoRADef" and "KeptLinear" not in short and set(short) < set(fast)
+    layer, v = pasted_layer(tiny_dir, short, "TinyLoRADef")
+    x = torch.randn(3, layer.base.in_features)
+    for keep_merged, exact in [(False, True), (True, False)]:
+        mine, ref = adapted_q_proj(tiny_dir, keep_merged)
+        with torch.no_grad():
+            v.copy_(ref[0])
+        v.grad = None
+        y, y_ref = layer(x), mine(x)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        assert v.grad.abs().sum() > 0 and (y - layer.base(x)).abs().max() > 1e-3  # v acts
+        if exact:
+            assert torch.equal(y, y_ref) and torch.equal(v.grad, ref.grad[0])
+        else:
+            torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v.grad, ref.grad[0], atol=1e-4, rtol=1e-4)
+
+
+def test_the_modules_definition_layer_is_the_layers_definition_path():
+    """tinylora.TinyLoRADef is TinyLoRALinear(keep_merged=False): the same output and gradient."""
+    torch.manual_seed(0)
+    base, P = torch.nn.Linear(16, 12), tinylora.make_P(0, 3, 5, 2)
+    v = torch.nn.Parameter(torch.randn(2, 5) * 0.1)
+    x = torch.randn(4, 7, 16)
+    a = tinylora.TinyLoRADef(base, v, P, group=1)
+    b = tinylora.TinyLoRALinear(base, v, P, group=1, keep_merged=False)
+    ya, yb = a(x), b(x)
+    assert ya.shape == (4, 7, 12) and torch.equal(ya, yb)
+    ya.sum().backward()
+    ga, v.grad = v.grad, None
+    yb.sum().backward()
+    assert ga[1].abs().sum() > 0 and (ga[0] == 0).all() and torch.equal(ga, v.grad)
 
 
 def test_a_v_of_shape_u_is_one_tie_group():

@@ -113,9 +113,57 @@ def require(ok, msg):
 
 
 # -----------------------------------------------------------------------------
-# the adapted layer. To copy it into other code, take ALPHA, p_std, make_P, canonical_signs,
-# svd_top_r, round_stochastic, VWatch, KeptLinear and TinyLoRALinear: torch only, correct on their
-# own (README, "The layer on its own"; a test copies exactly that list).
+# the adapted layer: TinyLoRADef, the definition alone; TinyLoRALinear, the same layer with W' kept
+# merged (fast) and apply()'s options. To copy them into other code, after
+# `import math, torch, torch.nn as nn, torch.nn.functional as F`, take ALPHA, p_std, make_P,
+# canonical_signs, svd_top_r and TinyLoRADef; for the fast layer also round_stochastic, VWatch,
+# KeptLinear and TinyLoRALinear (README, "The layer on its own"; tests paste exactly those lists).
+
+
+class TinyLoRADef(nn.Module):
+    """A frozen nn.Linear adapted by the definition, per call:
+    y = x W^T + b + ((x V) R^T diag(S)) U^T with R = sum_i v[group]_i P_i. dW is never formed (no
+    extra memory; v = 0 adds exact zeros).
+
+    v (n_groups, u) is a Parameter shared by the layers of a model; this layer uses row `group` (a
+    v of shape (u,) is one group). P (u, r, r): make_P(seed, index, u, r), whose scale makes the
+    paper's learning rates apply (a plain torch.randn(u, r, r) is 4.4x smaller at u = 13, r = 2).
+    usv: (U, S, V) if computed already (e.g. from a cache), else the SVD is computed here."""
+
+    def __init__(self, base, v, P, group=0, usv=None):
+        super().__init__()
+        if not (v.dim() in (1, 2) and P.dim() == 3 and v.shape[-1] == P.shape[0] == len(P) and
+                P.shape[1] == P.shape[2]):
+            raise ValueError(f"{type(self).__name__}: v must be (u,) or (groups, u) and P (u, r, "
+                             f"r) with the same u; got v {tuple(v.shape)}, P {tuple(P.shape)}")
+        U, S, V = usv if usv is not None else svd_top_r(base.weight, P.shape[1])
+        self.base, self.v, self.group = base, v, group
+        dev, dtype = base.weight.device, base.weight.dtype
+        for k, t in zip("USVP", (U, S, V, P)):  # the definition, fp32
+            self.register_buffer(k, t.to(dev, torch.float32), persistent=False)
+        self.register_buffer("US", self.U * self.S, persistent=False)  # U diag(S) (d_out, r), fixed
+        # U diag(S) and V in the base weight's dtype, for the products with activations
+        self.register_buffer("US_w", self.US.to(dtype), persistent=False)
+        self.register_buffer("V_w", self.V.to(dtype), persistent=False)
+
+    def v_row(self):
+        """This layer's v (u,)."""
+        return self.v if self.v.dim() == 1 else self.v[self.group]
+
+    def R(self):
+        """R = sum_i v_i P_i, (r, r)."""
+        return (self.v_row() @ self.P.flatten(1)).view(self.P.shape[1:])
+
+    def delta_weight(self):
+        """dW = U diag(S) R V^T, fp32 (d_out, d_in)."""
+        return self.US @ self.R() @ self.V.T
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        y = F.linear(x2, self.base.weight, self.base.bias)  # exactly the frozen layer's output
+        h = (x2 @ self.V_w.to(x2.dtype)) @ self.R().T.to(x2.dtype)  # (N, r): x V R^T
+        # + h diag(S) U^T, accumulated into y in place (dtypes follow y: autocast may differ)
+        return y.addmm_(h.to(y.dtype), self.US_w.T.to(y.dtype)).view(*x.shape[:-1], -1)
 
 
 class VWatch:
@@ -170,19 +218,13 @@ def round_stochastic(x, seed):
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
-class TinyLoRALinear(nn.Module):
-    """A frozen nn.Linear adapted to W' = W + U diag(S) R V^T, R = sum_i v[group]_i P_i.
+class TinyLoRALinear(TinyLoRADef):
+    """TinyLoRADef with W' = W + U diag(S) R V^T kept merged, and apply()'s options.
 
-    v (n_groups, u) is a Parameter shared by the layers of a model; this layer uses row `group` (a
-    v of shape (u,) is one group). P (u, r, r): make_P(seed, index, u, r), whose scale makes the
-    paper's learning rates apply (a plain torch.randn(u, r, r) is 4.4x smaller at u = 13, r = 2).
-    usv: (U, S, V) if computed already (e.g. from a cache), else the SVD is computed here.
-
-    keep_merged=False is the definition, per call: y = x W^T + ((x V) R^T diag(S)) U^T + b (dW is
-    never formed; no extra memory; v = 0 adds exact zeros).
     keep_merged=True (default) is the fast path: W' is kept in the base dtype, rebuilt in fp32 from
     the untouched W whenever v changes, so y = x W'^T + b is one GEMM (KeptLinear). v's value is
     checked at every call (one host sync); tinylora.apply() checks it once per model forward.
+    keep_merged=False is TinyLoRADef's forward, the definition per call.
     round_seed: None rounds W' to nearest in the base dtype; an int rounds fp32 -> bf16
     stochastically with thresholds from it (round_stochastic). v_dtype: the forward sees v rounded
     to it (straight-through gradient): an adapter saved in that dtype is exactly the trained model.
@@ -190,39 +232,18 @@ class TinyLoRALinear(nn.Module):
 
     def __init__(self, base, v, P, group=0, usv=None, keep_merged=True, v_dtype=torch.float32,
                  round_seed=None, watch=None):
-        super().__init__()
-        if not (v.dim() in (1, 2) and P.dim() == 3 and v.shape[-1] == P.shape[0] == len(P) and
-                P.shape[1] == P.shape[2]):
-            raise ValueError(f"TinyLoRALinear: v must be (u,) or (groups, u) and P (u, r, r) with "
-                             f"the same u; got v {tuple(v.shape)}, P {tuple(P.shape)}")
-        U, S, V = usv if usv is not None else svd_top_r(base.weight, P.shape[1])
-        self.base, self.v, self.group, self.v_dtype = base, v, group, v_dtype
-        self.keep_merged, self.round_seed = keep_merged, round_seed
+        super().__init__(base, v, P, group, usv)
+        self.v_dtype, self.keep_merged, self.round_seed = v_dtype, keep_merged, round_seed
         self.watch = watch or VWatch(v)  # apply() passes one watch, shared and hooked
         self.kept_at = None  # the watch's version W_kept was built for
-        dev, dtype = base.weight.device, base.weight.dtype
-        for k, t in zip("USVP", (U, S, V, P)):  # the definition, fp32
-            self.register_buffer(k, t.to(dev, torch.float32), persistent=False)
-        self.register_buffer("US", self.U * self.S, persistent=False)  # U diag(S) (d_out, r), fixed
-        # U diag(S) and V in the base weight's dtype, for the products with activations
-        self.register_buffer("US_w", self.US.to(dtype), persistent=False)
-        self.register_buffer("V_w", self.V.to(dtype), persistent=False)
         self.register_buffer("W_kept", None, persistent=False)  # W' in the base dtype (fast path)
 
     def v_row(self):
         """This layer's v (u,), fp32, as the forward sees it: rounded to v_dtype."""
-        v = self.v if self.v.dim() == 1 else self.v[self.group]
+        v = super().v_row()
         if self.v_dtype != torch.float32:
             v = v + (v.to(self.v_dtype).float() - v).detach()
         return v
-
-    def R(self):
-        """R = sum_i v_i P_i, (r, r)."""
-        return (self.v_row() @ self.P.flatten(1)).view(self.P.shape[1:])
-
-    def delta_weight(self):
-        """dW = U diag(S) R V^T, fp32 (d_out, d_in)."""
-        return self.US @ self.R() @ self.V.T
 
     @torch.no_grad()
     def merged_weight(self, dtype=None):
@@ -244,12 +265,8 @@ class TinyLoRALinear(nn.Module):
         return W.to(dtype)
 
     def forward(self, x):
-        if not self.keep_merged:  # the definition
-            x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-            y = F.linear(x2, self.base.weight, self.base.bias)  # exactly the frozen layer's output
-            h = (x2 @ self.V_w.to(x2.dtype)) @ self.R().T.to(x2.dtype)  # (N, r): x V R^T
-            # + h diag(S) U^T, accumulated into y in place (dtypes follow y: autocast may differ)
-            return y.addmm_(h.to(y.dtype), self.US_w.T.to(y.dtype)).view(*x.shape[:-1], -1)
+        if not self.keep_merged:
+            return super().forward(x)  # the definition
         if self.watch.hook is None:  # no model-level check: look at v now
             self.watch.check()
         W = self.merged_weight()

@@ -4,7 +4,7 @@ One step of the paper authors' GSM8K recipe (their verl scripts), in the order o
   1. prompts: 64 rows of the training set (a seeded permutation per epoch)
   2. rollout: 4 samples per prompt from the in-process vLLM engine at temperature 1, with the
      sampler's logprob of each sampled token (logp_vllm)
-  3. rewards: eval.reward, 1 for the right answer, else 0 (GSM8K: the paper's rule, the number
+  3. rewards: task.reward, 1 for the right answer, else 0 (GSM8K: the paper's rule, the number
      after "####" near the end; MATH: the last \\boxed{}, judged by math-verify)
   4. advantages: (reward - group mean) / (group std + 1e-6) within each prompt's 4 samples; a
      group whose rewards are all equal has none, and never runs through the trainer
@@ -23,9 +23,9 @@ helpers, signals. Ctrl-C, SIGTERM or SIGHUP keep every finished step and exit 13
 
     python train_grpo.py --u 13 --model Qwen/Qwen2.5-7B-Instruct
     torchrun --nproc_per_node 8 train_grpo.py --u 13 ...   # data parallel: an engine per rank
-    python tests/tiny.py tiny && python train_grpo.py --model tiny/model --data tiny/train.jsonl \\
-        --eval-data tiny/test.jsonl --prompts-per-step 8 --mini-batch 4 --max-new-tokens 16 \\
-        --steps 3
+    python tests/tiny.py --taught tiny && python train_grpo.py --model tiny/model \\
+        --data tiny/train.jsonl --eval-data tiny/test.jsonl --eval-every 6 --n-tie 1 --lr 3e-3 \\
+        --max-new-tokens 8 --gpu-memory-utilization 0.1   # CPU smoke run (README), ~45 s
 """
 import argparse
 import importlib.util

@@ -80,7 +80,7 @@ def test_tiny_refuses_a_dir_holding_a_model_or_data(tmp_path, name):
 def test_tiny_help_builds_nothing(tmp_path):
     """`tiny.py --help` built a model in a folder named --help."""
     r = run("tiny", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "usage: tiny.py [-h] [dir]" in r.stdout and "default: tiny" in r.stdout
+    assert r.returncode == 0 and "usage: tiny.py [-h] [--taught] [dir]" in r.stdout and "default: tiny" in r.stdout
     assert os.listdir(tmp_path) == []
 
 

@@ -878,6 +878,25 @@ def test_two_process_smoke_run_writes_one_metrics_file_and_adapter(tiny_dir, dat
     assert sorted(os.listdir(tmp_path / "run")) == ["adapter.safetensors", "args.json", "metrics.jsonl", "trainer_state.pt"]
 
 
+def test_the_taught_tiny_model_gives_the_papers_reward_a_signal_from_step_1(tmp_path):
+    """README's smoke run, small: `tiny.py --taught` writes "#### N", right only sometimes, so the
+    task's own reward (no stand-in) differs within groups from the first step, those groups train
+    and v moves. (On the untaught model every reward is 0 and v stays 0.)"""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "tiny.py"), "--taught", str(tmp_path / "t")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "tiny Qwen2 taught the answer format" in r.stdout, r.stderr
+    flags = ["--model", str(tmp_path / "t" / "model"), "--data", str(tmp_path / "t" / "train.jsonl"),
+             "--run-dir", str(tmp_path / "run"), "--n-tie", "1", "--lr", "3e-3", "--prompts-per-step", "8",
+             "--mini-batch", "4", "--max-new-tokens", "8", "--steps", "2", "--backend", "hf", "--svd-cache", ""]
+    model, _ = train_grpo.train(train_grpo.parse_args(flags))
+    m = metrics(tmp_path / "run")
+    assert [x["step"] for x in m] == [1, 2]
+    for x in m:
+        assert 0 < x["reward"] < 1 and x["signal"] > 0 and x["trained_tokens"] > 0 and x["grad_norm"] > 0, x
+    assert m[0]["v_norm"] > 0 and m[1]["v_norm"] != m[0]["v_norm"]
+    assert model.tinylora_v.norm().item() == pytest.approx(m[1]["v_norm"])
+
+
 VLLM_DDP_WORKER = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
