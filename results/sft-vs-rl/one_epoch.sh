@@ -7,10 +7,11 @@
 #           last 500 rows, never trained on; greedy, 512 new tokens) for every adapter not yet scored
 #   edge    where the largest lr tried wins a budget (analyze.chosen: strict, math-verify breaking ties),
 #           the ladder's next lr (1e-4 1e-3 3e-3 1e-2 3e-2) at that budget, then its selection score
+#   chosen  the GSM8K test (1,319, greedy, 1,024 new tokens) for the seed-0 run of each column's choice per
+#           budget (strict's rule, and math-verify alone)
+#   loose   the test for the 30-step adapters here (runs/sel-*) that either column prefers, never tested
 #   seeds   per budget the chosen lr: seeds 1-2 at p13, seed 1 elsewhere (seed 0 is the selection run);
-#           meanwhile the GSM8K test (1,319, greedy, 1,024 new tokens) for the seed-0 run of each column's
-#           choice (strict's rule, and math-verify alone) and for the 30-step adapters here (runs/sel-*)
-#           that either column prefers and that were never tested; then the test for every seed
+#           meanwhile chosen and loose; then the test for every seed
 #   all     select, edge, seeds, in that order (timeline.txt: seconds since the start after each)
 # Every stage skips what is done (a run whose metrics reach step STEPS, an adapter already scored on
 # that set) and refuses to train over a run folder it did not finish.
@@ -18,7 +19,7 @@
 # Run names: ep1-sel-<budget>-lr<lr> (seed 0), ep1-<budget>-lr<lr>-seed<s>; analyze.py reads them as
 # "SFT, 1 epoch" beside the 30-step runs.
 set -uo pipefail
-[ $# = 4 ] || { echo "usage: one_epoch.sh MODEL DATA_DIR OUT select|edge|seeds|all" >&2; exit 2; }
+[ $# = 4 ] || { echo "usage: one_epoch.sh MODEL DATA_DIR OUT select|edge|chosen|loose|seeds|all" >&2; exit 2; }
 MODEL=$1; D=$2; OUT=$3; STAGE=$4
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
 OLD=${OLD:-$HERE}  # the 30-step runs: runs/sel-*, select/summary.jsonl, test/
@@ -69,24 +70,29 @@ edge)
   for x in $next; do sft ep1-sel-${x%:*}-lr${x#*:} ${x%:*} ${x#*:} 0 & sleep 3; done; wait
   evaluate select $(runs_of $OUT/runs/ep1-sel-*/adapter.safetensors)
   mark "edge:${next:- none}" ;;
-seeds)
+loose)
+  evaluate test $([ -f $OLD/select/summary.jsonl ] && for c in strict math_verify; do chosen $OLD/select/summary.jsonl sel- $c; done \
+                  | sort -u | while read b lr; do ls $OLD/runs/sel-$b-lr$lr/adapter.safetensors; done)
+  mark "loose ends: the 30-step runs' test" ;;
+chosen)
   chosen $OUT/select/summary.jsonl ep1-sel- strict > $OUT/chosen.txt
   chosen $OUT/select/summary.jsonl ep1-sel- math_verify > $OUT/chosen-math-verify.txt
+  evaluate test $(cat $OUT/chosen.txt $OUT/chosen-math-verify.txt | sort -u \
+                  | while read b lr; do ls $OUT/runs/ep1-sel-$b-lr$lr/adapter.safetensors; done)
+  mark "the chosen runs' test" ;;
+seeds)
+  chosen $OUT/select/summary.jsonl ep1-sel- strict > $OUT/chosen.txt
   [ -s $OUT/chosen.txt ] || { echo "one_epoch.sh: nothing chosen yet; run the select stage first" >&2; exit 1; }
   while read b lr; do
     seeds=1; [ $b = p13 ] && seeds="1 2"
     for s in $seeds; do sft ep1-$b-lr$lr-seed$s $b $lr $s & sleep 3; done
   done < $OUT/chosen.txt
   sleep $SETTLE  # vLLM measures free memory at its start: let the runs reach their peak first
-  old=$([ -f $OLD/select/summary.jsonl ] && for c in strict math_verify; do chosen $OLD/select/summary.jsonl sel- $c; done \
-        | sort -u | while read b lr; do ls $OLD/runs/sel-$b-lr$lr/adapter.safetensors; done)
-  evaluate test $(cat $OUT/chosen.txt $OUT/chosen-math-verify.txt | sort -u \
-                  | while read b lr; do ls $OUT/runs/ep1-sel-$b-lr$lr/adapter.safetensors; done) $old
+  bash $0 $MODEL $D $OUT chosen; bash $0 $MODEL $D $OUT loose
   wait
-  mark "seeds and the chosen runs' test"
   evaluate test $(runs_of $OUT/runs/ep1-p*-seed*/adapter.safetensors)
   mark "seeds' test" ;;
 all)
   for s in select edge seeds; do bash $0 $MODEL $D $OUT $s; done ;;
-*) echo "one_epoch.sh: STAGE is select, edge, seeds or all" >&2; exit 2 ;;
+*) echo "one_epoch.sh: STAGE is select, edge, chosen, loose, seeds or all" >&2; exit 2 ;;
 esac
