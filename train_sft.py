@@ -22,7 +22,9 @@ What the paper leaves open, and what is chosen here:
   - batch 64 rows per update (GRPO's 64 prompts per step), lr chosen per budget on a held-out
     selection set (docs/results.md), epochs as GRPO's default (3);
   - no evaluation inside the run: eval.py scores the adapter, as it scores GRPO's.
-GSM8K-format data only (question / answer rows whose answer is a worked solution).
+GSM8K-format data only (question / answer rows whose answer is a worked solution): a row whose answer
+the reward would not pay as a completion (a bare number, no "#### N" line) or that holds a special
+token's text ("<|im_end|>") is refused, one line naming it, before any weights load.
 
     python train_sft.py --u 13 --model Qwen/Qwen2.5-7B-Instruct
     python tests/tiny.py tiny && python train_sft.py --model tiny/model --data tiny/train.jsonl \\
@@ -92,10 +94,30 @@ def parse_args(argv=None):
 # the data: prompt + reference answer, in the chat template
 
 
+def answer_text(row, keep_calculator=False):
+    """The reference solution as the target holds it: calculator annotations stripped unless kept."""
+    return row["answer"] if keep_calculator else CALCULATOR.sub("", row["answer"])
+
+
+def target_problem(tokenizer, row, keep_calculator=False):
+    """Why the row's answer cannot be a target, or None. A target must earn the reward itself (a worked
+    solution ending in a "#### N" line the strict rule reads, N the gold: not a bare number, as a JSON
+    number answer is) and hold no special token's text (the tokenizer would read "<|im_end|>" as the
+    end of the turn, and the target would stop there, its "#### N" line dropped)."""
+    answer = answer_text(row, keep_calculator)
+    special = next((t for t in tokenizer.all_special_tokens if t in answer), None)
+    if special:
+        return f"its answer holds {special!r}, a special token's text: the target would end there"
+    if not task.reward("gsm8k", answer, row["gold"]):
+        return (f"its answer {answer[-40:]!r} does not end in a '#### {row['gold']}' line the reward reads "
+                f"(a bare answer or a JSON number trains a format the reward never pays)")
+    return None
+
+
 def target_ids(tokenizer, row, keep_calculator=False):
     """The answer tokens of a row: the chat template's assistant turn holding the reference
     solution, after the prompt (row["prompt_ids"]), through the end-of-turn token."""
-    answer = row["answer"] if keep_calculator else CALCULATOR.sub("", row["answer"])
+    answer = answer_text(row, keep_calculator)
     prompt = row["prompt_ids"]  # task.build_prompt's: the same user turn, then the assistant's
     turn = task.messages(row["question"]) + [{"role": "assistant", "content": answer}]
     full = list(tokenizer.apply_chat_template(turn, tokenize=True, return_dict=False))
@@ -155,7 +177,11 @@ def train(args):
                        f"solutions")
     if run.done:
         return None, run.adapter
-    for row in run.rows:
+    for row in run.rows:  # before any weights load
+        problem = target_problem(run.tokenizer, row, args.keep_calculator)
+        if problem:
+            machinery.fail(f"--data {args.data}: row {row['id'] + 1}: {problem}; SFT trains on worked "
+                           f"solutions ending in '#### N'")
         row["target_ids"] = target_ids(run.tokenizer, row, args.keep_calculator)
     long = sum(len(r["prompt_ids"]) + len(r["target_ids"]) > args.max_model_len for r in run.rows)
     if long:

@@ -661,6 +661,46 @@ def test_cli_never_writes_out_over_its_data_or_adapter(tiny_dir, tmp_path, capsy
     assert open(data).read() == before
 
 
+def test_cli_out_replaces_only_an_eval_output(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--out onto a run's metrics, another run's adapter or checkpoint, or any file that is not an eval.py
+    output: one line, exit 2, before a model loads, the file as it was; --overwrite allows it."""
+    data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(3, seed=5))
+    run, other = tmp_path / "X", tmp_path / "B"
+    for d in (run, other):
+        d.mkdir()
+        (d / "args.json").write_text("{}")
+        (d / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n')
+        (d / "adapter.safetensors").write_bytes(b"weights")
+        (d / "trainer_state.pt").write_bytes(b"state")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    (run / "empty.jsonl").write_text("")
+    targets = [run / "metrics.jsonl", other / "adapter.safetensors", run / "trainer_state.pt", run / "args.json",
+               run / "empty.jsonl", tmp_path / "notes.txt"]
+    before = {t: t.read_bytes() for t in targets}
+    refuse_model_loads(monkeypatch)
+    for out in targets:
+        with pytest.raises(SystemExit) as e:
+            E.main(["--model", tiny_dir, "--data", data, "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"--out {out} exists" in err and "not an eval.py output" in err, err
+    assert {t: t.read_bytes() for t in targets} == before
+    monkeypatch.undo()
+    common = ["--model", tiny_dir, "--data", data, "--backend", "hf", "--max-new-tokens", "2", "--dtype", "float32"]
+    E.main([*common, "--out", str(run / "eval.jsonl")])  # a new file in a run folder
+    first = (run / "eval.jsonl").read_text()
+    assert len(first.splitlines()) == 3
+    E.main([*common, "--out", str(run / "eval.jsonl")])  # a rerun replaces its own output
+    assert (run / "eval.jsonl").read_text() == first
+    (tmp_path / "cut.jsonl").write_text("")  # outside a run folder, an empty file (a run stopped early) too
+    E.main([*common, "--out", str(tmp_path / "cut.jsonl")])
+    assert (tmp_path / "cut.jsonl").read_text() == first
+    E.main([*common, "--out", str(run / "metrics.jsonl"), "--overwrite"])
+    assert (run / "metrics.jsonl").read_text() == first
+    with pytest.raises(SystemExit) as e:  # never an input, --overwrite or not
+        E.main([*common, "--out", data, "--overwrite"])
+    assert e.value.code == 2 and "is the --data file" in capsys.readouterr().err
+
+
 def test_cli_refuses_an_out_it_cannot_write_before_loading(tmp_path, capsys, monkeypatch):
     data = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(3, seed=5))
     refuse_model_loads(monkeypatch)

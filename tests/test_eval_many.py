@@ -53,3 +53,67 @@ def test_its_outputs_never_overwrite_an_input(tiny_dir, tmp_path):
     p = run("tools/eval_many.py", "--model", tiny_dir, "--data", data, "--out-dir", str(tmp_path), "--base")
     assert p.returncode == 2 and "would overwrite" in p.stderr.strip().splitlines()[-1]
     assert len(open(data).readlines()) == 4
+
+
+def adapter(tiny_dir, path, scale=1.0):
+    """A TinyLoRA adapter of the tiny model (of another base model: its weights scaled by scale) at path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import tinylora
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.mul_(scale)
+    v = tinylora.apply(model, u=2, cache_dir=None, verbose=False)
+    with torch.no_grad():
+        v.normal_()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tinylora.save(model, path)
+    return path
+
+
+def without_vllm(monkeypatch):
+    """main() on a stand-in engine: each completion "#### 1", the weight syncs counted."""
+    import engine
+    syncs = []
+    monkeypatch.setattr(engine, "make_llm", lambda *a, **k: "llm")
+    monkeypatch.setattr(engine, "sync_weights", lambda llm, weights: syncs.append(len(list(weights))))
+    monkeypatch.setattr(engine, "generate_vllm", lambda llm, prompts, **k: [
+        {"samples": [{"text": "#### 1", "ids": [1, 2], "logprobs": [0.0, 0.0], "truncated": False}]} for _ in prompts])
+    return syncs
+
+
+def test_a_rerun_replaces_the_summary_lines_of_the_names_it_scores(tiny_dir, tmp_path, monkeypatch, capsys):
+    import eval_many
+    without_vllm(monkeypatch)
+    test = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(4, seed=2))
+    a, b = (adapter(tiny_dir, str(tmp_path / n / "adapter.safetensors")) for n in ("a", "b"))
+    ev = tmp_path / "ev"
+    common = ["--model", tiny_dir, "--data", test, "--out-dir", str(ev), "--max-new-tokens", "2", "--svd-cache", ""]
+    eval_many.main([*common, "--base", a, b])
+    summary = ev / "summary.jsonl"
+    assert [json.loads(x)["name"] for x in summary.read_text().splitlines()] == ["base", "a", "b"]
+    eval_many.main([*common, a, b])  # the same adapters again: their lines replaced, base's kept
+    assert [json.loads(x)["name"] for x in summary.read_text().splitlines()] == ["base", "a", "b"]
+    eval_many.main([*common, "--base", a])
+    rows = [json.loads(x) for x in summary.read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["b", "base", "a"] and all(r["n"] == 4 for r in rows)
+    assert not os.path.exists(str(summary) + ".tmp")
+
+
+def test_an_adapter_of_another_base_model_is_refused_before_the_engine_starts(tiny_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    import engine
+    import eval_many
+    without_vllm(monkeypatch)
+    monkeypatch.setattr(engine, "make_llm", lambda *a, **k: pytest.fail("the engine started"))
+    test = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(4, seed=2))
+    ours = adapter(tiny_dir, str(tmp_path / "ours" / "adapter.safetensors"))
+    theirs = adapter(tiny_dir, str(tmp_path / "theirs" / "adapter.safetensors"), scale=1.5)
+    with pytest.raises(SystemExit) as e:
+        eval_many.main(["--model", tiny_dir, "--data", test, "--out-dir", str(tmp_path / "ev"), "--max-new-tokens",
+                        "2", "--svd-cache", "", ours, theirs])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and f"{theirs} was trained on another base model" in err[-1]
+    assert not os.path.exists(tmp_path / "ev" / "ours.jsonl")  # nothing scored

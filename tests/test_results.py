@@ -4,9 +4,13 @@ the summary line eval_many wrote for it.
 
     python -m pytest tests/test_results.py
 """
+import gzip
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -70,7 +74,7 @@ def test_grpo_runs_named_by_rest_sh_are_read_as_grpo_at_their_lr(tmp_path):
     import gzip
     a = analyze()
     (tmp_path / "test").mkdir()
-    rows = [{"id": i, "strict": i % 2, "flexible": 1, "math_verify": 0, "extracted": "1"} for i in range(4)]
+    rows = [{"id": i, "strict": i % 2, "flexible": 1, "math_verify": 0, "extracted": "1"} for i in range(1320)][1:]
     for name in ("grpo-sel-p13-lr2e-4", "grpo-p13-lr2e-4-seed1", "sel-p13-lr1e-2", "ep1-p13-lr1e-2-seed1"):
         with gzip.open(tmp_path / "test" / f"{name}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -78,5 +82,63 @@ def test_grpo_runs_named_by_rest_sh_are_read_as_grpo_at_their_lr(tmp_path):
     out = a.runs()
     assert len(out[("GRPO", 13, "2e-4")]) == 2 and len(out[(a.SFT_30, 13, "1e-2")]) == 1
     assert len(out[(a.SFT_EPOCH, 13, "1e-2")]) == 1  # one_epoch.sh's runs: their own row
-    assert a.accuracy(out[("GRPO", 13, "2e-4")], "strict") == [50.0, 50.0]
+    assert a.accuracy(out[("GRPO", 13, "2e-4")], "strict") == [100 * 660 / 1319] * 2
     assert len(out[("GRPO", 13, "1e-4")]) == 2  # the one-epoch runs of ../qwen-coder-1.5b, as before
+
+
+def test_chosen_refuses_rows_of_more_than_one_data_file(tmp_path):
+    """A test-set line in the selection summary must never choose an lr: one ValueError naming the files."""
+    a = analyze()
+    line = {"flexible": 0, "n": 500}
+    rows = [{"name": "sel-p13-lr1e-3", "data": "/a/select.jsonl", "strict": 0.5, "math_verify": 0.5, **line},
+            {"name": "sel-p13-lr3e-3", "data": "/b/select.jsonl", "strict": 0.4, "math_verify": 0.4, **line}]
+    summary = tmp_path / "summary.jsonl"
+    summary.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert a.chosen(str(summary), "sel-") == {"p13": "1e-3"}  # one file by name, in two folders: as before
+    rows.append({"name": "sel-p13-lr1e-2", "data": "/b/test.jsonl", "strict": 0.9, "math_verify": 0.9, **line})
+    summary.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"sel- rows were scored on 2 data files \(select.jsonl, test.jsonl\)"):
+        a.chosen(str(summary), "sel-")
+
+
+def completions(n=1319, drop=None):
+    return [{k: v for k, v in {"id": i, "completion": "#### 1", "gold": "1", "extracted": "1", "strict": 1,
+                               "flexible": 1, "math_verify": 1}.items() if k != drop} for i in range(n)]
+
+
+def write_gz(path, rows):
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def cut_gz(path):
+    write_gz(path, completions())
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("name,make,says", [
+    ("notes.txt", lambda p: open(p, "w").write("x"), "not a completions file analyze.py reads"),
+    ("sel-p13-lr3e-3.jsonl", lambda p: open(p, "w").write("{}\n"), "not a completions file analyze.py reads"),
+    ("p7-lr1e-3-seed1.jsonl.gz", lambda p: write_gz(p, completions()), "not a completions file analyze.py reads"),
+    ("p13-lr1e-3-seed1.jsonl.gz", cut_gz, "cannot be read"),
+    ("p13-lr1e-3-seed1.jsonl.gz", lambda p: write_gz(p, completions(1000)), "1000 rows"),
+    ("p13-lr1e-3-seed1.jsonl.gz", lambda p: write_gz(p, completions(drop="math_verify")), "without the column 'math_verify'"),
+    ("../select/summary.jsonl", os.remove, "cannot be read"),
+])
+def test_a_file_it_cannot_read_rightly_is_one_line_and_exit_1(tmp_path, name, make, says):
+    """analyze.py run on a copy of its folder (the GRPO runs beside it, linked) holding one bad file: one line
+    naming the file, exit code 1, nothing printed."""
+    here = tmp_path / "sft-vs-rl"
+    (here / "test").mkdir(parents=True)
+    (here / "select").mkdir()
+    shutil.copy(os.path.join(HERE, "analyze.py"), here)
+    os.symlink(os.path.join(HERE, "..", "qwen-coder-1.5b"), tmp_path / "qwen-coder-1.5b")
+    write_gz(here / "test" / "sel-p13-lr1e-3.jsonl.gz", completions())
+    (here / "select" / "summary.jsonl").write_text(json.dumps(
+        {"name": "sel-p13-lr1e-3", "data": "select.jsonl", "strict": 1, "flexible": 1, "math_verify": 1}) + "\n")
+    path = os.path.normpath(here / "test" / name)
+    make(path)
+    p = subprocess.run([sys.executable, str(here / "analyze.py")], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stdout == "", p.stderr[-2000:]
+    assert p.stderr.count("\n") == 1 and says in p.stderr and path in p.stderr, p.stderr

@@ -164,6 +164,24 @@ def test_plot_takes_a_metrics_file_for_its_run(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["u13"]
 
 
+def test_plot_draws_an_sft_runs_loss_and_refuses_metrics_with_no_panel(tmp_path):
+    """train_sft.py's metrics have loss and dw_kept, no reward and no evals: those two panels, no empty ones."""
+    (tmp_path / "sft").mkdir()
+    rows = [{"step": s, "loss": 2.0 / s, "grad_norm": 0.5, "v_norm": 0.1 * s, "dw_kept": 0.9} for s in range(1, 6)]
+    (tmp_path / "sft" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plot.plot([str(tmp_path / "sft")], str(tmp_path / "s.png"))
+    assert [a.get_title() for a in fig.axes] == ["training loss (10-step mean)", "dw_kept: dW surviving bf16 rounding"]
+    assert list(fig.axes[0].lines[1].get_ydata()) == [r["loss"] for r in rows]
+    assert list(fig.axes[1].lines[0].get_ydata()) == [0.9] * 5
+    fig = plot.plot([str(tmp_path / "sft"), str(write_run(tmp_path / "grpo"))], str(tmp_path / "both.png"))
+    assert len(fig.axes) == 4  # reward, loss, pass@1, dw_kept
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.jsonl").write_text('{"step": 1, "t_step": 2.0}\n')
+    r = run("plot", tmp_path / "other", "--out", tmp_path / "o.png")
+    refused(r, "the metrics hold none of reward, loss")
+    assert not (tmp_path / "o.png").exists()
+
+
 @pytest.mark.parametrize("case", ["no metrics", "empty metrics", "no run", "missing folder",
                                   "no extension", "a folder", "an input"])
 def test_plot_refuses_bad_input_in_one_line_writing_nothing(tmp_path, case):

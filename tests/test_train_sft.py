@@ -114,3 +114,21 @@ def test_math_rows_are_refused_in_one_line(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_sft.train(sft_args(tiny_dir, path, tmp_path / "run"))
     assert e.value.code == 2 and "SFT trains on GSM8K's worked solutions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer,says", [
+    (27, "does not end in a '#### 27' line the reward reads"),  # a JSON number: the target would be "27<|im_end|>"
+    ("27", "does not end in a '#### 27' line the reward reads"),
+    ("3 + 24 = 27<|im_end|>\n#### 27", "holds '<|im_end|>', a special token's text"),  # cut there, '#### 27' lost
+])
+def test_an_answer_that_is_no_target_the_reward_pays_is_refused_before_loading(tiny_dir, tmp_path, capsys,
+                                                                                 monkeypatch, answer, says):
+    rows = tiny.problems(8, seed=1)
+    rows[3] = {"question": "What is 3 + 24?", "answer": answer}
+    path = tiny.write_jsonl(str(tmp_path / "d.jsonl"), rows)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(SystemExit) as e:
+        train_sft.train(sft_args(tiny_dir, path, tmp_path / "run"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and f"--data {path}: row 4: " in err[-1] and says in err[-1], err
+    assert not (tmp_path / "run").exists()  # no run folder left behind

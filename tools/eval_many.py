@@ -4,7 +4,10 @@ eval.py starts an engine per call (tens of seconds on a GPU); a learning-rate sw
 adapters. Here one engine serves them all: each adapter's W + dW is synced in, the rows are scored
 exactly as eval.py scores them (eval.evaluate), then the adapted modules' base weights go back in
 before the next adapter. Writes OUT_DIR/<name>.jsonl per adapter (name: its run folder's name, or
-"base") and one summary line per adapter to OUT_DIR/summary.jsonl and stdout.
+"base") and one summary line per adapter to OUT_DIR/summary.jsonl and stdout. A rerun into the same
+OUT_DIR replaces the summary lines of the names it scores (the others stay, in order); summary.jsonl
+is rewritten whole (a temp file renamed) as each adapter finishes. Every adapter is checked against
+--model (its modules, its base weights' fingerprint) before the engine starts.
 
     python tools/eval_many.py --model qwen/model --data select.jsonl --out-dir evals \\
         --base runs/*/adapter.safetensors --max-new-tokens 1024
@@ -63,6 +66,11 @@ def main(argv=None):
         rows, skipped, task_name = task.load_rows(args.data, "test", args.limit)
     except (OSError, ValueError) as e:
         p.error(f"--data {args.data}: {machinery.first_line(e)}")
+    todo = ([("base", None)] if args.base else []) + list(zip(names, args.adapters))
+    try:
+        kept = kept_summary(os.path.join(args.out_dir, "summary.jsonl"), {n for n, _ in todo})
+    except ValueError as e:
+        p.error(str(e))
     os.makedirs(args.out_dir, exist_ok=True)
     tokenizer = task.load_tokenizer(args.model)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -70,32 +78,56 @@ def main(argv=None):
     rows, prompts, long = task.prompts_within(tokenizer, rows, task_name, max_len)
     context = min(max_len, max(map(len, prompts)) + args.max_new_tokens)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()  # on the CPU: merges only
+    for a in args.adapters:  # before the engine: an adapter of another base model is refused, not met midway
+        try:
+            tinylora.check_base(model, a)
+        except ValueError as e:
+            p.error(machinery.first_line(e))
     llm = engine.make_llm(args.model, str(model.dtype).removeprefix("torch."), 0, args.gpu_memory_utilization,
                           context)
     gen_fn = E.checked(functools.partial(engine.generate_vllm, llm, n=1, temperature=0.0,
                                          max_new_tokens=args.max_new_tokens))  # failures in one line
-    todo = ([("base", None)] if args.base else []) + list(zip(names, args.adapters))
     try:
-        score_all(args, todo, model, llm, gen_fn, tokenizer, rows, prompts, task_name, skipped + long, context)
+        score_all(args, todo, kept, model, llm, gen_fn, tokenizer, rows, prompts, task_name, skipped + long, context)
     except E.Refused as e:
         p.error(str(e))
 
 
-def score_all(args, todo, model, llm, gen_fn, tokenizer, rows, prompts, task_name, skipped, context):
-    """Each (name, adapter) in turn: synced in, scored, the base weights synced back."""
-    with open(os.path.join(args.out_dir, "summary.jsonl"), "a") as summary:
-        for name, adapter in todo:
-            if adapter:
-                tinylora.load(model, adapter, cache_dir=args.svd_cache or None, verbose=False, keep_merged=False)
-                engine.sync_weights(llm, tinylora.merged_weights(model))
-            s = E.evaluate(gen_fn, tokenizer, rows, task_name, args.max_new_tokens,
-                           os.path.join(args.out_dir, f"{name}.jsonl"), 512, skipped, context, prompts)
-            print(f"{name}: {E.summary_line(task_name, 'vllm', s)}", flush=True)
-            summary.write(json.dumps({"name": name, "adapter": adapter, "data": args.data, **s}) + "\n")
-            summary.flush()
-            if adapter:
-                engine.sync_weights(llm, tinylora.unapply(model))  # the base weights back in
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+def kept_summary(path, names):
+    """The lines of an earlier summary.jsonl at path whose name is not rescored now (names), in order;
+    ValueError (one line) for a line that is not a summary line."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                name = json.loads(line)["name"]
+            except (ValueError, TypeError, KeyError):
+                raise ValueError(f"{path}: line {i} is not a summary line of eval_many.py; move the file away") from None
+            if name not in names:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
+def score_all(args, todo, kept, model, llm, gen_fn, tokenizer, rows, prompts, task_name, skipped, context):
+    """Each (name, adapter) in turn: synced in, scored, the base weights synced back; summary.jsonl
+    rewritten after each: the kept lines, then those scored so far."""
+    path, lines = os.path.join(args.out_dir, "summary.jsonl"), list(kept)
+    for name, adapter in todo:
+        if adapter:
+            tinylora.load(model, adapter, cache_dir=args.svd_cache or None, verbose=False, keep_merged=False)
+            engine.sync_weights(llm, tinylora.merged_weights(model))
+        s = E.evaluate(gen_fn, tokenizer, rows, task_name, args.max_new_tokens,
+                       os.path.join(args.out_dir, f"{name}.jsonl"), 512, skipped, context, prompts)
+        print(f"{name}: {E.summary_line(task_name, 'vllm', s)}", flush=True)
+        lines.append(json.dumps({"name": name, "adapter": adapter, "data": args.data, **s}) + "\n")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)  # atomic: a kill never leaves half a summary
+        if adapter:
+            engine.sync_weights(llm, tinylora.unapply(model))  # the base weights back in
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 if __name__ == "__main__":

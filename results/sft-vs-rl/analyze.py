@@ -8,7 +8,10 @@ markdown table (mean over seeds, min..max across seeds, and GRPO at 1e-4 - SFT p
 seed-averaged correctness, +- one standard error; beside each row the share of completions that carry
 "#### N" and math-verify's accuracy among them: how much of a strict gap is the format) and the
 selection set's scores per lr, and draws budget_curve.png. SFT's runs of one epoch (one_epoch.sh's,
-named ep1-...) and of 30 steps are separate rows. Needs matplotlib.
+named ep1-...) and of 30 steps are separate rows. Needs matplotlib. A file it cannot read rightly (a
+name in test/ other than those above and summary.jsonl, a cut .gz, a completions file without 1,319
+rows or without a column, a missing or damaged select/summary.jsonl) ends it in one line naming the
+file, exit code 1.
 
     python results/sft-vs-rl/analyze.py
 """
@@ -18,28 +21,62 @@ import json
 import math
 import os
 import re
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRPO = os.path.join(HERE, "..", "qwen-coder-1.5b")
 COLS = ("strict", "flexible", "math_verify")
 BUDGETS = {"p1": 1, "p13": 13, "p196": 196, "p2548": 2548, "p12544": 12544}
 SFT_EPOCH, SFT_30 = "SFT, 1 epoch", "SFT, 30 steps"  # one epoch of the fit set; 0.28 of one
+ROWS = 1319  # the GSM8K test set: every completions file holds each of its rows once
+NAME = re.compile(r"(grpo-|ep1-)?(?:sel-)?(" + "|".join(BUDGETS) + r")-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz")
+
+
+class Bad(ValueError):
+    """A results file that cannot be read rightly: one line naming it, exit code 1 (__main__)."""
 
 
 def scores(path):
     """{id: {column: 0/1}} of a completions file; "formatted": the completion carries "#### N" where the
     paper's reward reads it (eval.py's "extracted": the strict rule's answer, right or wrong)."""
-    with gzip.open(path, "rt") as f:
-        return {r["id"]: {**{k: float(bool(r[k])) for k in COLS}, "formatted": float(r["extracted"] is not None)}
-                for r in map(json.loads, f)}
+    try:
+        with gzip.open(path, "rt") as f:
+            rows = [json.loads(line) for line in f]
+        out = {r["id"]: {**{k: float(bool(r[k])) for k in COLS}, "formatted": float(r["extracted"] is not None)}
+               for r in rows}
+    except KeyError as e:
+        raise Bad(f"{path}: a row without the column {e}") from None
+    except (OSError, EOFError, ValueError, TypeError) as e:  # missing, cut, not gzip, not JSON lines
+        raise Bad(f"{path}: cannot be read ({e})") from None
+    if len(rows) != ROWS or len(out) != ROWS:
+        raise Bad(f"{path}: {len(rows)} rows ({len(out)} ids), not the {ROWS} of the GSM8K test: a partial file?")
+    return out
+
+
+def read_summary(path):
+    """The rows of an eval_many summary.jsonl, each with its name, data and score columns."""
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f]
+    except (OSError, ValueError) as e:
+        raise Bad(f"{path}: cannot be read ({e})") from None
+    for i, r in enumerate(rows, 1):
+        if not (isinstance(r, dict) and {"name", "data", *COLS} <= r.keys()):
+            raise Bad(f"{path}: line {i} is not an eval_many summary line (name, data, {', '.join(COLS)})")
+    return rows
 
 
 def runs():
     """{(method, budget, lr): [scores of each seed]}: each learning rate and training length apart. SFT's
     one-epoch runs are named ep1-..., its 30-step runs (0.28 epoch) have no prefix."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(HERE, "test", "*.jsonl.gz"))):
-        m = re.match(r"(grpo-|ep1-)?(?:sel-)?(p\d+)-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz", os.path.basename(path))
+    for path in sorted(glob.glob(os.path.join(HERE, "test", "*"))):
+        if os.path.basename(path) == "summary.jsonl":  # eval_many's, beside the completions
+            continue
+        m = NAME.fullmatch(os.path.basename(path))
+        if not m:
+            raise Bad(f"{path}: not a completions file analyze.py reads ([grpo-|ep1-][sel-]<budget>-lr<lr>[-seed<s>]"
+                      f".jsonl.gz, budget one of {', '.join(BUDGETS)}); move it away")
         method = {"grpo-": "GRPO", "ep1-": SFT_EPOCH}.get(m.group(1), SFT_30)
         out.setdefault((method, BUDGETS[m.group(2)], m.group(3)), []).append(scores(path))
     for name, budget in (("p1", 1), ("p13-seed0", 13), ("p13-seed1", 13), ("p196", 196), ("p2548", 2548)):
@@ -52,14 +89,19 @@ def chosen(summary, prefix, column="strict"):
     of the best <prefix><budget>-lr<lr> row by strict, math-verify breaking ties (prefix sel- for SFT's
     30-step runs, ep1-sel- for its one-epoch runs, grpo-sel- for GRPO); column="math_verify": what
     math-verify alone would choose (strict breaking ties). rest.sh and one_epoch.sh call it; protocol.sh
-    and finish.sh ran the strict rule inline."""
+    and finish.sh ran the strict rule inline. ValueError (Bad) if the rows it matches were scored on more
+    than one data file (by file name): a test-set line must never choose an lr."""
     other = {"strict": "math_verify", "math_verify": "strict"}[column]
-    best = {}
-    with open(summary) as f:
-        for r in map(json.loads, f):
-            m = re.fullmatch(re.escape(prefix) + r"(p\d+)-lr(.+)", r["name"])
-            if m and (m[1] not in best or (r[column], r[other]) > best[m[1]][0]):
-                best[m[1]] = ((r[column], r[other]), m[2])
+    best, data = {}, set()
+    for r in read_summary(summary):
+        m = re.fullmatch(re.escape(prefix) + r"(p\d+)-lr(.+)", r["name"])
+        if m:
+            data.add(os.path.basename(r["data"]))
+        if m and (m[1] not in best or (r[column], r[other]) > best[m[1]][0]):
+            best[m[1]] = ((r[column], r[other]), m[2])
+    if len(data) > 1:
+        raise Bad(f"{summary}: its {prefix} rows were scored on {len(data)} data files ({', '.join(sorted(data))}); "
+                  f"the lr is chosen on one selection set")
     return {b: lr for b, (_, lr) in best.items()}
 
 
@@ -161,11 +203,10 @@ def selection(summary, prefix):
     """The selection set's scores, strict / math-verify in %, one row per budget, one column per lr tried;
     bold: the protocol's choice (strict, math-verify breaking ties)."""
     got = {}
-    with open(summary) as f:
-        for r in map(json.loads, f):
-            m = re.fullmatch(re.escape(prefix) + r"(p\d+)-lr(.+)", r["name"])
-            if m:
-                got[(BUDGETS[m[1]], m[2])] = r
+    for r in read_summary(summary):
+        m = re.fullmatch(re.escape(prefix) + r"(p\d+)-lr(.+)", r["name"])
+        if m:
+            got[(BUDGETS[m[1]], m[2])] = r
     if not got:
         print("(none)")
         return
@@ -182,9 +223,10 @@ def selection(summary, prefix):
         print(f"| {budget:,} | {' | '.join(cells)} |")
 
 
-if __name__ == "__main__":
-    out = runs()
+def main():
+    out = runs()  # every file read and checked before a line is printed
     base = scores(os.path.join(GRPO, "base", "eval_gsm8k.jsonl.gz"))
+    choices()
     for prefix, what in (("ep1-sel-", SFT_EPOCH), ("sel-", SFT_30)):
         print(f"Selection set, {what}, seed 0: strict / math-verify (%)\n")
         selection(os.path.join(HERE, "select", "summary.jsonl"), prefix)
@@ -193,3 +235,11 @@ if __name__ == "__main__":
     table(out, base)
     figure(out, base, os.path.join(HERE, "budget_curve.png"))
     print(f"wrote {os.path.join(HERE, 'budget_curve.png')}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Bad as e:
+        print(f"analyze.py: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
