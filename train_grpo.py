@@ -207,7 +207,13 @@ def update(args, model, opt, sched, v, samples, world, act_bytes):
     advantage; returns the step's trainer metrics. A mini-batch's loss is the token-mean over all
     its completion tokens (all ranks), the zero-advantage ones included: skipping them changes no
     gradient. act_bytes: memory for activations (None on a CPU), which sizes the micro-batches."""
-    plan = machinery.Plan(args, model, samples, act_bytes, v.device)  # mini- and micro-batches
+    n_mb = args.prompts_per_step // args.mini_batch
+    per = len(samples) // n_mb  # samples per mini-batch on this rank
+    minis = [samples[k * per:(k + 1) * per] for k in range(n_mb)]  # one optimizer update each
+    trained = [[s for s in mb if s["adv"] != 0] for mb in minis]  # a zero advantage: a zero gradient
+    # no signal anywhere: one group still runs (no update) so that the trainer/vLLM mismatch is logged
+    probe = [] if any(trained) else samples[:args.group_size]
+    plan = machinery.Plan(args, model, samples, trained, probe, act_bytes, v.device)  # micro-batches
     # logp_old: the trainer's logprobs under the rollout-time v. Mini-batch 0's come free from its
     # own gradient pass below (v has not moved yet); the later ones need a no-grad pass now.
     t0 = time.time()
@@ -219,7 +225,11 @@ def update(args, model, opt, sched, v, samples, world, act_bytes):
 
     counts = machinery.Counts()
     for k, micros in enumerate(plan.packs):
-        n_tokens = plan.tokens(k, world)  # of the whole mini-batch, on every rank
+        # the token-mean's divisor: every completion token of the mini-batch, zero-advantage ones
+        # included, over all ranks; the same for every micro-batch, so the sum is the mini-batch mean
+        n_tokens = torch.tensor(float(sum(len(s["logp_vllm"]) for s in minis[k])), device=v.device)
+        if world > 1:
+            dist.all_reduce(n_tokens)
         for micro in micros:
             logp, logp_each = per_sample(model, micro, args.temperature)
             if k == 0:
@@ -235,9 +245,12 @@ def update(args, model, opt, sched, v, samples, world, act_bytes):
             v.grad = torch.zeros_like(v)
         if world > 1:
             dist.all_reduce(v.grad)  # u numbers per group: all of data parallelism's communication
-        if counts.finite(v.grad):  # the same verdict on every rank after the all-reduce
+        if torch.isfinite(v.grad).all():  # the same verdict on every rank after the all-reduce
             counts.update(torch.nn.utils.clip_grad_norm_(v, args.grad_clip), opt, len(plan.packs))
             opt.step()
+        else:  # a NaN / inf gradient would make v non-finite for good: this update is skipped
+            print("warning: non-finite gradient; update skipped, v unchanged")
+            counts.skipped += 1
         sched.step()
         opt.zero_grad(set_to_none=True)
     return plan.metrics(counts, opt, t_logp_old, time.time() - t0 - t_logp_old)

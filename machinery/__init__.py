@@ -509,21 +509,15 @@ def final_line(args, steps, first, last, v):
 
 
 class Plan:
-    """How update() runs a step's samples: mini-batches of prompts (one optimizer update each), the
-    samples with a non-zero advantage of each packed into micro-batches that fit memory, and the
-    probe group (when no sample has a signal, one group still runs through the trainer, so that the
-    trainer/vLLM mismatch is measured every step)."""
+    """How update() runs the samples it trains (per mini-batch) and its probe group: packed into
+    micro-batches that fit memory, gradient checkpointing decided, logp_vllm on the trainer's device;
+    and the step's trainer metrics."""
 
-    def __init__(self, args, model, samples, act_bytes, device):
-        n_mb = args.prompts_per_step // args.mini_batch
-        per = len(samples) // n_mb  # samples per mini-batch on this rank
-        self.minis = [samples[k * per:(k + 1) * per] for k in range(n_mb)]
-        self.trained = [[s for s in mb if s["adv"] != 0] for mb in self.minis]
-        self.probe = [] if any(self.trained) else samples[:args.group_size]
-        longest = max((len(s["ids"]) for mb in self.trained + [self.probe] for s in mb), default=1)
+    def __init__(self, args, model, samples, trained, probe, act_bytes, device):
+        self.samples, self.trained, self.probe, self.device = samples, trained, probe, device
+        longest = max((len(s["ids"]) for mb in trained + [probe] for s in mb), default=1)
         self.ckpt, self.micro_tokens = micro_batch_plan(args, model, longest, act_bytes)
-        self.packs = [pack(mb, self.micro_tokens) for mb in self.trained]
-        self.samples, self.device = samples, device
+        self.packs = [pack(mb, self.micro_tokens) for mb in trained]
         for s in samples:
             s["logp_vllm"] = s["logp_vllm"].to(device)
 
@@ -531,13 +525,6 @@ class Plan:
         """The micro-batches whose logp_old needs a pass before the first update: mini-batches 1..,
         and the probe group."""
         return [m for mb in self.packs[1:] for m in mb] + pack(self.probe, self.micro_tokens)
-
-    def tokens(self, k, world):
-        """Completion tokens of mini-batch k over all ranks (the token-mean's denominator)."""
-        n = torch.tensor(float(sum(len(s["logp_vllm"]) for s in self.minis[k])), device=self.device)
-        if world > 1:
-            dist.all_reduce(n)
-        return n
 
     def metrics(self, counts, opt, t_logp_old, t_update):
         """The step's trainer metrics: mismatch (mean |logp_old - logp_vllm| over the trained tokens),
@@ -567,13 +554,6 @@ class Counts:
         if k > 0:  # the first update's ratio is exactly 1: it cannot clip
             self.clipped += clipped
             self.can_clip += n
-
-    def finite(self, grad):
-        if torch.isfinite(grad).all():
-            return True
-        print("warning: non-finite gradient; update skipped, v unchanged")
-        self.skipped += 1
-        return False
 
     def update(self, grad_norm, opt, n_updates):
         self.grad_norm += grad_norm.item() / n_updates
