@@ -92,17 +92,23 @@ def chosen(summary, prefix, column="strict"):
     and finish.sh ran the strict rule inline. ValueError (Bad) if the rows it matches were scored on more
     than one data file (by file name): a test-set line must never choose an lr."""
     other = {"strict": "math_verify", "math_verify": "strict"}[column]
-    best, data = {}, set()
-    for r in read_summary(summary):
-        m = re.fullmatch(re.escape(prefix) + r"(p\d+)-lr(.+)", r["name"])
-        if m:
-            data.add(os.path.basename(r["data"]))
-        if m and (m[1] not in best or (r[column], r[other]) > best[m[1]][0]):
-            best[m[1]] = ((r[column], r[other]), m[2])
+    rows = selected(summary, prefix)
+    data = {os.path.basename(r["data"]) for r in rows.values()}
     if len(data) > 1:
         raise Bad(f"{summary}: its {prefix} rows were scored on {len(data)} data files ({', '.join(sorted(data))}); "
                   f"the lr is chosen on one selection set")
+    best = {}
+    for (b, lr), r in rows.items():  # in the summary's order: the first of equals stays
+        if b not in best or (r[column], r[other]) > best[b][0]:
+            best[b] = ((r[column], r[other]), lr)
     return {b: lr for b, (_, lr) in best.items()}
+
+
+def selected(summary, prefix):
+    """{(budget name, lr): row} of the summary's <prefix><budget>-lr<lr> rows, in its order (a name scored
+    twice: its last row)."""
+    pattern = re.compile(re.escape(prefix) + r"(" + "|".join(BUDGETS) + r")-lr(.+)")
+    return {(m[1], m[2]): r for r in read_summary(summary) if (m := pattern.fullmatch(r["name"]))}
 
 
 def mean_over_seeds(seeds, col):
@@ -129,7 +135,8 @@ def among_formatted(seeds):
 
 
 def choices():
-    """{(method, budget, lr): "strict" | "math-verify" | "both"}: which column's selection rule chose it."""
+    """{(method, budget, lr): "strict" | "math-verify" | "both"}: which column's selection rule chose it
+    (reads select/summary.jsonl)."""
     out = {}
     summary = os.path.join(HERE, "select", "summary.jsonl")
     for method, prefix in ((SFT_30, "sel-"), (SFT_EPOCH, "ep1-sel-")):
@@ -148,8 +155,7 @@ def cell(values):
     return f"{sum(values) / len(values):.1f}{spread}"
 
 
-def table(out, base):
-    chose = choices()
+def table(out, base, chose):
     print("| method | params | lr | chosen by | seeds | strict | flexible | math-verify | carries `####` | "
           "math-verify among them | GRPO - SFT, paired: strict / math-verify |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -168,13 +174,12 @@ def table(out, base):
     print(f"| base | 0 | | | | {' | '.join(row)} | |")
 
 
-def figure(out, base, path):
+def figure(out, base, chose, path):
     """Strict and math-verify against the budget: GRPO, and SFT of each length at the lr that strict's rule
     chose per budget on the selection set (bars: the seeds' range)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    chose = choices()
     curves = [("GRPO", "GRPO, lr 1e-4", "o-"), (SFT_EPOCH, "SFT, 1 epoch, lr chosen per budget", "s-"),
               (SFT_30, "SFT, 30 steps (0.28 epoch), lr chosen per budget", "^:")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -202,11 +207,7 @@ def figure(out, base, path):
 def selection(summary, prefix):
     """The selection set's scores, strict / math-verify in %, one row per budget, one column per lr tried;
     bold: the protocol's choice (strict, math-verify breaking ties)."""
-    got = {}
-    for r in read_summary(summary):
-        m = re.fullmatch(re.escape(prefix) + r"(p\d+)-lr(.+)", r["name"])
-        if m:
-            got[(BUDGETS[m[1]], m[2])] = r
+    got = {(BUDGETS[b], lr): r for (b, lr), r in selected(summary, prefix).items()}
     if not got:
         print("(none)")
         return
@@ -226,14 +227,14 @@ def selection(summary, prefix):
 def main():
     out = runs()  # every file read and checked before a line is printed
     base = scores(os.path.join(GRPO, "base", "eval_gsm8k.jsonl.gz"))
-    choices()
+    chose = choices()
     for prefix, what in (("ep1-sel-", SFT_EPOCH), ("sel-", SFT_30)):
         print(f"Selection set, {what}, seed 0: strict / math-verify (%)\n")
         selection(os.path.join(HERE, "select", "summary.jsonl"), prefix)
         print()
     print("GSM8K test\n")
-    table(out, base)
-    figure(out, base, os.path.join(HERE, "budget_curve.png"))
+    table(out, base, chose)
+    figure(out, base, chose, os.path.join(HERE, "budget_curve.png"))
     print(f"wrote {os.path.join(HERE, 'budget_curve.png')}")
 
 
