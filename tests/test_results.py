@@ -142,3 +142,28 @@ def test_a_file_it_cannot_read_rightly_is_one_line_and_exit_1(tmp_path, name, ma
     p = subprocess.run([sys.executable, str(here / "analyze.py")], capture_output=True, text=True)
     assert p.returncode == 1 and p.stdout == "", p.stderr[-2000:]
     assert p.stderr.count("\n") == 1 and says in p.stderr and path in p.stderr, p.stderr
+
+
+def seed(correct, n=100):
+    """One seed's scores: the first `correct` of n problems right in every column."""
+    return {i: {"strict": float(i < correct), "math_verify": float(i < correct)} for i in range(n)}
+
+
+def test_a_winner_needs_the_paired_difference_and_the_seeds_apart():
+    a = analyze()
+    assert a.winner([seed(60), seed(62)], [seed(40), seed(41)], "strict") == "GRPO"
+    assert a.winner([seed(40)], [seed(60), seed(61)], "strict") == "SFT (1 seed)"
+    assert a.winner([seed(70), seed(30)], [seed(40), seed(41)], "strict") == "no winner (the seeds overlap)"
+    assert a.winner([seed(50), seed(51)], [seed(50), seed(50)], "strict") == "no winner"  # 0.5 +- 0.5 points
+
+
+def test_reach_names_the_smallest_budget_at_90_percent_of_the_best_gain():
+    """Gains over a base of 10 %: GRPO 40 at 13, 50 at 196 (the best); SFT 20 at 13, 44 at 196 (88 % of it)."""
+    a = analyze()
+    base = seed(10)
+    curves = {"GRPO": {13: [seed(50)], 196: [seed(60)]}, "SFT": {13: [seed(30)], 196: [seed(54)]}}
+    best, got = a.reach(curves, base, "strict")
+    assert best == pytest.approx(50) and got["GRPO"] == ("196", 1.0)
+    assert got["SFT"][0] == "not reached" and got["SFT"][1] == pytest.approx(0.88)
+    best, got = a.reach(curves, base, "strict", share=0.8)
+    assert got["GRPO"][0] == "13" and got["SFT"][0] == "196"

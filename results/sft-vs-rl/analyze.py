@@ -174,6 +174,59 @@ def table(out, base, chose):
     print(f"| base | 0 | | | | {' | '.join(row)} | |")
 
 
+def curve(out, method, chose):
+    """{budget: seeds} of one method's curve: GRPO at lr 1e-4, SFT at the lr strict's rule chose per budget."""
+    return {k[1]: out[k] for k in out if k[0] == method and (k[2] == "1e-4" if method == "GRPO"
+                                                               else chose.get(k) in ("strict", "both"))}
+
+
+def winner(grpo, sft, col):
+    """Who is ahead in one column: the paired difference (seed-averaged per problem) beyond two standard
+    errors and, with two or more seeds on each side, the seeds' ranges apart; else "no winner". With one
+    seed on a side the spread across seeds is unknown: the name with "(1 seed)"."""
+    mu, se = paired(mean_over_seeds(grpo, col), mean_over_seeds(sft, col))
+    if abs(mu) <= 2 * se:
+        return "no winner"
+    (hi, lo), name = ((grpo, sft), "GRPO") if mu > 0 else ((sft, grpo), "SFT")
+    if min(len(grpo), len(sft)) < 2:
+        return f"{name} (1 seed)"
+    return name if min(accuracy(hi, col)) > max(accuracy(lo, col)) else "no winner (the seeds overlap)"
+
+
+def reach(curves, base, col, share=0.9):
+    """Per method: the smallest budget whose mean gain over the base model reaches share x the best gain of
+    any method at any budget, or "-" (and its best share of it)."""
+    gain = {m: {b: sum(accuracy(s, col)) / len(s) - 100 * sum(base[i][col] for i in base) / len(base)
+                for b, s in c.items()} for m, c in curves.items()}
+    best = max(g for c in gain.values() for g in c.values())
+    out = {}
+    for m, c in gain.items():
+        hit = [b for b in sorted(c) if c[b] >= share * best]
+        out[m] = (f"{hit[0]:,}" if hit else "not reached", max(c.values()) / best)
+    return best, out
+
+
+def contrast(out, base, chose):
+    """Per budget, GRPO against SFT of each length at its chosen lr: the winner in strict and math-verify;
+    then where each method reaches 90 % of the best gain over the base model."""
+    curves = {m: curve(out, m, chose) for m in ("GRPO", SFT_EPOCH, SFT_30)}
+    print("| params | against | winner, strict | winner, math-verify |")
+    print("|---|---|---|---|")
+    for budget in sorted(curves["GRPO"]):
+        for method in (SFT_EPOCH, SFT_30):
+            if budget in curves[method]:
+                sft = curves[method][budget]
+                print(f"| {budget:,} | {method} | " + " | ".join(winner(curves["GRPO"][budget], sft, c)
+                                                                for c in ("strict", "math_verify")) + " |")
+    print()
+    print("| column | best gain over base (points) | " + " | ".join(f"90 % of it: {m}" for m in curves) + " |")
+    print("|---|---|" + "---|" * len(curves))
+    for col in ("strict", "math_verify"):
+        best, got = reach({m: c for m, c in curves.items() if c}, base, col)
+        cells = [f"{got[m][0]} (its best: {100 * got[m][1]:.0f} %)" if m in got else "-" for m in curves]
+        print(f"| {col.replace('_', '-')} | {best:.1f} | {' | '.join(cells)} |")
+
+
 def figure(out, base, chose, path):
     """Strict and math-verify against the budget: GRPO, and SFT of each length at the lr that strict's rule
     chose per budget on the selection set (bars: the seeds' range)."""
@@ -234,6 +287,9 @@ def main():
         print()
     print("GSM8K test\n")
     table(out, base, chose)
+    print("\nGRPO against SFT per budget, and where each reaches 90 % of the best gain (in brackets: its own"
+          " best gain as a share of that)\n")
+    contrast(out, base, chose)
     figure(out, base, chose, os.path.join(HERE, "budget_curve.png"))
     print(f"wrote {os.path.join(HERE, 'budget_curve.png')}")
 
