@@ -803,9 +803,14 @@ def main(train, parse_args):
 
 class QuietStdout:
     """sys.stdout that survives its reader going away (`... | head -1`): the program goes on, and
-    what it would have printed goes to /dev/null. Installed before vLLM's logger takes sys.stdout."""
+    what it would have printed goes to /dev/null. Installed before vLLM's logger takes sys.stdout.
+    A stdout closed from the start (`>&-`: sys.stdout is None) is /dev/null too, on descriptor 1, so
+    that no file this process opens later takes that descriptor (and what C code prints to it)."""
 
     def __init__(self, stream):
+        if stream is None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            stream = open(1, "w", closefd=False)
         self.stream = stream
 
     def write(self, text):

@@ -738,10 +738,11 @@ def test_an_unwritable_svd_cache_is_computed_without_it(tiny_dir, data, tmp_path
     assert [x["step"] for x in metrics(tmp_path / "run")] == [1]
 
 
-def test_stdout_closed_by_its_reader_does_not_stop_training(tiny_dir, data, tmp_path):
+@pytest.mark.parametrize("stdout", ["| head -1", "| head -0", ">&-"])  # a reader that goes, none, a closed stdout
+def test_stdout_closed_by_its_reader_does_not_stop_training(tiny_dir, data, tmp_path, stdout):
     cmd = shlex.join([sys.executable, os.path.join(ROOT, "train_grpo.py"),
                       *flags_for(tiny_dir, data, str(tmp_path / "run"), "--steps", "3")])
-    p = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} | head -1"], capture_output=True, text=True,
+    p = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} {stdout}"], capture_output=True, text=True,
                        env=CPU_ONLY)
     assert p.returncode == 0 and "Traceback" not in p.stderr and "Logging error" not in p.stderr, p.stderr
     assert [x["step"] for x in metrics(tmp_path / "run")] == [1, 2, 3]
