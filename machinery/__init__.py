@@ -70,6 +70,12 @@ def is_grpo(args):
     return "group_size" in vars(args)
 
 
+def trainer_of(options):
+    """The script whose run these options (a dict: a command line's, or an args.json's) are: args.json's
+    "trainer"; a folder made before args.json named it, by its options (only GRPO has group_size)."""
+    return options.get("trainer") or ("train_grpo.py" if "group_size" in options else "train_sft.py")
+
+
 def parse(parser, argv=None):
     """parser.parse_args(argv), plus what the command line gave (`given`) and the defaults: resume
     takes the recipe from args.json and only the given machinery options from the command line."""
@@ -100,8 +106,8 @@ def check_args(args, world=1):
     need(args.steps is None or args.steps >= 1, f"--steps {args.steps} must be >= 1 (omit it to train all epochs)")
     for k, x in vars(args).items():
         need(not isinstance(x, float) or math.isfinite(x), f"--{k.replace('_', '-')} {x} must be a finite number")
-    need(0 <= args.seed < 10**6, f"--seed {args.seed} must be in [0, 10**6) (rollout seeds are built from it and must "
-         f"fit vLLM's 64-bit seeds)")
+    need(0 <= args.seed < 10**6, f"--seed {args.seed} must be in [0, 10**6)" + (" (rollout seeds are built from it "
+         "and must fit vLLM's 64-bit seeds)" if grpo else ""))
     need(not args.wandb or importlib.util.find_spec("wandb"), "--wandb needs the wandb package (pip install wandb)")
     need(not os.path.isfile(args.svd_cache or ""), f"--svd-cache {args.svd_cache} is a file, not a directory")
     need(args.epochs > 0, f"--epochs {args.epochs} must be > 0")
@@ -161,12 +167,12 @@ def open_run(args):
         for k in LOCATIONS:  # a local path is kept absolute, so --resume works from any directory
             if os.path.exists(getattr(args, k)):
                 setattr(args, k, os.path.abspath(getattr(args, k)))
+        args.trainer = trainer_of(vars(args))  # args.json names the script that made the run
         return args, 0, None
     if not os.path.isfile(os.path.join(args.resume, "args.json")):
         fail(f"--resume {args.resume}: no args.json there, not a run directory")
     if "run_dir" in args.given and os.path.abspath(args.run_dir) != os.path.abspath(args.resume):
         fail(f"--run-dir {args.run_dir} with --resume {args.resume}: a resumed run stays in its own directory")
-    lock(args.resume)
     try:
         with open(os.path.join(args.resume, "args.json")) as f:
             saved = json.load(f)
@@ -174,13 +180,18 @@ def open_run(args):
         fail(f"--resume {args.resume}: args.json is not readable JSON ({e})")
     if not isinstance(saved, dict):
         fail(f"--resume {args.resume}: args.json holds a JSON {type(saved).__name__}, not the run's options")
+    this, theirs = trainer_of(vars(args)), trainer_of(saved)
+    if theirs != this:  # before the lock, whose message names this script
+        fail(f"--resume {args.resume}: a {theirs} run; {theirs} --resume {args.resume} continues it")
+    lock(args.resume)
+    mine = [m for m in MACHINERY if m in args.defaults]  # this script's machinery options
     for k in args.given:
         if k not in MACHINERY + LOCATIONS + ("resume", "run_dir") and getattr(args, k) != saved.get(k, args.defaults[k]):
             fail(f"--{k.replace('_', '-')} {getattr(args, k)}: the run was made with {saved.get(k)}; "
-                 f"only {', '.join('--' + m.replace('_', '-') for m in MACHINERY)} may change on --resume")
+                 f"only {', '.join('--' + m.replace('_', '-') for m in mine)} may change on --resume")
     now = {k: getattr(args, k) for k in args.given if k in MACHINERY + LOCATIONS}  # given again
-    args = argparse.Namespace(**{**args.defaults, **saved, **now, "resume": args.resume, "run_dir": args.resume,
-                                 "given": args.given, "defaults": args.defaults})
+    args = argparse.Namespace(**{**args.defaults, **saved, **now, "trainer": this, "resume": args.resume,
+                                 "run_dir": args.resume, "given": args.given, "defaults": args.defaults})
     for tmp in glob.glob(os.path.join(args.run_dir, "*.tmp")):
         os.remove(tmp)  # left by a write that was killed; the file it was replacing is intact
     path, adapter = (os.path.join(args.run_dir, f) for f in ("trainer_state.pt", "adapter.safetensors"))
@@ -240,7 +251,7 @@ def lock(run_dir, create=False):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             HELD[os.path.realpath(run_dir)] = fd
     except BlockingIOError:
-        fail(f"{run_dir} is in use by another train_grpo.py process; wait for it to end or stop it")
+        fail(f"{run_dir} is in use by another {PROG} process; wait for it to end or stop it")
     except OSError as e:  # a read-only mount, a path through a file
         fail(f"--run-dir {run_dir}: cannot create or open it ({e.strerror})")
 
@@ -334,7 +345,7 @@ class Run:
 
     def __init__(self, args):
         global PROG
-        PROG = "train_grpo.py" if is_grpo(args) else "train_sft.py"
+        PROG = trainer_of(vars(args))
         self.rank, self.world = rank_world()
         self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         args, self.start, state = open_run(args)
@@ -653,15 +664,16 @@ def check_memory(args, meta, names, longest):
     total = torch.cuda.mem_get_info()[1]
     need = {"trainer weights": sum(p.numel() for p in named.values()) * nbytes,
             "kept W + dW": 0 if args.low_memory else sum(named[f"{n}.weight"].numel() for n in names) * nbytes,
-            "vLLM (--gpu-memory-utilization)": args.gpu_memory_utilization * total
-            if getattr(args, "backend", None) == "vllm" else 0,
+            **({"vLLM (--gpu-memory-utilization)": args.gpu_memory_utilization * total}
+               if getattr(args, "backend", None) == "vllm" else {}),  # train_sft.py and --backend hf: none
             f"activations of one {longest}-token sequence": longest * activation_bytes(meta.config, nbytes, True)
             + logits_chunk(meta.config.vocab_size) * meta.config.vocab_size * 10,
             "CUDA context and workspaces": 2 * 2**30}
     if sum(need.values()) > total:
         parts = ", ".join(f"{k} {x / 2**30:.1f}" for k, x in need.items())
         fail(f"this GPU has {total / 2**30:.1f} GiB, the run needs {sum(need.values()) / 2**30:.1f} GiB ({parts}). "
-             f"Try --low-memory, a lower --gpu-memory-utilization or --max-new-tokens, or a larger GPU")
+             f"Try --low-memory, {'a lower --gpu-memory-utilization or --max-new-tokens, ' if is_grpo(args) else ''}"
+             f"or a larger GPU")
 
 
 def free_for_activations(config):
