@@ -2,8 +2,8 @@
 
 What it holds: the checks of every option before anything loads; the run directory (one live
 process owns it, through a lock that a crash cannot leave behind; args.json, metrics.jsonl, atomic
-checkpoints; resume, which refuses a changed recipe, a changed data set or other weights); the
-memory plan (what a GPU holds, how many tokens a micro-batch may have, the out-of-memory retry);
+checkpoints, never of a non-finite v; resume, which refuses a changed recipe, a changed data set or
+other weights); the memory plan (what a GPU holds, how many tokens a micro-batch may have, the out-of-memory retry);
 data parallel helpers; signals (Ctrl-C, SIGTERM and SIGHUP keep every finished step, exit 130) and
 the script's entry point. A step is finished once its metrics line is written.
 
@@ -480,6 +480,8 @@ class Run:
     def finish_step(self, step, m):
         """The step's metrics (over all ranks), a periodic eval, the metrics line, a periodic checkpoint."""
         args, v = self.args, self.v
+        if not torch.isfinite(v.detach().to(tinylora.V_DTYPES[args.v_dtype])).all():  # as the adapter stores it
+            self.diverged(step)
         m.update(step=step + 1, epoch=step / self.steps_per_epoch, v_norm=v.norm().item(),
                  dw_kept=tinylora.dw_kept(self.model),
                  peak_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0)
@@ -494,6 +496,16 @@ class Run:
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_checkpoint(args.run_dir, self.model, self.after, self.extra)
         self.first, self.last_metrics = self.first or m, m
+
+    def diverged(self, step):
+        """v went NaN or inf (fp16 holds at most 65504): the state after the last finite step is saved,
+        never the diverged v, and the run stops in one line."""
+        restore(self.state, self.v, self.opt, self.sched)  # the state at this step's start
+        if self.rank == 0:
+            save_checkpoint(self.args.run_dir, self.model, self.state, self.extra)
+        fail(f"step {step + 1} made v non-finite (NaN or inf in {self.args.v_dtype}): the run diverged; "
+             f"{self.args.run_dir} keeps the state after step {step} (--resume diverges again there: a lower --lr "
+             f"or a wider --v-dtype is a new run, in another --run-dir)")
 
     def logged_through(self):
         """The last step in metrics.jsonl (0 if none); rank > 0 writes none and keeps the rollback."""

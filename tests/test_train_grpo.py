@@ -241,6 +241,22 @@ def test_non_finite_gradient_skips_the_update(tiny_dir):
     assert m["skipped"] == 1 and torch.isfinite(v).all()
 
 
+def test_a_diverged_run_stops_in_one_line_and_keeps_its_last_finite_step(tiny_dir, data, tmp_path, capsys):
+    """--v-dtype fp16 and a huge lr: v overflows fp16 in step 2 (update() skips the NaN gradients that
+    follow, not the overflow). It died in the next rollout with a traceback after saving the inf v,
+    which --resume then refused; now it stops in one line, its folder at step 1 with a finite v."""
+    args = args_for(tiny_dir, data, tmp_path, "--steps", "6", "--v-dtype", "fp16", "--lr", "1e3", "--save-every", "0")
+    with pytest.raises(SystemExit) as e:
+        train_grpo.train(args, length_reward)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("train_grpo.py: error: step 2 made v non-finite (NaN or inf in "
+                                                    f"fp16): the run diverged; {tmp_path} keeps the state after step 1")
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    v = tinylora.read_v(str(tmp_path / "adapter.safetensors"), tinylora.read_config(str(tmp_path / "adapter.safetensors")))
+    assert state["step"] == 1 and [m["step"] for m in metrics(tmp_path)] == [1]
+    assert torch.equal(v, state["v"].half().float()) and v.abs().min() > 1e3
+
+
 def test_out_of_memory_retries_the_updates_from_the_step_start_with_half_the_budget(monkeypatch, capsys):
     budgets = []
 

@@ -195,3 +195,22 @@ def test_the_shared_machinery_names_train_sft_py_and_only_its_options(tiny_dir, 
         machinery.check_memory(args, meta, names, 1024)
     err = capsys.readouterr().err
     assert "this GPU has 1.0 GiB" in err and "--low-memory" in err and "--gpu-memory" not in err and "--max-new" not in err
+
+
+def test_a_diverged_run_stops_in_one_line_and_keeps_its_last_finite_step(tiny_dir, data, tmp_path, capsys):
+    """--v-dtype fp16 and a huge lr: v overflows fp16 (65504) in step 2. The run logged NaN loss and saved the
+    NaN v over the finite one (exit 0); now it stops there, and its folder holds step 1, finite."""
+    args = sft_args(tiny_dir, data, tmp_path, "--steps", "6", "--v-dtype", "fp16", "--lr", "2e4", "--warmup", "0")
+    for resumed in (False, True):  # --resume continues from step 1, and the same recipe diverges again there
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            train_sft.train(train_sft.parse_args(["--resume", str(tmp_path)]) if resumed else args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1] == (
+            f"train_sft.py: error: step 2 made v non-finite (NaN or inf in fp16): the run diverged; {tmp_path} keeps "
+            f"the state after step 1 (--resume diverges again there: a lower --lr or a wider --v-dtype is a new run, "
+            f"in another --run-dir)"), err
+        state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+        v = tinylora.read_v(str(tmp_path / "adapter.safetensors"), tinylora.read_config(str(tmp_path / "adapter.safetensors")))
+        assert state["step"] == 1 and [m["step"] for m in metrics(tmp_path)] == [1]
+        assert torch.equal(v, state["v"].half().float()) and v.abs().min() > 1e4  # step 1's v: large, finite
