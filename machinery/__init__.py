@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import engine
@@ -293,16 +294,27 @@ def restore(state, v, opt, sched):
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
-def save_checkpoint(run_dir, model, state, extra):
+def save_checkpoint(run_dir, model, state, extra, args=None):
     """The adapter file plus the trainer state (with `extra`: the recipe and the data's hash), each
-    written atomically (temp file + rename). A full disk: one line, the previous checkpoint intact."""
+    written atomically (temp file + rename); with `args`, a new run's args.json first. A full disk: one
+    line, no temp file left, and the previous checkpoint intact; at a new run's start, none of its files
+    (the same command starts it again; fail removes the folder it made)."""
     try:
+        if args:
+            write_args(args)
         tinylora.save(model, os.path.join(run_dir, "adapter.safetensors"))
         tmp = os.path.join(run_dir, "trainer_state.pt.tmp")
         torch.save({**state, **extra}, tmp)  # tensors and plain values: torch.load(weights_only=True) reads it
         os.replace(tmp, os.path.join(run_dir, "trainer_state.pt"))
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # how torch.save and safetensors say "disk full"
         free = shutil.disk_usage(run_dir).free // 1024  # torch's own message may not say "disk full"
+        started = [os.path.join(run_dir, f) for f in RUN_FILES] if args else []
+        for path in glob.glob(os.path.join(run_dir, "*.tmp")) + started:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        if args:
+            fail(f"could not write the first checkpoint to {run_dir} ({first_line(e)}; {free} KiB free there); "
+                 f"nothing of the run is left: the same command starts it again")
         fail(f"could not write the checkpoint of step {state['step']} to {run_dir} ({first_line(e)}; "
              f"{free} KiB free there); the previous checkpoint there is intact")
 
@@ -443,8 +455,7 @@ class Run:
                 if getattr(args, "eval_every", 0) and self.start == 0 and 0 not in lines:  # stopped in the baseline
                     log(self.metrics_path, dict(step=0, **self.evaluate()), self.wandb)
             else:  # written once the weights and the engine are up: a failed start leaves no run behind
-                write_args(args)
-                save_checkpoint(args.run_dir, model, capture(0, v, opt, sched), self.extra)
+                save_checkpoint(args.run_dir, model, capture(0, v, opt, sched), self.extra, args)  # args.json too
                 if getattr(args, "eval_every", 0):
                     log(self.metrics_path, dict(step=0, **self.evaluate()), self.wandb)
         self.state = self.after = capture(self.start, v, opt, sched)
