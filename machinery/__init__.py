@@ -3,9 +3,9 @@
 What it holds: the checks of every option before anything loads; the run directory (one live
 process owns it, through a lock that a crash cannot leave behind; args.json, metrics.jsonl, atomic
 checkpoints, never of a non-finite v; resume, which refuses a changed recipe, a changed data set or
-other weights); the memory plan (what a GPU holds, how many tokens a micro-batch may have, the out-of-memory retry);
-data parallel helpers; signals (Ctrl-C, SIGTERM and SIGHUP keep every finished step, exit 130) and
-the script's entry point. A step is finished once its metrics line is written.
+other weights); the memory plan (what a GPU holds, how many tokens a micro-batch may have, the
+out-of-memory retry); data parallel helpers; signals (Ctrl-C, SIGTERM and SIGHUP keep every finished
+step, exit 130) and the script's entry point. A step is finished once its metrics line is written.
 
     python train_grpo.py --help          # the options; this file has no command of its own
     python -m pytest tests/test_train_grpo.py
