@@ -252,7 +252,8 @@ def test_a_diverged_run_stops_in_one_line_and_keeps_its_last_finite_step(tiny_di
     assert e.value.code == 2 and err[-1].startswith("train_grpo.py: error: step 2 made v non-finite (NaN or inf in "
                                                     f"fp16): the run diverged; {tmp_path} keeps the state after step 1")
     state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
-    v = tinylora.read_v(str(tmp_path / "adapter.safetensors"), tinylora.read_config(str(tmp_path / "adapter.safetensors")))
+    adapter = str(tmp_path / "adapter.safetensors")
+    v = tinylora.read_v(adapter, tinylora.read_config(adapter))
     assert state["step"] == 1 and [m["step"] for m in metrics(tmp_path)] == [1]
     assert torch.equal(v, state["v"].half().float()) and v.abs().min() > 1e3
 
