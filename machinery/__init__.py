@@ -2,10 +2,10 @@
 
 What it holds: the checks of every option before anything loads; the run directory (one live
 process owns it, through a lock that a crash cannot leave behind; args.json, metrics.jsonl, atomic
-checkpoints; resume, which refuses a changed recipe, a changed data set or other weights); the
-memory plan (what a GPU holds, how many tokens a micro-batch may have, the out-of-memory retry);
-data parallel helpers; signals (Ctrl-C, SIGTERM and SIGHUP keep every finished step, exit 130) and
-the script's entry point. A step is finished once its metrics line is written.
+checkpoints, never of a non-finite v; resume, which refuses a changed recipe, a changed data set or
+other weights); the memory plan (what a GPU holds, how many tokens a micro-batch may have, the
+out-of-memory retry); data parallel helpers; signals (Ctrl-C, SIGTERM and SIGHUP keep every finished
+step, exit 130) and the script's entry point. A step is finished once its metrics line is written.
 
     python train_grpo.py --help          # the options; this file has no command of its own
     python -m pytest tests/test_train_grpo.py
@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import engine
@@ -70,6 +71,12 @@ def is_grpo(args):
     return "group_size" in vars(args)
 
 
+def trainer_of(options):
+    """The script whose run these options (a dict: a command line's, or an args.json's) are: args.json's
+    "trainer"; a folder made before args.json named it, by its options (only GRPO has group_size)."""
+    return options.get("trainer") or ("train_grpo.py" if "group_size" in options else "train_sft.py")
+
+
 def parse(parser, argv=None):
     """parser.parse_args(argv), plus what the command line gave (`given`) and the defaults: resume
     takes the recipe from args.json and only the given machinery options from the command line."""
@@ -100,8 +107,8 @@ def check_args(args, world=1):
     need(args.steps is None or args.steps >= 1, f"--steps {args.steps} must be >= 1 (omit it to train all epochs)")
     for k, x in vars(args).items():
         need(not isinstance(x, float) or math.isfinite(x), f"--{k.replace('_', '-')} {x} must be a finite number")
-    need(0 <= args.seed < 10**6, f"--seed {args.seed} must be in [0, 10**6) (rollout seeds are built from it and must "
-         f"fit vLLM's 64-bit seeds)")
+    need(0 <= args.seed < 10**6, f"--seed {args.seed} must be in [0, 10**6)" + (" (rollout seeds are built from it "
+         "and must fit vLLM's 64-bit seeds)" if grpo else ""))
     need(not args.wandb or importlib.util.find_spec("wandb"), "--wandb needs the wandb package (pip install wandb)")
     need(not os.path.isfile(args.svd_cache or ""), f"--svd-cache {args.svd_cache} is a file, not a directory")
     need(args.epochs > 0, f"--epochs {args.epochs} must be > 0")
@@ -161,12 +168,12 @@ def open_run(args):
         for k in LOCATIONS:  # a local path is kept absolute, so --resume works from any directory
             if os.path.exists(getattr(args, k)):
                 setattr(args, k, os.path.abspath(getattr(args, k)))
+        args.trainer = trainer_of(vars(args))  # args.json names the script that made the run
         return args, 0, None
     if not os.path.isfile(os.path.join(args.resume, "args.json")):
         fail(f"--resume {args.resume}: no args.json there, not a run directory")
     if "run_dir" in args.given and os.path.abspath(args.run_dir) != os.path.abspath(args.resume):
         fail(f"--run-dir {args.run_dir} with --resume {args.resume}: a resumed run stays in its own directory")
-    lock(args.resume)
     try:
         with open(os.path.join(args.resume, "args.json")) as f:
             saved = json.load(f)
@@ -174,13 +181,18 @@ def open_run(args):
         fail(f"--resume {args.resume}: args.json is not readable JSON ({e})")
     if not isinstance(saved, dict):
         fail(f"--resume {args.resume}: args.json holds a JSON {type(saved).__name__}, not the run's options")
+    this, theirs = trainer_of(vars(args)), trainer_of(saved)
+    if theirs != this:  # before the lock, whose message names this script
+        fail(f"--resume {args.resume}: a {theirs} run; {theirs} --resume {args.resume} continues it")
+    lock(args.resume)
+    mine = [m for m in MACHINERY if m in args.defaults]  # this script's machinery options
     for k in args.given:
         if k not in MACHINERY + LOCATIONS + ("resume", "run_dir") and getattr(args, k) != saved.get(k, args.defaults[k]):
             fail(f"--{k.replace('_', '-')} {getattr(args, k)}: the run was made with {saved.get(k)}; "
-                 f"only {', '.join('--' + m.replace('_', '-') for m in MACHINERY)} may change on --resume")
+                 f"only {', '.join('--' + m.replace('_', '-') for m in mine)} may change on --resume")
     now = {k: getattr(args, k) for k in args.given if k in MACHINERY + LOCATIONS}  # given again
-    args = argparse.Namespace(**{**args.defaults, **saved, **now, "resume": args.resume, "run_dir": args.resume,
-                                 "given": args.given, "defaults": args.defaults})
+    args = argparse.Namespace(**{**args.defaults, **saved, **now, "trainer": this, "resume": args.resume,
+                                 "run_dir": args.resume, "given": args.given, "defaults": args.defaults})
     for tmp in glob.glob(os.path.join(args.run_dir, "*.tmp")):
         os.remove(tmp)  # left by a write that was killed; the file it was replacing is intact
     path, adapter = (os.path.join(args.run_dir, f) for f in ("trainer_state.pt", "adapter.safetensors"))
@@ -240,7 +252,7 @@ def lock(run_dir, create=False):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             HELD[os.path.realpath(run_dir)] = fd
     except BlockingIOError:
-        fail(f"{run_dir} is in use by another train_grpo.py process; wait for it to end or stop it")
+        fail(f"{run_dir} is in use by another {PROG} process; wait for it to end or stop it")
     except OSError as e:  # a read-only mount, a path through a file
         fail(f"--run-dir {run_dir}: cannot create or open it ({e.strerror})")
 
@@ -282,16 +294,27 @@ def restore(state, v, opt, sched):
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
-def save_checkpoint(run_dir, model, state, extra):
+def save_checkpoint(run_dir, model, state, extra, args=None):
     """The adapter file plus the trainer state (with `extra`: the recipe and the data's hash), each
-    written atomically (temp file + rename). A full disk: one line, the previous checkpoint intact."""
+    written atomically (temp file + rename); with `args`, a new run's args.json first. A full disk: one
+    line, no temp file left, and the previous checkpoint intact; at a new run's start, none of its files
+    (the same command starts it again; fail removes the folder it made)."""
     try:
+        if args:
+            write_args(args)
         tinylora.save(model, os.path.join(run_dir, "adapter.safetensors"))
         tmp = os.path.join(run_dir, "trainer_state.pt.tmp")
         torch.save({**state, **extra}, tmp)  # tensors and plain values: torch.load(weights_only=True) reads it
         os.replace(tmp, os.path.join(run_dir, "trainer_state.pt"))
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # how torch.save and safetensors say "disk full"
         free = shutil.disk_usage(run_dir).free // 1024  # torch's own message may not say "disk full"
+        started = [os.path.join(run_dir, f) for f in RUN_FILES] if args else []
+        for path in glob.glob(os.path.join(run_dir, "*.tmp")) + started:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        if args:
+            fail(f"could not write the first checkpoint to {run_dir} ({first_line(e)}; {free} KiB free there); "
+                 f"nothing of the run is left: the same command starts it again")
         fail(f"could not write the checkpoint of step {state['step']} to {run_dir} ({first_line(e)}; "
              f"{free} KiB free there); the previous checkpoint there is intact")
 
@@ -334,7 +357,7 @@ class Run:
 
     def __init__(self, args):
         global PROG
-        PROG = "train_grpo.py" if is_grpo(args) else "train_sft.py"
+        PROG = trainer_of(vars(args))
         self.rank, self.world = rank_world()
         self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         args, self.start, state = open_run(args)
@@ -432,8 +455,7 @@ class Run:
                 if getattr(args, "eval_every", 0) and self.start == 0 and 0 not in lines:  # stopped in the baseline
                     log(self.metrics_path, dict(step=0, **self.evaluate()), self.wandb)
             else:  # written once the weights and the engine are up: a failed start leaves no run behind
-                write_args(args)
-                save_checkpoint(args.run_dir, model, capture(0, v, opt, sched), self.extra)
+                save_checkpoint(args.run_dir, model, capture(0, v, opt, sched), self.extra, args)  # args.json too
                 if getattr(args, "eval_every", 0):
                     log(self.metrics_path, dict(step=0, **self.evaluate()), self.wandb)
         self.state = self.after = capture(self.start, v, opt, sched)
@@ -469,6 +491,8 @@ class Run:
     def finish_step(self, step, m):
         """The step's metrics (over all ranks), a periodic eval, the metrics line, a periodic checkpoint."""
         args, v = self.args, self.v
+        if not torch.isfinite(v.detach().to(tinylora.V_DTYPES[args.v_dtype])).all():  # as the adapter stores it
+            self.diverged(step)
         m.update(step=step + 1, epoch=step / self.steps_per_epoch, v_norm=v.norm().item(),
                  dw_kept=tinylora.dw_kept(self.model),
                  peak_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0)
@@ -483,6 +507,16 @@ class Run:
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_checkpoint(args.run_dir, self.model, self.after, self.extra)
         self.first, self.last_metrics = self.first or m, m
+
+    def diverged(self, step):
+        """v went NaN or inf (fp16 holds at most 65504): the state after the last finite step is saved,
+        never the diverged v, and the run stops in one line."""
+        restore(self.state, self.v, self.opt, self.sched)  # the state at this step's start
+        if self.rank == 0:
+            save_checkpoint(self.args.run_dir, self.model, self.state, self.extra)
+        fail(f"step {step + 1} made v non-finite (NaN or inf in {self.args.v_dtype}): the run diverged; "
+             f"{self.args.run_dir} keeps the state after step {step} (--resume diverges again there: a lower --lr "
+             f"or a wider --v-dtype is a new run, in another --run-dir)")
 
     def logged_through(self):
         """The last step in metrics.jsonl (0 if none); rank > 0 writes none and keeps the rollback."""
@@ -653,15 +687,16 @@ def check_memory(args, meta, names, longest):
     total = torch.cuda.mem_get_info()[1]
     need = {"trainer weights": sum(p.numel() for p in named.values()) * nbytes,
             "kept W + dW": 0 if args.low_memory else sum(named[f"{n}.weight"].numel() for n in names) * nbytes,
-            "vLLM (--gpu-memory-utilization)": args.gpu_memory_utilization * total
-            if getattr(args, "backend", None) == "vllm" else 0,
+            **({"vLLM (--gpu-memory-utilization)": args.gpu_memory_utilization * total}
+               if getattr(args, "backend", None) == "vllm" else {}),  # train_sft.py and --backend hf: none
             f"activations of one {longest}-token sequence": longest * activation_bytes(meta.config, nbytes, True)
             + logits_chunk(meta.config.vocab_size) * meta.config.vocab_size * 10,
             "CUDA context and workspaces": 2 * 2**30}
     if sum(need.values()) > total:
         parts = ", ".join(f"{k} {x / 2**30:.1f}" for k, x in need.items())
         fail(f"this GPU has {total / 2**30:.1f} GiB, the run needs {sum(need.values()) / 2**30:.1f} GiB ({parts}). "
-             f"Try --low-memory, a lower --gpu-memory-utilization or --max-new-tokens, or a larger GPU")
+             f"Try --low-memory, {'a lower --gpu-memory-utilization or --max-new-tokens, ' if is_grpo(args) else ''}"
+             f"or a larger GPU")
 
 
 def free_for_activations(config):
@@ -803,9 +838,14 @@ def main(train, parse_args):
 
 class QuietStdout:
     """sys.stdout that survives its reader going away (`... | head -1`): the program goes on, and
-    what it would have printed goes to /dev/null. Installed before vLLM's logger takes sys.stdout."""
+    what it would have printed goes to /dev/null. Installed before vLLM's logger takes sys.stdout.
+    A stdout closed from the start (`>&-`: sys.stdout is None) is /dev/null too, on descriptor 1, so
+    that no file this process opens later takes that descriptor (and what C code prints to it)."""
 
     def __init__(self, stream):
+        if stream is None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            stream = open(1, "w", closefd=False)
         self.stream = stream
 
     def write(self, text):

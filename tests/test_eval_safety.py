@@ -6,6 +6,7 @@ do not depend on the batch or on the engine's dtype.
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -222,6 +223,18 @@ def test_an_engine_failing_while_generating_is_one_line(tiny_dir, tmp_path, monk
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and " error: generation failed: NotImplementedError: no kernel for head size 16" in last
     assert last.endswith("o.jsonl holds the rows scored so far")
+
+
+@pytest.mark.parametrize("stdout", ["| head -0", ">&-"])  # a reader gone at once; a closed stdout
+def test_a_closed_stdout_still_scores_every_row(tiny_dir, tmp_path, stdout):
+    """A closed stdout gave "cannot load its weights" (the wrapper of stdout failed inside from_pretrained)."""
+    data, out = tiny.write_jsonl(str(tmp_path / "t.jsonl"), tiny.problems(3)), tmp_path / "o.jsonl"
+    cmd = shlex.join([sys.executable, os.path.join(ROOT, "eval.py"), "--model", tiny_dir, "--data", data, "--backend",
+                      "hf", "--max-new-tokens", "4", "--out", str(out)])
+    p = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} {stdout}"], capture_output=True, text=True,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert p.returncode == 0 and "Traceback" not in p.stderr and "error" not in p.stderr, p.stderr
+    assert [json.loads(line)["id"] for line in open(out)] == [0, 1, 2]
 
 
 def nan_model(tiny_dir, path):

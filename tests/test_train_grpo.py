@@ -241,6 +241,23 @@ def test_non_finite_gradient_skips_the_update(tiny_dir):
     assert m["skipped"] == 1 and torch.isfinite(v).all()
 
 
+def test_a_diverged_run_stops_in_one_line_and_keeps_its_last_finite_step(tiny_dir, data, tmp_path, capsys):
+    """--v-dtype fp16 and a huge lr: v overflows fp16 in step 2 (update() skips the NaN gradients that
+    follow, not the overflow). It died in the next rollout with a traceback after saving the inf v,
+    which --resume then refused; now it stops in one line, its folder at step 1 with a finite v."""
+    args = args_for(tiny_dir, data, tmp_path, "--steps", "6", "--v-dtype", "fp16", "--lr", "1e3", "--save-every", "0")
+    with pytest.raises(SystemExit) as e:
+        train_grpo.train(args, length_reward)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("train_grpo.py: error: step 2 made v non-finite (NaN or inf in "
+                                                    f"fp16): the run diverged; {tmp_path} keeps the state after step 1")
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    adapter = str(tmp_path / "adapter.safetensors")
+    v = tinylora.read_v(adapter, tinylora.read_config(adapter))
+    assert state["step"] == 1 and [m["step"] for m in metrics(tmp_path)] == [1]
+    assert torch.equal(v, state["v"].half().float()) and v.abs().min() > 1e3
+
+
 def test_out_of_memory_retries_the_updates_from_the_step_start_with_half_the_budget(monkeypatch, capsys):
     budgets = []
 
@@ -712,22 +729,56 @@ def test_a_broken_model_or_run_dir_is_one_line_and_leaves_no_run(tiny_dir, data,
     assert not os.path.exists(tmp_path / "run") or not os.listdir(tmp_path / "run")  # the same command may run again
 
 
-def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_stays(tiny_dir, data, tmp_path, capsys,
-                                                                               monkeypatch):
-    save = torch.save
+def full_disk_at(monkeypatch, writer, call):
+    """The disk full at the call-th write (from 0) of the adapter (writer "safetensors": safetensors raises its
+    own SafetensorError, not an OSError) or of the trainer state ("torch": torch.save raises a RuntimeError);
+    the file it was writing is left half written."""
+    from safetensors import SafetensorError
+    module, name = (tinylora, "save_file") if writer == "safetensors" else (torch, "save")
+    write, calls = getattr(module, name), itertools.count()
 
-    def full_disk(obj, path, *a, **k):
-        if isinstance(obj, dict) and obj.get("step") == 2:
-            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file "
-                               "data/0: file write failed (No space left on device)")
-        return save(obj, path, *a, **k)
-    monkeypatch.setattr(torch, "save", full_disk)
+    def full(obj, path, *a, **k):
+        if next(calls) != call:
+            return write(obj, path, *a, **k)
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        if writer == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file data/0: "
+                           "file write failed (No space left on device)")
+    monkeypatch.setattr(module, name, full)
+
+
+@pytest.mark.parametrize("writer", ["torch", "safetensors"])
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_stays(tiny_dir, data, tmp_path, capsys,
+                                                                               monkeypatch, writer):
+    full_disk_at(monkeypatch, writer, 2)  # the checkpoints of steps 0 and 1 are written
     with pytest.raises(SystemExit) as e:
         train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "3"), length_reward)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "could not write the checkpoint of step 2" in err and "KiB free there); the previous" in err
-    assert err.count("error:") == 1 and "Traceback" not in err
+    assert err.count("train_grpo.py: error:") == 1 and "Traceback" not in err
     assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 1
+    assert not list(tmp_path.glob("*.tmp"))  # the half-written file does not take the little room left
+
+
+@pytest.mark.parametrize("writer", ["torch", "safetensors"])
+def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_leaves_no_run(tiny_dir, data, tmp_path, capsys,
+                                                                           monkeypatch, writer):
+    """It left args.json (and the adapter) in the folder: a rerun was refused as a run to resume, a run
+    that had no checkpoint; the SafetensorError came with a traceback."""
+    run = tmp_path / "run"
+    full_disk_at(monkeypatch, writer, 0)
+    with pytest.raises(SystemExit) as e:
+        train_grpo.train(args_for(tiny_dir, data, run, "--steps", "1"), length_reward)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in "".join(err) and err[-1].startswith(
+        f"train_grpo.py: error: could not write the first checkpoint to {run} ("), err
+    assert err[-1].endswith("KiB free there); nothing of the run is left: the same command starts it again"), err
+    assert not run.exists()
+    monkeypatch.undo()  # room on the disk again: the same command
+    train_grpo.train(args_for(tiny_dir, data, run, "--steps", "1"), length_reward)
+    assert [x["step"] for x in metrics(run)] == [1]
 
 
 def test_an_unwritable_svd_cache_is_computed_without_it(tiny_dir, data, tmp_path):
@@ -738,10 +789,11 @@ def test_an_unwritable_svd_cache_is_computed_without_it(tiny_dir, data, tmp_path
     assert [x["step"] for x in metrics(tmp_path / "run")] == [1]
 
 
-def test_stdout_closed_by_its_reader_does_not_stop_training(tiny_dir, data, tmp_path):
+@pytest.mark.parametrize("stdout", ["| head -1", "| head -0", ">&-"])  # a reader that goes, none, a closed stdout
+def test_stdout_closed_by_its_reader_does_not_stop_training(tiny_dir, data, tmp_path, stdout):
     cmd = shlex.join([sys.executable, os.path.join(ROOT, "train_grpo.py"),
                       *flags_for(tiny_dir, data, str(tmp_path / "run"), "--steps", "3")])
-    p = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} | head -1"], capture_output=True, text=True,
+    p = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} {stdout}"], capture_output=True, text=True,
                        env=CPU_ONLY)
     assert p.returncode == 0 and "Traceback" not in p.stderr and "Logging error" not in p.stderr, p.stderr
     assert [x["step"] for x in metrics(tmp_path / "run")] == [1, 2, 3]

@@ -4,6 +4,8 @@
 """
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,11 +13,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import eval as E
+import machinery
 import task
 import tiny
 import tinylora
 import train_grpo
 import train_sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +137,82 @@ def test_an_answer_that_is_no_target_the_reward_pays_is_refused_before_loading(t
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and f"--data {path}: row 4: " in err[-1] and says in err[-1], err
     assert not (tmp_path / "run").exists()  # no run folder left behind
+
+
+# -----------------------------------------------------------------------------
+# one run folder, one trainer: what train_sft.py shares with train_grpo.py speaks of train_sft.py
+
+
+def grpo_args(tiny_dir, data, run_dir, *extra):
+    return train_grpo.parse_args(["--model", tiny_dir, "--data", data, "--run-dir", str(run_dir), "--u", "3",
+                                  "--prompts-per-step", "4", "--mini-batch", "2", "--group-size", "2",
+                                  "--max-new-tokens", "4", "--backend", "hf", "--svd-cache", "", *extra])
+
+
+@pytest.mark.parametrize("old", [False, True])  # True: folders from before args.json named their trainer
+def test_each_trainer_refuses_to_resume_the_others_run_before_loading(tiny_dir, data, tmp_path, capsys,
+                                                                       monkeypatch, old):
+    sft, grpo = tmp_path / "sft", tmp_path / "grpo"
+    train_sft.train(sft_args(tiny_dir, data, sft, "--steps", "1"))
+    train_grpo.train(grpo_args(tiny_dir, data, grpo, "--steps", "1"), lambda text, gold: float(len(text) % 2))
+    made = {d: json.loads((d / "args.json").read_text()) for d in (sft, grpo)}
+    assert (made[sft]["trainer"], made[grpo]["trainer"]) == ("train_sft.py", "train_grpo.py")
+    if old:
+        for d, a in made.items():
+            (d / "args.json").write_text(json.dumps({k: x for k, x in a.items() if k != "trainer"}))
+    before = {d: (d / "metrics.jsonl").read_text() for d in (sft, grpo)}
+    capsys.readouterr()
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    for script, run, other in ((train_sft, grpo, "train_grpo.py"), (train_grpo, sft, "train_sft.py")):
+        with pytest.raises(SystemExit) as e:
+            script.train(script.parse_args(["--resume", str(run), "--steps", "2"]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert f"--resume {run}: a {other} run; {other} --resume {run} continues it" in err, err
+    assert before == {d: (d / "metrics.jsonl").read_text() for d in (sft, grpo)}  # neither touched
+
+
+def test_the_shared_machinery_names_train_sft_py_and_only_its_options(tiny_dir, data, tmp_path, capsys,
+                                                                       monkeypatch):
+    run = tmp_path / "run"
+    train_sft.train(sft_args(tiny_dir, data, run, "--steps", "1"))  # this process holds the run from now on
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"), "--resume", str(run), "--steps", "2"],
+                       capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    capsys.readouterr()
+    assert p.returncode == 2 and p.stderr.endswith(f"train_sft.py: error: {run} is in use by another train_sft.py "
+                                                   f"process; wait for it to end or stop it\n"), p.stderr
+    for extra in (["--resume", str(run), "--lr", "0.5"], ["--run-dir", str(tmp_path / "new"), "--seed", "-1"]):
+        with pytest.raises(SystemExit):
+            train_sft.train(train_sft.parse_args(extra))
+        err = capsys.readouterr().err
+        assert err.startswith("train_sft.py: error: --") and "rollout" not in err, err
+        assert not any(grpo_only in err for grpo_only in ("--backend", "--eval-", "--gpu-memory", "--max-new")), err
+    args = sft_args(tiny_dir, data, tmp_path / "gpu")
+    meta = machinery.meta_model(args)
+    names, _ = tinylora.choose_modules(dict(meta.named_modules()))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (2**30, 2**30))  # a 1 GiB GPU
+    with pytest.raises(SystemExit):
+        machinery.check_memory(args, meta, names, 1024)
+    err = capsys.readouterr().err
+    assert "this GPU has 1.0 GiB" in err and "--low-memory" in err
+    assert "--gpu-memory" not in err and "--max-new" not in err
+
+
+def test_a_diverged_run_stops_in_one_line_and_keeps_its_last_finite_step(tiny_dir, data, tmp_path, capsys):
+    """--v-dtype fp16 and a huge lr: v overflows fp16 (65504) in step 2. The run logged NaN loss and saved the
+    NaN v over the finite one (exit 0); now it stops there, and its folder holds step 1, finite."""
+    args = sft_args(tiny_dir, data, tmp_path, "--steps", "6", "--v-dtype", "fp16", "--lr", "2e4", "--warmup", "0")
+    for resumed in (False, True):  # --resume continues from step 1, and the same recipe diverges again there
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            train_sft.train(train_sft.parse_args(["--resume", str(tmp_path)]) if resumed else args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1] == (
+            f"train_sft.py: error: step 2 made v non-finite (NaN or inf in fp16): the run diverged; {tmp_path} keeps "
+            f"the state after step 1 (--resume diverges again there: a lower --lr or a wider --v-dtype is a new run, "
+            f"in another --run-dir)"), err
+        state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+        adapter = str(tmp_path / "adapter.safetensors")
+        v = tinylora.read_v(adapter, tinylora.read_config(adapter))
+        assert state["step"] == 1 and [m["step"] for m in metrics(tmp_path)] == [1]
+        assert torch.equal(v, state["v"].half().float()) and v.abs().min() > 1e4  # step 1's v: large, finite
