@@ -44,7 +44,8 @@ FAILED=0  # a run or an evaluation failed or was refused: the stage exits 1
 PIDS=()   # the runs started in the background
 
 done_run() {  # name steps: its metrics' last line is step `steps` and its adapter is there
-  [ -f "$OUT/runs/$1/adapter.safetensors" ] && tail -n 1 "$OUT/runs/$1/metrics.jsonl" 2>/dev/null | grep -q "\"step\": $2,"
+  [ -f "$OUT/runs/$1/adapter.safetensors" ] \
+    && tail -n 1 "$OUT/runs/$1/metrics.jsonl" 2>/dev/null | grep -q "\"step\": $2,"
 }
 start() {  # name steps command...: in the background, its output in runs/<name>.log; 1 if nothing started
   local name=$1 steps=$2; shift 2
@@ -53,7 +54,8 @@ start() {  # name steps command...: in the background, its output in runs/<name>
     echo "rest.sh: $OUT/runs/$name holds an unfinished run (its metrics do not reach step $steps); move it away" >&2
     FAILED=1; return 1
   fi
-  ( "$@" > "$OUT/runs/$name.log" 2>&1 || { echo "rest.sh: $name failed (its log: $OUT/runs/$name.log)" >&2; exit 1; } ) &
+  ( "$@" > "$OUT/runs/$name.log" 2>&1 \
+      || { echo "rest.sh: $name failed (its log: $OUT/runs/$name.log)" >&2; exit 1; } ) &
   PIDS+=($!)
 }
 finish() {  # wait for the runs started; one that failed said so
@@ -62,8 +64,9 @@ finish() {  # wait for the runs started; one that failed said so
   PIDS=()
 }
 sft() {  # name budget lr seed
-  start "$1" "$STEPS" python "$ROOT/train_sft.py" --model "$MODEL" --data "$D/fit.jsonl" --batch 64 --micro-tokens 8192 \
-    --grad-ckpt always --save-every 0 ${BUDGET[$2]} --lr "$3" --seed "$4" --steps "$STEPS" $SFT_EXTRA --run-dir "$OUT/runs/$1"
+  start "$1" "$STEPS" python "$ROOT/train_sft.py" --model "$MODEL" --data "$D/fit.jsonl" --batch 64 \
+    --micro-tokens 8192 --grad-ckpt always --save-every 0 ${BUDGET[$2]} --lr "$3" --seed "$4" --steps "$STEPS" \
+    $SFT_EXTRA --run-dir "$OUT/runs/$1"
 }
 grpo() {  # name budget lr seed steps (of a one-epoch schedule)
   start "$1" "$5" python "$ROOT/train_grpo.py" --model "$MODEL" --data "$D/fit.jsonl" --eval-every 0 --epochs 1 \
@@ -82,7 +85,8 @@ evaluate() {  # select|test steps names...: the adapters of those runs finished 
     --max-new-tokens $tokens --gpu-memory-utilization "$EVAL_GPU" $EVAL_EXTRA "${todo[@]}" >> "$OUT/$set.log" 2>&1 \
     || { echo "rest.sh: the evaluation on $set failed (its log: $OUT/$set.log)" >&2; FAILED=1; }
 }
-chosen() {  # prefix (sel- or grpo-sel-): "budget lr" per budget, by the protocol's rule (analyze.chosen); else one line, 1
+chosen() {  # prefix (sel- or grpo-sel-): "budget lr" per budget, by the protocol's rule (analyze.chosen); else
+            # one line and status 1
   [ -f "$OUT/select/summary.jsonl" ] || {
     echo "rest.sh: no $OUT/select/summary.jsonl: nothing is chosen before the selection set has scored the $1 runs" >&2
     return 1; }
@@ -126,7 +130,8 @@ grpo-select)
 grpo-seeds)
   lr=$(awk '$1 == "p13" {print $2}' "$OUT/chosen-grpo.txt" 2>/dev/null)
   [ -n "$lr" ] || { echo "rest.sh: no lr chosen at p13 in $OUT/chosen-grpo.txt: run grpo-select first" >&2; exit 1; }
-  names=(); for s in 0 1 2; do names+=(grpo-p13-lr$lr-seed$s); grpo grpo-p13-lr$lr-seed$s p13 $lr $s "$EPOCH" && sleep "$GAP"; done
+  names=()
+  for s in 0 1 2; do names+=(grpo-p13-lr$lr-seed$s); grpo grpo-p13-lr$lr-seed$s p13 $lr $s "$EPOCH" && sleep "$GAP"; done
   finish
   evaluate test "$EPOCH" "${names[@]}" ;;
 esac
