@@ -67,6 +67,35 @@ def test_bad_input_is_one_line_before_any_side_runs(tiny_dir, data, tmp_path, ed
     assert not os.path.exists(tmp_path / "b.json")
 
 
+@pytest.mark.parametrize("name,content,match", [
+    ("run/metrics.jsonl", '{"step": 1}\n', "a .json path"),
+    ("run/args.json", '{"lr": 0.001}', "run/args.json exists and is not an earlier bench_trl.py result"),
+    ("b.json", "", "b.md exists and is not an earlier bench_trl.py result"),  # a table whose JSON is gone
+])
+def test_out_replaces_only_an_earlier_bench_result(tiny_dir, data, tmp_path, name, content, match, capsys,
+                                                   monkeypatch):
+    """--out never replaces a run's files (or a table it did not write): one line, exit 2, nothing changed."""
+    monkeypatch.setattr(bench_trl, "run_side", lambda *a: pytest.fail("a side ran"))
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    if content:
+        path.write_text(content)
+    else:
+        (tmp_path / "b.md").write_text("| a table |\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, err = refused(tiny_flags(tiny_dir, data, path), capsys)
+    assert code == 2 and err.count("\n") == 1 and match in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_out_may_replace_an_earlier_bench_result(tiny_dir, data, tmp_path, monkeypatch):
+    (tmp_path / "b.json").write_text('{"sides": {}, "summary": {}}')
+    (tmp_path / "b.md").write_text("| a table |\n")
+    monkeypatch.setattr(bench_trl, "run_side", lambda *a: (_ for _ in ()).throw(RuntimeError("checks passed")))
+    with pytest.raises(RuntimeError, match="checks passed"):
+        bench_trl.main(tiny_flags(tiny_dir, data, tmp_path / "b.json"))
+
+
 def test_cuda_without_a_gpu_is_one_line(tiny_dir, data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, err = refused(tiny_flags(tiny_dir, data, tmp_path / "b.json", "--device", "cuda"), capsys)

@@ -189,11 +189,30 @@ def check(args):
     if args.max_model_len <= args.max_new_tokens:
         fail(f"--max-model-len {args.max_model_len} leaves no room for a prompt before {args.max_new_tokens} new "
              "tokens")
+    check_out(args.out)
     if "trl" in args.sides:
         if importlib.util.find_spec("trl") is None:
             fail(f"--sides trl: trl is not installed (pip install trl=={PINNED['trl']})")
         if importlib.util.find_spec("peft") is None or importlib.util.find_spec("peft.tuners.tinylora") is None:
             fail(f"--sides trl: peft with the tinylora tuner is not installed (pip install peft=={PINNED['peft']})")
+
+
+def check_out(out):
+    """--out and the .md beside it replace only an earlier result of this bench (a JSON object with its
+    "sides"; the table beside it): never a run's metrics.jsonl, an adapter or any other file."""
+    if not out.endswith(".json"):
+        fail(f"--out {out}: a .json path (the table goes beside it, .md)")
+    md = out[:-len(".json")] + ".md"
+    try:
+        with open(out) as f:
+            ours = "sides" in json.load(f)
+    except FileNotFoundError:
+        ours = not os.path.exists(md)  # a table without its JSON is not known to be ours
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        fail(f"--out {out}: {out if os.path.exists(out) else md} exists and is not an earlier bench_trl.py result; "
+             "give another path")
 
 
 # -----------------------------------------------------------------------------
