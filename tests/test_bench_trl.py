@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import statistics
 
 import pytest
 import torch
@@ -155,26 +156,78 @@ def test_peft_tinylora_trains_u_numbers_and_starts_at_the_base_model(tiny_dir, d
         assert torch.equal(model(ids).logits, base(ids).logits)  # v = 0: dW = 0, as on our side
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir, data, tmp_path_factory):
+    """Both sides on the tiny model, 2 steps (2 prompts x 2 samples, 4 new tokens): the JSON and the table."""
+    out = tmp_path_factory.mktemp("run") / "b.json"
+    assert bench_trl.main(tiny_flags(tiny_dir, data, out, "--steps", "2")) == 0
+    return json.load(open(out)), open(out.with_suffix(".md")).read()
+
+
 @needs_trl
-def test_both_sides_run_a_tiny_step_on_the_same_prompts(tiny_dir, data, tmp_path):
-    out = tmp_path / "b.json"
-    assert bench_trl.main(tiny_flags(tiny_dir, data, out)) == 0
-    r = json.load(open(out))
+def test_both_sides_run_a_tiny_step_on_the_same_prompts(tiny_run):
+    r, table = tiny_run
     assert r["failed"] == {} and set(r["sides"]) == {"ours", "trl"}
     for side in ("ours", "trl"):
-        (step,) = r["sides"][side]["steps"]
-        assert all(math.isfinite(step[k]) and step[k] >= 0 for k in ("t_step", "t_generate", "t_trainer", "t_sync"))
-        assert step["t_step"] > 0 and 0 < step["tokens"] <= 2 * 2 * 4  # P x G completions of <= 4 tokens
-        if side == "trl":  # Hugging Face generate: no engine, TRL never syncs (ours times an empty call)
-            assert step["t_sync"] == 0
+        steps = r["sides"][side]["steps"]
+        assert len(steps) == 2
+        for step in steps:
+            assert all(math.isfinite(step[k]) and step[k] >= 0 for k in ("t_step", "t_generate", "t_trainer", "t_sync"))
+            assert step["t_step"] > 0 and 0 < step["tokens"] <= 2 * 2 * 4  # P x G completions of <= 4 tokens
+            if side == "trl":  # Hugging Face generate: no engine, TRL never syncs (ours times an empty call)
+                assert step["t_sync"] == 0
         assert r["sides"][side]["peak_gib"] is None and r["sides"][side]["peak_rss_gib"] > 0  # no CUDA here
-        (seen,) = r["sides"][side]["seen"]
-        assert len(seen["rows"]) == 2 and len(seen["prompts"]) == 2
+        for seen in r["sides"][side]["seen"]:
+            assert len(seen["rows"]) == 2 and len(seen["prompts"]) == 2
     assert r["sides"]["ours"]["seen"] == r["sides"]["trl"]["seen"]
     # --reward signal draws from the rows' golds in scoring order: the same rewards on both sides
-    assert r["sides"]["ours"]["steps"][0]["reward"] == r["sides"]["trl"]["steps"][0]["reward"]
-    assert r["same_work"] == {"rows": True, "prompt_ids": True, "steps": 1}
+    assert [s["reward"] for s in r["sides"]["ours"]["steps"]] == [s["reward"] for s in r["sides"]["trl"]["steps"]]
+    assert r["same_work"] == {"rows": True, "prompt_ids": True, "steps": 2}
     assert r["ratio"]["t_step"] == r["summary"]["ours"]["t_step"] / r["summary"]["trl"]["t_step"]
-    table = open(tmp_path / "b.md").read()
     assert "| ours / TRL |" in table and "same rows at every step: yes; same prompt token ids: yes" in table
     assert f"TRL {r['versions']['trl']} + PEFT {r['versions']['peft']} TinyLoRA" in table
+
+
+@needs_trl
+def test_trl_pads_every_micro_batch_to_the_longest_prompt_plus_the_longest_completion(tiny_run):
+    """What TRL's model forward was fed (a hook on it): every micro-batch of 2 completions padded to the
+    generation batch's longest prompt + longest completion, in two passes (logp_old, then the loss)."""
+    r, _ = tiny_run
+    for step in r["sides"]["trl"]["steps"]:
+        fw = step["forwards"]
+        assert step["width"] == step["longest"]  # the padded tensors' width, from the real lengths
+        assert all(f["batch"] == 2 and f["length"] == step["width"] for f in fw)
+        assert [f["grad"] for f in fw] == [False] * 2 + [True] * 2  # 4 completions / 2: logp_old, then loss
+        assert step["padded_tokens"] == sum(f["batch"] * f["length"] for f in fw) == 2 * 4 * step["width"]
+        assert step["real_tokens"] == 2 * step["batch_real"] <= step["padded_tokens"]  # each completion twice
+
+
+@needs_trl
+def test_ours_feeds_each_micro_batch_padded_to_its_own_longest_sequence(tiny_run):
+    """What our decoder was fed (a hook on it) against the sequences our packing handed it: one (B, L)
+    forward per micro-batch, L its longest prompt + completion; the gradient pass's micro-batches are
+    the ones the step logged, holding the samples with an advantage."""
+    r, _ = tiny_run
+    for step in r["sides"]["ours"]["steps"]:
+        fw = step["forwards"]
+        assert fw and all(f["batch"] == len(f["lens"]) and f["length"] == max(f["lens"]) for f in fw)
+        grad = [f for f in fw if f["grad"]]
+        assert len(grad) == step["micro_batches"]
+        if step["signal"]:  # the trained samples, each once in the gradient pass
+            assert sum(f["batch"] for f in grad) == round(step["signal"] * 2 * 2)
+        assert step["padded_tokens"] == sum(f["batch"] * f["length"] for f in fw)
+        assert step["real_tokens"] == sum(sum(f["lens"]) for f in fw) <= step["padded_tokens"]
+
+
+@needs_trl
+def test_table_shows_padded_and_real_tokens_and_their_ratio(tiny_run):
+    r, table = tiny_run
+    assert "| trainer positions / step (padded) | real tokens in them | padded / real |" in table
+    for side, label in (("ours", "| ours (train_grpo.train) |"), ("trl", "| TRL ")):
+        m = r["summary"][side]
+        later = r["sides"][side]["steps"][1:]  # the medians' steps: 2..N
+        assert m["padded_tokens"] == statistics.median(s["padded_tokens"] for s in later)
+        assert m["padded_per_real"] == statistics.median(s["padded_tokens"] / s["real_tokens"] for s in later) >= 1
+        row = next(line for line in table.splitlines() if line.startswith(label))
+        assert f"| {m['padded_tokens']:,.0f} | {m['real_tokens']:,.0f} | {m['padded_per_real']:.2f} |" in row
+    assert r["ratio"]["padded_tokens"] == r["summary"]["ours"]["padded_tokens"] / r["summary"]["trl"]["padded_tokens"]

@@ -274,6 +274,31 @@ def peak_memory():
     return {"peak_gib": cuda, "peak_rss_gib": rss}
 
 
+@contextlib.contextmanager
+def forwards_into(module, into):
+    """Within the block, every forward of `module` appends what it was fed to `into`: batch and length
+    of its input_ids (padding included: batch x length is what it computes), the real tokens among them
+    (attention_mask's ones, left a tensor so that the GPU is not waited for; None without a mask), and
+    whether autograd records it (a gradient pass) or not (a logp_old pass)."""
+    import torch
+
+    def hook(_, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")  # (B, L)
+        into.append(dict(batch=ids.shape[0], length=ids.shape[1], grad=torch.is_grad_enabled(),
+                         real=None if mask is None else mask.sum()))
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def token_counts(forwards):
+    """A step's trainer forwards summed: positions computed (padded) and the real tokens among them."""
+    return dict(padded_tokens=sum(f["batch"] * f["length"] for f in forwards),
+                real_tokens=sum(f["real"] for f in forwards))
+
+
 def versions():
     """The versions that decide the numbers (None: not installed)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -295,13 +320,23 @@ def run_ours(args):
     import task
     import train_grpo
 
-    seen, pick = [], train_grpo.prompts_for
+    seen, forwards, pick, logprobs = [], [], train_grpo.prompts_for, train_grpo.token_logprobs
 
     def recording(*a, **k):  # the rows train() picks for a step, as it picks them
         rows = pick(*a, **k)
         seen.append(dict(rows=[r["id"] for r in rows], prompts=[ids_hash(r["prompt_ids"]) for r in rows]))
+        forwards.append([])
         return rows
-    train_grpo.prompts_for = recording
+
+    def counted(model, seqs, n_prompt, temperature):  # one trainer micro-batch: what the decoder is fed
+        fed = []
+        with forwards_into(model.get_decoder(), fed):
+            out = logprobs(model, seqs, n_prompt, temperature)
+        (f,) = fed  # token_logprobs right-pads the packing's sequences into one (B, L) forward, no mask
+        f.update(lens=[len(s) for s in seqs], real=sum(len(s) for s in seqs))  # prompt + completion ids
+        forwards[-1].append(f)
+        return out
+    train_grpo.prompts_for, train_grpo.token_logprobs = recording, counted
     run_dir = os.path.join(os.path.dirname(os.path.abspath(args.child_out)), "ours-run")  # the driver removes it
     targs = train_grpo.parse_args(ours_argv(args, run_dir))
     reward = make_reward(args, task.task_of(args.data))
@@ -309,7 +344,8 @@ def run_ours(args):
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
     steps = [dict(t_step=m["t_step"], t_generate=m["t_generate"], t_sync=m["t_sync"],
                   t_trainer=m["t_step"] - m["t_generate"] - m["t_sync"], t_logp_old=m["t_logp_old"],
-                  t_update=m["t_update"], tokens=m["tokens"], reward=m["reward"]) for m in metrics]
+                  t_update=m["t_update"], tokens=m["tokens"], reward=m["reward"], micro_batches=m["micro_batches"],
+                  signal=m["signal"], forwards=f, **token_counts(f)) for m, f in zip(metrics, forwards)]
     return dict(steps=steps, seen=seen, **peak_memory())
 
 
@@ -396,10 +432,18 @@ def timed_trainer_class():
 
         def _generate_and_score_completions(self, inputs):
             rows = [x["row"] for x in inputs][::self.num_generations]  # G copies of each row, in a run
-            self.rollouts.append(dict(rows=rows, prompts=[], t_generate=0.0, t_sync=0.0))
+            self.rollouts.append(dict(rows=rows, prompts=[], t_generate=0.0, t_sync=0.0, forwards=[]))
             out = super()._generate_and_score_completions(inputs)
             self.rollouts[-1]["tokens"] = int(out["completion_mask"].sum().item())
+            # the generation batch as TRL pads it (prompts left, completions right), before it is split
+            self.rollouts[-1]["width"] = out["prompt_ids"].shape[1] + out["completion_ids"].shape[1]
+            self.rollouts[-1]["longest"] = int(out["prompt_mask"].sum(1).max() + out["completion_mask"].sum(1).max())
+            self.rollouts[-1]["batch_real"] = int(out["prompt_mask"].sum() + out["completion_mask"].sum())
             return out
+
+        def _get_per_token_logps_and_entropies(self, model, *a, **k):  # every trainer forward (logp_old, loss)
+            with forwards_into(model, self.rollouts[-1]["forwards"]):
+                return super()._get_per_token_logps_and_entropies(model, *a, **k)
 
         def _tokenize_prompts(self, prompts):
             out = super()._tokenize_prompts(prompts)
@@ -461,8 +505,12 @@ def run_trl(args):
     for k, r in enumerate(trainer.rollouts):
         t_step = clock.ends[(k + 1) * UPDATES] - clock.ends[k * UPDATES]
         t_generate = r["t_generate"] - r["t_sync"]  # _generate_single_turn holds the sync
+        for f in r["forwards"]:
+            f["real"] = int(f["real"])
         steps.append(dict(t_step=t_step, t_generate=t_generate, t_sync=r["t_sync"],
-                          t_trainer=t_step - t_generate - r["t_sync"], tokens=r["tokens"], reward=means[k]))
+                          t_trainer=t_step - t_generate - r["t_sync"], tokens=r["tokens"], reward=means[k],
+                          width=r["width"], longest=r["longest"], batch_real=r["batch_real"], forwards=r["forwards"],
+                          **token_counts(r["forwards"])))
     seen = [dict(rows=r["rows"], prompts=r["prompts"]) for r in trainer.rollouts]
     return dict(steps=steps, seen=seen, **peak_memory())
 
@@ -474,7 +522,12 @@ def run_trl(args):
 def summarize(steps):
     """Medians over steps 2..N (all steps if there is only one) of each timing, and the rates."""
     later = steps[1:] or steps
+    for s in later:  # positions the trainer computed per real token it holds
+        s["padded_per_real"] = s["padded_tokens"] / s["real_tokens"] if s.get("real_tokens") else None
     med = {k: statistics.median(s[k] for s in later) for k in ("t_step", "t_generate", "t_trainer", "t_sync", "tokens")}
+    for k in ("padded_tokens", "real_tokens", "padded_per_real"):
+        values = [s[k] for s in later if s.get(k) is not None]
+        med[k] = statistics.median(values) if values else None
     med["gen_tokens_per_s"] = med["tokens"] / med["t_generate"] if med["t_generate"] > 0 else None
     med["step_tokens_per_s"] = med["tokens"] / med["t_step"] if med["t_step"] > 0 else None
     med["median_of_steps"] = f"{2 if len(steps) > 1 else 1}..{len(steps)}"
@@ -515,17 +568,22 @@ def table(results, args):
              f"{args.dtype}, {args.engine} generation, {results['device']}; medians of steps "
              f"{next(iter(results['summary'].values()))['median_of_steps']}",
              "", "| side | step s | generate s | trainer s | sync s | tokens / step | generated tokens/s | "
-             "peak GiB (CUDA reserved) | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "trainer positions / step (padded) | real tokens in them | padded / real | "
+             "peak GiB (CUDA reserved) | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    count = lambda x: "-" if x is None else f"{x:,.0f}"
     for side, m in results["summary"].items():
         r = results["sides"][side]
         lines.append(f"| {label[side]} | {m['t_step']:.2f} | {m['t_generate']:.2f} | {m['t_trainer']:.2f} | "
                      f"{m['t_sync']:.3f} | {m['tokens']:,.0f} | {m['gen_tokens_per_s'] or 0:,.0f} | "
+                     f"{count(m.get('padded_tokens'))} | {count(m.get('real_tokens'))} | "
+                     f"{'-' if m.get('padded_per_real') is None else format(m['padded_per_real'], '.2f')} | "
                      f"{gib(r['peak_gib'])} | {gib(r['peak_rss_gib'])} |")
     if "ratio" in results:
         q = results["ratio"]
-        f = lambda k: "-" if q[k] is None else f"{q[k]:.2f}"
+        f = lambda k: "-" if q.get(k) is None else f"{q[k]:.2f}"
         lines.append(f"| ours / TRL | {f('t_step')} | {f('t_generate')} | {f('t_trainer')} | {f('t_sync')} | "
-                     f"{f('tokens')} | {f('gen_tokens_per_s')} | {f('peak_gib')} | {f('peak_rss_gib')} |")
+                     f"{f('tokens')} | {f('gen_tokens_per_s')} | {f('padded_tokens')} | {f('real_tokens')} | "
+                     f"{f('padded_per_real')} | {f('peak_gib')} | {f('peak_rss_gib')} |")
         s = results["same_work"]
         lines.append(f"\nsame rows at every step: {'yes' if s['rows'] else 'NO'}; same prompt token ids: "
                      f"{'yes' if s['prompt_ids'] else 'NO'} ({s['steps']} steps)")
@@ -562,7 +620,8 @@ def main(argv=None):
     if {"ours", "trl"} <= set(results["sides"]):
         a, b = results["summary"]["ours"], results["summary"]["trl"]
         results["ratio"] = {k: ratio(a[k], b[k]) for k in ("t_step", "t_generate", "t_trainer", "t_sync", "tokens",
-                                                            "gen_tokens_per_s")}
+                                                            "gen_tokens_per_s", "padded_tokens", "real_tokens",
+                                                            "padded_per_real")}
         for k in ("peak_gib", "peak_rss_gib"):
             results["ratio"][k] = ratio(results["sides"]["ours"][k], results["sides"]["trl"][k])
         results["same_work"] = same_work(results)
