@@ -124,8 +124,26 @@ def test_medians_are_of_steps_two_on_and_of_the_only_step_alone():
     # each column its own median, of steps 2..4
     assert (m["t_step"], m["t_generate"], m["t_trainer"], m["tokens"]) == (11.0, 6.0, 3.5, 700)
     assert m["gen_tokens_per_s"] == 700 / 6.0 and m["median_of_steps"] == "2..4"
+    # the spread: min..max over the same steps 2..4 (step 1's 100 s is out)
+    assert m["range"]["t_step"] == [10.0, 12.0] and m["range"]["tokens"] == [600, 800]
+    assert m["padded_tokens"] is None and m["range"]["padded_tokens"] is None  # a column no step has
     one = bench_trl.summarize([step(3.0, 2.0, 30)])
     assert (one["t_step"], one["tokens"], one["median_of_steps"]) == (3.0, 30, "1..1")
+    assert one["range"]["t_step"] == [3.0, 3.0]
+
+
+def test_ratio_range_is_ours_extremes_over_trls_opposite_extremes():
+    step = lambda t: dict(t_step=t, t_generate=t / 2, t_trainer=t / 2, t_sync=0.0, tokens=10)
+    ours = bench_trl.summarize([step(99.0), step(4.0), step(6.0), step(5.0)])
+    trl = bench_trl.summarize([step(99.0), step(20.0), step(10.0), step(16.0)])
+    q = bench_trl.ratios(ours, trl)
+    assert q["t_step"] == 5.0 / 16.0 and q["range"]["t_step"] == [4.0 / 20.0, 6.0 / 10.0]
+    assert q["t_sync"] is None and q["range"]["t_sync"] == [None, None]  # 0 / 0: no ratio
+
+
+def test_default_medians_are_of_at_least_8_steps(tiny_dir, data):
+    args = bench_trl.parse_args(["--model", tiny_dir, "--data", data, "--device", "cpu"])
+    assert args.steps - 1 >= 8  # steps 2..N
 
 
 @needs_trl
@@ -184,6 +202,8 @@ def test_both_sides_run_a_tiny_step_on_the_same_prompts(tiny_run):
     assert [s["reward"] for s in r["sides"]["ours"]["steps"]] == [s["reward"] for s in r["sides"]["trl"]["steps"]]
     assert r["same_work"] == {"rows": True, "prompt_ids": True, "steps": 2}
     assert r["ratio"]["t_step"] == r["summary"]["ours"]["t_step"] / r["summary"]["trl"]["t_step"]
+    for side in ("ours", "trl"):  # the medians and spreads of steps 2..2: step 2's own values
+        assert r["summary"][side]["range"]["t_step"] == [r["sides"][side]["steps"][1]["t_step"]] * 2
     assert "| ours / TRL |" in table and "same rows at every step: yes; same prompt token ids: yes" in table
     assert f"TRL {r['versions']['trl']} + PEFT {r['versions']['peft']} TinyLoRA" in table
 
@@ -229,5 +249,6 @@ def test_table_shows_padded_and_real_tokens_and_their_ratio(tiny_run):
         assert m["padded_tokens"] == statistics.median(s["padded_tokens"] for s in later)
         assert m["padded_per_real"] == statistics.median(s["padded_tokens"] / s["real_tokens"] for s in later) >= 1
         row = next(line for line in table.splitlines() if line.startswith(label))
-        assert f"| {m['padded_tokens']:,.0f} | {m['real_tokens']:,.0f} | {m['padded_per_real']:.2f} |" in row
+        cell = lambda k, f: f"{m[k]:{f}} ({m['range'][k][0]:{f}}..{m['range'][k][1]:{f}})"
+        assert f"| {cell('padded_tokens', ',.0f')} | {cell('real_tokens', ',.0f')} | {cell('padded_per_real', '.2f')} |" in row
     assert r["ratio"]["padded_tokens"] == r["summary"]["ours"]["padded_tokens"] / r["summary"]["trl"]["padded_tokens"]

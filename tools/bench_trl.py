@@ -49,7 +49,7 @@ step with the task reward (almost no group has a signal at the start), 0.32 with
 
     python3 tools/bench_trl.py --device cuda --model qwen/model --data train.jsonl [--reward signal]
 
-(defaults: 6 steps of 64 prompts x 4 samples, 1,024 new tokens, bf16, vLLM at 0.4 of the GPU).
+(defaults: 9 steps, medians of 2..9, of 64 prompts x 4 samples, 1,024 new tokens, bf16, vLLM at 0.4 of the GPU).
 TRL 1.16.0 declares vLLM 0.22.0-0.31.0 (in its import_utils module), so 0.24.0 is inside its range.
 TRL needs datasets (and datasets pyarrow >= 24).
 
@@ -77,6 +77,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]  # the project's modules; too
 
 PROG = "bench_trl.py"
 SIDES = ("ours", "trl")
+COLUMNS = ("t_step", "t_generate", "t_trainer", "t_sync", "tokens", "padded_tokens", "real_tokens", "padded_per_real")
 UPDATES = 2  # optimizer updates per GRPO step, on both sides (ours: --mini-batch = prompts / 2)
 PINNED = {"trl": "1.16.0", "peft": "0.21.2", "vllm (GPU)": "0.24.0"}  # what the GPU command carries
 
@@ -97,7 +98,7 @@ def build_parser():
       "generates with vLLM on both sides, cpu with Hugging Face generate (TRL use_vllm=False, ours "
       "--backend hf)")
     a("--sides", default="ours,trl", help="comma list of the sides to run, in this order: ours, trl")
-    a("--steps", type=int, default=6, help="GRPO steps per side; the medians are of steps 2..N")
+    a("--steps", type=int, default=9, help="GRPO steps per side; the medians (and min..max) are of steps 2..N")
     a("--prompts-per-step", type=int, default=64, help="prompts per GRPO step")
     a("--group-size", type=int, default=4, help="samples per prompt")
     a("--max-new-tokens", type=int, default=1024, help="completion length cap")
@@ -294,9 +295,10 @@ def forwards_into(module, into):
 
 
 def token_counts(forwards):
-    """A step's trainer forwards summed: positions computed (padded) and the real tokens among them."""
-    return dict(padded_tokens=sum(f["batch"] * f["length"] for f in forwards),
-                real_tokens=sum(f["real"] for f in forwards))
+    """A step's trainer forwards summed: positions computed (padded), the real tokens among them, and
+    the positions per real token (None for a step without a trainer forward)."""
+    padded, real = sum(f["batch"] * f["length"] for f in forwards), sum(f["real"] for f in forwards)
+    return dict(padded_tokens=padded, real_tokens=real, padded_per_real=padded / real if real else None)
 
 
 def versions():
@@ -520,18 +522,28 @@ def run_trl(args):
 
 
 def summarize(steps):
-    """Medians over steps 2..N (all steps if there is only one) of each timing, and the rates."""
+    """Medians over steps 2..N (all steps if there is only one) of each column, its spread over the
+    same steps (range[column] = [min, max]), and the rates (of the medians)."""
     later = steps[1:] or steps
-    for s in later:  # positions the trainer computed per real token it holds
-        s["padded_per_real"] = s["padded_tokens"] / s["real_tokens"] if s.get("real_tokens") else None
-    med = {k: statistics.median(s[k] for s in later) for k in ("t_step", "t_generate", "t_trainer", "t_sync", "tokens")}
-    for k in ("padded_tokens", "real_tokens", "padded_per_real"):
+    med = {"range": {}}
+    for k in COLUMNS:
         values = [s[k] for s in later if s.get(k) is not None]
         med[k] = statistics.median(values) if values else None
+        med["range"][k] = [min(values), max(values)] if values else None
     med["gen_tokens_per_s"] = med["tokens"] / med["t_generate"] if med["t_generate"] > 0 else None
     med["step_tokens_per_s"] = med["tokens"] / med["t_step"] if med["t_step"] > 0 else None
     med["median_of_steps"] = f"{2 if len(steps) > 1 else 1}..{len(steps)}"
     return med
+
+
+def ratios(a, b):
+    """ours / TRL of each median, and its range: ours' smallest over TRL's largest .. ours' largest
+    over TRL's smallest (None where a side lacks the column)."""
+    q = {k: ratio(a[k], b[k]) for k in (*COLUMNS, "gen_tokens_per_s")}
+    ra, rb = a["range"], b["range"]
+    q["range"] = {k: [ratio(ra[k][0], rb[k][1]), ratio(ra[k][1], rb[k][0])] if ra[k] and rb[k] else None
+                  for k in COLUMNS}
+    return q
 
 
 def same_work(results):
@@ -566,28 +578,36 @@ def table(results, args):
     gib = lambda x: "-" if x is None else f"{x:.1f}"
     lines = [f"{args.prompts_per_step} prompts x {args.group_size} samples, <= {args.max_new_tokens} new tokens, "
              f"{args.dtype}, {args.engine} generation, {results['device']}; medians of steps "
-             f"{next(iter(results['summary'].values()))['median_of_steps']}",
+             f"{next(iter(results['summary'].values()))['median_of_steps']}, (min..max) of the same steps; "
+             "ours / TRL: the ratio of the medians, (ours' min / TRL's max..ours' max / TRL's min)",
              "", "| side | step s | generate s | trainer s | sync s | tokens / step | generated tokens/s | "
              "trainer positions / step (padded) | real tokens in them | padded / real | "
              "peak GiB (CUDA reserved) | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    count = lambda x: "-" if x is None else f"{x:,.0f}"
+    formats = dict(t_step=".2f", t_generate=".2f", t_trainer=".2f", t_sync=".3f", tokens=",.0f",
+                   padded_tokens=",.0f", real_tokens=",.0f", padded_per_real=".2f")
     for side, m in results["summary"].items():
         r = results["sides"][side]
-        lines.append(f"| {label[side]} | {m['t_step']:.2f} | {m['t_generate']:.2f} | {m['t_trainer']:.2f} | "
-                     f"{m['t_sync']:.3f} | {m['tokens']:,.0f} | {m['gen_tokens_per_s'] or 0:,.0f} | "
-                     f"{count(m.get('padded_tokens'))} | {count(m.get('real_tokens'))} | "
-                     f"{'-' if m.get('padded_per_real') is None else format(m['padded_per_real'], '.2f')} | "
-                     f"{gib(r['peak_gib'])} | {gib(r['peak_rss_gib'])} |")
+        cells = [spread(m, k, formats[k]) for k in COLUMNS]
+        cells[5:5] = [f"{m['gen_tokens_per_s'] or 0:,.0f}"]
+        lines.append(f"| {label[side]} | {' | '.join(cells)} | {gib(r['peak_gib'])} | {gib(r['peak_rss_gib'])} |")
     if "ratio" in results:
         q = results["ratio"]
-        f = lambda k: "-" if q.get(k) is None else f"{q[k]:.2f}"
-        lines.append(f"| ours / TRL | {f('t_step')} | {f('t_generate')} | {f('t_trainer')} | {f('t_sync')} | "
-                     f"{f('tokens')} | {f('gen_tokens_per_s')} | {f('padded_tokens')} | {f('real_tokens')} | "
-                     f"{f('padded_per_real')} | {f('peak_gib')} | {f('peak_rss_gib')} |")
+        cells = [spread(q, k, ".2f") for k in COLUMNS]
+        cells[5:5] = [spread(q, "gen_tokens_per_s", ".2f")]
+        lines.append(f"| ours / TRL | {' | '.join(cells)} | {spread(q, 'peak_gib', '.2f')} | "
+                     f"{spread(q, 'peak_rss_gib', '.2f')} |")
         s = results["same_work"]
         lines.append(f"\nsame rows at every step: {'yes' if s['rows'] else 'NO'}; same prompt token ids: "
                      f"{'yes' if s['prompt_ids'] else 'NO'} ({s['steps']} steps)")
     return "\n".join(lines)
+
+
+def spread(m, k, fmt):
+    """A table cell: the median, and (min..max) where m["range"] has them."""
+    if m.get(k) is None:
+        return "-"
+    lo_hi = m.get("range", {}).get(k)
+    return f"{m[k]:{fmt}}" + ("" if lo_hi is None or None in lo_hi else f" ({lo_hi[0]:{fmt}}..{lo_hi[1]:{fmt}})")
 
 
 def ratio(a, b):
@@ -619,9 +639,7 @@ def main(argv=None):
     results["summary"] = {side: summarize(r["steps"]) for side, r in results["sides"].items()}
     if {"ours", "trl"} <= set(results["sides"]):
         a, b = results["summary"]["ours"], results["summary"]["trl"]
-        results["ratio"] = {k: ratio(a[k], b[k]) for k in ("t_step", "t_generate", "t_trainer", "t_sync", "tokens",
-                                                            "gen_tokens_per_s", "padded_tokens", "real_tokens",
-                                                            "padded_per_real")}
+        results["ratio"] = ratios(a, b)
         for k in ("peak_gib", "peak_rss_gib"):
             results["ratio"][k] = ratio(results["sides"]["ours"][k], results["sides"]["trl"][k])
         results["same_work"] = same_work(results)
