@@ -209,6 +209,17 @@ def test_both_sides_run_a_tiny_step_on_the_same_prompts(tiny_run):
 
 
 @needs_trl
+def test_ours_step_clock_runs_log_step_to_log_step_and_holds_train_grpos_own(tiny_run):
+    """Both clocks run from the end of one step to the end of the next, each side's logging included:
+    ours from log_step's return to the next, so it holds train_grpo's t_step (which ends before
+    log_step) and the metrics line."""
+    r, _ = tiny_run
+    for step in r["sides"]["ours"]["steps"][1:]:
+        assert step["t_step"] >= step["t_step_train_grpo"] > 0
+        assert step["t_trainer"] == step["t_step"] - step["t_generate"] - step["t_sync"]
+
+
+@needs_trl
 def test_trl_pads_every_micro_batch_to_the_longest_prompt_plus_the_longest_completion(tiny_run):
     """What TRL's model forward was fed (a hook on it): every micro-batch of 2 completions padded to the
     generation batch's longest prompt + longest completion, in two passes (logp_old, then the loss)."""
@@ -250,5 +261,5 @@ def test_table_shows_padded_and_real_tokens_and_their_ratio(tiny_run):
         assert m["padded_per_real"] == statistics.median(s["padded_tokens"] / s["real_tokens"] for s in later) >= 1
         row = next(line for line in table.splitlines() if line.startswith(label))
         cell = lambda k, f: f"{m[k]:{f}} ({m['range'][k][0]:{f}}..{m['range'][k][1]:{f}})"
-        assert f"| {cell('padded_tokens', ',.0f')} | {cell('real_tokens', ',.0f')} | {cell('padded_per_real', '.2f')} |" in row
+        assert " | ".join([cell("padded_tokens", ",.0f"), cell("real_tokens", ",.0f"), cell("padded_per_real", ".2f")]) in row
     assert r["ratio"]["padded_tokens"] == r["summary"]["ours"]["padded_tokens"] / r["summary"]["trl"]["padded_tokens"]

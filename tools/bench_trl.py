@@ -301,6 +301,14 @@ def token_counts(forwards):
     return dict(padded_tokens=padded, real_tokens=real, padded_per_real=padded / real if real else None)
 
 
+def now():
+    """perf_counter once the GPU has run what it was given: both sides' step clocks."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def versions():
     """The versions that decide the numbers (None: not installed)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -317,14 +325,26 @@ def versions():
 
 def run_ours(args):
     """train_grpo.train as a user runs it, with the bench's reward; returns per-step timings (from
-    the run's metrics.jsonl: t_generate, t_logp_old, t_update, t_sync, t_step, tokens) and the rows
-    and prompt ids each step used (recorded around train_grpo.prompts_for)."""
+    the run's metrics.jsonl: t_generate, t_logp_old, t_update, t_sync, tokens; t_step on the bench's
+    clock, from the end of one step's log_step to the end of the next, as TRL's runs callback to
+    callback, and train_grpo's own, which ends before log_step, as t_step_train_grpo), the rows and
+    prompt ids each step used (recorded around train_grpo.prompts_for) and what each trainer forward
+    was fed (around train_grpo.token_logprobs)."""
+    import machinery
     import task
     import train_grpo
 
     seen, forwards, pick, logprobs = [], [], train_grpo.prompts_for, train_grpo.token_logprobs
+    ticks, log_step = [], machinery.Run.log_step  # ticks: the first step's start, then every step's end
+
+    def clocked(self, *a, **k):
+        log_step(self, *a, **k)
+        ticks.append(now())
+    machinery.Run.log_step = clocked
 
     def recording(*a, **k):  # the rows train() picks for a step, as it picks them
+        if not ticks:
+            ticks.append(now())
         rows = pick(*a, **k)
         seen.append(dict(rows=[r["id"] for r in rows], prompts=[ids_hash(r["prompt_ids"]) for r in rows]))
         forwards.append([])
@@ -344,10 +364,11 @@ def run_ours(args):
     reward = make_reward(args, task.task_of(args.data))
     train_grpo.train(targs, reward_fn=reward)
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
-    steps = [dict(t_step=m["t_step"], t_generate=m["t_generate"], t_sync=m["t_sync"],
-                  t_trainer=m["t_step"] - m["t_generate"] - m["t_sync"], t_logp_old=m["t_logp_old"],
+    t_steps = [b - a for a, b in zip(ticks, ticks[1:])]
+    steps = [dict(t_step=t, t_step_train_grpo=m["t_step"], t_generate=m["t_generate"], t_sync=m["t_sync"],
+                  t_trainer=t - m["t_generate"] - m["t_sync"], t_logp_old=m["t_logp_old"],
                   t_update=m["t_update"], tokens=m["tokens"], reward=m["reward"], micro_batches=m["micro_batches"],
-                  signal=m["signal"], forwards=f, **token_counts(f)) for m, f in zip(metrics, forwards)]
+                  signal=m["signal"], forwards=f, **token_counts(f)) for t, m, f in zip(t_steps, metrics, forwards)]
     return dict(steps=steps, seen=seen, **peak_memory())
 
 
@@ -415,7 +436,6 @@ def timed_trainer_class():
     """A GRPOTrainer that records, per generation (one per GRPO step), the rows and prompt ids it
     used, seconds of generation and of weight sync, and the completion tokens. Only timers and
     records are added: every method calls TRL's own."""
-    import torch
     from transformers import TrainerCallback
     trl = import_trl()
 
@@ -459,15 +479,15 @@ def timed_trainer_class():
             return out
 
     class StepClock(TrainerCallback):
-        """perf_counter at the start of training and at every optimizer step's end (GPU idle)."""
+        """The clock at the start of training and at every optimizer step's end (GPU idle): a GRPO
+        step runs from one on_step_end of its previous step's last update to its own last update's,
+        TRL's logging of that previous update included (Trainer logs after on_step_end)."""
 
         def __init__(self):
             self.ends = []
 
         def tick(self):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
+            self.ends.append(now())
 
         def on_train_begin(self, *a, **k):
             self.tick()
