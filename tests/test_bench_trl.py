@@ -1,6 +1,8 @@
 """Tests of tools/bench_trl.py's CPU part: bad input refused in one line before anything heavy, the
-recipe as TRL's GRPOConfig and PEFT's TinyLoRA, the medians, and one tiny step of both sides (Hugging
-Face generate, the tiny model) that sees the same rows and prompt ids. No timing is asserted.
+recipe as TRL's GRPOConfig and PEFT's TinyLoRA, the medians and their spread, TRL's "dapo" divisor as
+it runs, and two tiny steps of both sides (Hugging Face generate, the tiny model) that see the same
+rows and prompt ids, with the positions each trainer's forwards computed against what they were fed.
+No timing is asserted beyond the clocks' order.
 
     python -m pytest tests/test_bench_trl.py
 """
@@ -174,6 +176,43 @@ def test_peft_tinylora_trains_u_numbers_and_starts_at_the_base_model(tiny_dir, d
         assert torch.equal(model(ids).logits, base(ids).logits)  # v = 0: dW = 0, as on our side
 
 
+@needs_trl
+def test_trl_dapo_divides_each_update_by_half_the_generations_tokens(tiny_dir, data, monkeypatch):
+    """The divisor the docstring names, as TRL runs it (one tiny step in this process): every micro-batch
+    is divided by num_items_in_batch (the completion tokens of all P x G completions) x A / (2 A), and
+    the Trainer backpropagates that loss as it is (no further division by the A accumulated
+    micro-batches): an update's tokens over half the generation's tokens."""
+    timed, seen = bench_trl.timed_trainer_class, []
+
+    def recording():
+        Trainer, Clock = timed()
+
+        class Recording(Trainer):
+            def compute_loss(self, model, inputs, *a, **k):
+                loss = super().compute_loss(model, inputs, *a, **k)
+                seen.append(dict(n=int(inputs["num_items_in_batch"]), loss=loss.item(),
+                                 a=self.current_gradient_accumulation_steps, spg=self.args.steps_per_generation))
+                return loss
+
+            def training_step(self, *a, **k):
+                seen[-1]["backpropagated"] = (out := super().training_step(*a, **k)).item()
+                return out
+        return Recording, Clock
+    monkeypatch.setattr(bench_trl, "timed_trainer_class", recording)
+    args = bench_trl.parse_args(tiny_flags(tiny_dir, data, "unused.json", "--prompts-per-step", "4",
+                                           "--group-size", "4", "--max-new-tokens", "8"))
+    bench_trl.check(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_side gives each side: two threads stall the tiny model's small ops
+    try:
+        (step,) = bench_trl.run_trl(args)["steps"]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 4 * 4 // 2 and all(s["a"] == 4 and s["spg"] == 8 for s in seen)  # 2 updates of A = 4
+    assert all(s["n"] == step["tokens"] for s in seen)  # the whole generation's completion tokens
+    assert all(s["backpropagated"] == s["loss"] for s in seen) and any(s["loss"] != 0 for s in seen)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_dir, data, tmp_path_factory):
     """Both sides on the tiny model, 2 steps (2 prompts x 2 samples, 4 new tokens): the JSON and the table."""
@@ -261,5 +300,6 @@ def test_table_shows_padded_and_real_tokens_and_their_ratio(tiny_run):
         assert m["padded_per_real"] == statistics.median(s["padded_tokens"] / s["real_tokens"] for s in later) >= 1
         row = next(line for line in table.splitlines() if line.startswith(label))
         cell = lambda k, f: f"{m[k]:{f}} ({m['range'][k][0]:{f}}..{m['range'][k][1]:{f}})"
-        assert " | ".join([cell("padded_tokens", ",.0f"), cell("real_tokens", ",.0f"), cell("padded_per_real", ".2f")]) in row
+        cells = [cell("padded_tokens", ",.0f"), cell("real_tokens", ",.0f"), cell("padded_per_real", ".2f")]
+        assert " | ".join(cells) in row
     assert r["ratio"]["padded_tokens"] == r["summary"]["ours"]["padded_tokens"] / r["summary"]["trl"]["padded_tokens"]

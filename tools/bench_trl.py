@@ -6,31 +6,51 @@ bench runs the same GRPO work through both and times it:
     ours   train_grpo.train, the project's own loop (vLLM in-process, W + dW synced into it)
     trl    trl.GRPOTrainer on a peft.TinyLoraConfig model (vLLM colocated in the same process)
 
-The same work on both sides: the same model and dtype; the same rows in the same order (train_grpo's
-seeded permutation, handed to TRL as an unshuffled dataset); the project's prompt (task.messages in
-the tokenizer's chat template) and reward (task.reward, GSM8K's strict "####" rule); P prompts x G
-samples per step at temperature 1, up to T new tokens; 2 optimizer updates per step; no KL (TRL's
-beta 0); clip 0.2 below, 0.4 above (TRL's epsilon / epsilon_high); the token-mean loss over an
-update's completion tokens (TRL's loss_type "dapo"); importance-sampling correction of vLLM's
-sampling with per-token weights min(exp(logp_old - logp_vllm), 2) (TRL's
+The same objective on both sides: the same model and dtype; the same rows in the same order
+(train_grpo's seeded permutation, handed to TRL as an unshuffled dataset); the project's prompt
+(task.messages in the tokenizer's chat template) and reward (task.reward, GSM8K's strict "####" rule);
+P prompts x G samples per step at temperature 1, up to T new tokens; 2 optimizer updates per step; no
+KL (TRL's beta 0); clip 0.2 below, 0.4 above (TRL's epsilon / epsilon_high); the token mean of the
+clipped surrogate over completion tokens (TRL's loss_type "dapo"); importance-sampling correction of
+vLLM's sampling with per-token weights min(exp(logp_old - logp_vllm), 2) (TRL's
 vllm_importance_sampling_mode "token_truncate", clip_max 2); TinyLoRA with u = 13, r = 2 on all 7
 linear types of every block, one v for all (PEFT: weight_tying=1.0), v = 0 at the start on both
 sides; vLLM at the same share of GPU memory and the same context length. Each side runs in its own
 subprocess (two vLLM engines cannot be made and freed in one process).
 
-Reported per side (medians of steps 2..N; step 1 warms up kernels, the allocator and vLLM's graphs):
-seconds per step; its split into generate (vLLM or HF generate), sync (weights into vLLM) and
-trainer (the rest: rewards, logp_old, forward + backward, optimizer); generated tokens per step and
-per second of generation; peak GPU memory (torch.cuda.max_memory_reserved, vLLM's share included,
-as both run it in-process); and ours / TRL. TRL's phases are wall clocks around its own methods
-(_generate_single_turn, VLLMGeneration.sync_weights) and its step ends (a TrainerCallback). Also
-checked: that both sides saw the same rows and the same prompt token ids, step by step.
+The updates are not bit-identical; two differences in how TRL 1.16.0 runs "dapo" (grpo_trainer.py):
+  - divisor: TRL divides each update's summed token losses by half the generation's completion
+    tokens (_compute_loss: num_items_in_batch, the tokens of all P x G completions, times
+    gradient_accumulation_steps / steps_per_generation, 1/2 here; GRPOTrainer.loss_is_scaled_for_ga
+    is True, so Trainer divides no further), the same for both updates; ours divides update k by
+    its own mini-batch's completion tokens (its P/2 prompts x G samples, zero-advantage ones
+    included: train_grpo.update). Equal only when both halves hold equally many tokens.
+  - shuffle: TRL permutes the P x G completions (shuffle_sequence_dict) before cutting them into
+    micro-batches, so an update holds a random half of them, groups cut across both updates; ours'
+    update k holds prompts k P/2 .. (k+1) P/2 - 1, all G samples of each.
+
+Reported per side, each a median of steps 2..N with its min..max over the same steps (step 1 warms
+up kernels, the allocator and vLLM's graphs): seconds per step; its split into generate (vLLM or HF
+generate), sync (weights into vLLM) and trainer (the rest: rewards, logp_old, forward + backward,
+optimizer, logging); generated tokens per step and per second of generation; the positions the
+trainer's forwards computed (padded: batch x length of the input_ids a hook on the model saw, the
+logp_old and the gradient passes) and the real prompt + completion tokens among them; peak GPU
+memory (torch.cuda.max_memory_reserved, vLLM's share included, as both run it in-process); and ours
+/ TRL. A step runs, on both clocks, from the end of one step to the end of the next, that side's
+logging included: ours from one log_step's return to the next (train_grpo's own t_step, which ends
+before log_step, is kept as t_step_train_grpo), TRL from one TrainerCallback.on_step_end of a step's
+last update to the next. TRL's phases are wall clocks around its own methods (_generate_single_turn,
+VLLMGeneration.sync_weights). Also checked: that both sides saw the same rows and the same prompt
+token ids, step by step.
 
 Where TRL 1.16.0 does not do the same work (the closest configuration is what runs):
   - TRL computes logp_old for all P x G samples in a separate no-grad pass before the updates;
     ours takes the first update's logp_old from its own gradient pass (the same numbers).
   - TRL runs forward + backward over every completion; ours skips groups whose rewards are all
-    equal (their advantage is 0, so they change no gradient). Same loss, less work.
+    equal (their advantage is 0, so they change no gradient). Same objective, less work.
+  - TRL pads every micro-batch to the longest prompt + the longest completion of the whole
+    generation batch (prompts left, completions right; no padding-free path for GRPO); ours packs
+    micro-batches by tokens and pads each to its own longest sequence.
   - TRL's advantages divide by (group std + 1e-4), ours by (group std + 1e-6).
   - TRL syncs every weight of the model into vLLM (PEFT merge_adapter, then all tensors, then
     unmerge_adapter, which round the bf16 base in place); ours sends W + dW of the adapted
@@ -43,15 +63,17 @@ Where TRL 1.16.0 does not do the same work (the closest configuration is what ru
   - lr schedule: TRL constant at --lr; ours warms up over 5% of a full run (speed is the same).
 
 Measured on one H100 (2026-12-06; docs/performance.md has the table, the versions and what each
-difference costs): Qwen2.5-Coder-1.5B-Instruct, bf16, the defaults below; ours / TRL = 0.21 of the
-step with the task reward (almost no group has a signal at the start), 0.32 with --reward signal
-(7 of 8 groups train); trl 1.16.0 and peft 0.21.2 with vLLM 0.24.0, torch 2.11, transformers 5.17:
+difference costs): Qwen2.5-Coder-1.5B-Instruct, bf16, TRL at its defaults (gradient checkpointing
+on, 8 completions per micro-batch), 6 steps, medians of steps 2-6, ours' clock then ending before
+log_step; ours / TRL = 0.21 of the step with the task reward (almost no group has a signal at the
+start), 0.32 with --reward signal (7 of 8 groups train); trl 1.16.0 and peft 0.21.2 with vLLM 0.24.0,
+torch 2.11, transformers 5.17:
 
     python3 tools/bench_trl.py --device cuda --model qwen/model --data train.jsonl [--reward signal]
 
-(defaults: 9 steps, medians of 2..9, of 64 prompts x 4 samples, 1,024 new tokens, bf16, vLLM at 0.4 of the GPU).
-TRL 1.16.0 declares vLLM 0.22.0-0.31.0 (in its import_utils module), so 0.24.0 is inside its range.
-TRL needs datasets (and datasets pyarrow >= 24).
+(defaults: 9 steps, medians of 2..9, of 64 prompts x 4 samples, 1,024 new tokens, bf16, vLLM at 0.4
+of the GPU). TRL 1.16.0 declares vLLM 0.22.0-0.31.0 (in its import_utils module), so 0.24.0 is
+inside its range. TRL needs datasets (and datasets pyarrow >= 24).
 
 On a CPU (the wiring, not a speed result: HF generate on both sides, fp32, the tiny model):
 
