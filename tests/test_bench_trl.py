@@ -155,7 +155,7 @@ def test_trl_config_is_the_recipe(tiny_dir, data, tmp_path):
     per_step = c.per_device_train_batch_size * c.steps_per_generation  # completions per generation
     assert per_step == 64 * 4 and c.num_generations == 4 and c.max_completion_length == 1024
     assert c.steps_per_generation == 2 * c.gradient_accumulation_steps  # 2 optimizer updates per generation
-    assert c.max_steps == 6 * 2 and c.num_iterations == 1 and not c.shuffle_dataset
+    assert c.max_steps == 9 * 2 and c.num_iterations == 1 and not c.shuffle_dataset  # 9 steps by default
     assert (c.beta, c.epsilon, c.epsilon_high, c.loss_type, c.scale_rewards) == (0.0, 0.2, 0.4, "dapo", "group")
     assert c.vllm_importance_sampling_correction and c.vllm_importance_sampling_mode == "token_truncate"
     assert c.vllm_importance_sampling_clip_max == 2.0 and (c.temperature, c.top_p, c.top_k) == (1.0, 1.0, 0)
