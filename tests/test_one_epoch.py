@@ -1,5 +1,5 @@
-"""results/sft-vs-rl/one_epoch.sh as a user runs it, on the tiny CPU model with small settings (a 64-row fit
-set, batches of 8, 6 steps, a 4-row selection evaluation): its select stage trains and scores a run; a run
+"""results/sft-vs-rl/one_epoch.sh as a user runs it, on the tiny CPU model with small settings (a 256-row fit
+set, batches of 8, 30 steps, a 4-row selection evaluation): its select stage trains and scores a run; a run
 stopped by Ctrl-C (its state saved) is continued by the next call of the stage to the same adapter an
 uninterrupted run ends with, from another directory with relative paths; an unfinished folder without a
 saved state is named in one line and left alone.
@@ -18,7 +18,7 @@ import tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "results", "sft-vs-rl", "one_epoch.sh")
 RUN = "ep1-sel-p13-lr1e-3"
-SMALL = dict(STEPS="6", BUDGETS="p13", LRS="1e-3", CKPT="never", EVAL_GPU="0.1", SFT_EXTRA="--batch 8",
+SMALL = dict(STEPS="30", BUDGETS="p13", LRS="1e-3", CKPT="never", EVAL_GPU="0.1", SFT_EXTRA="--batch 8",
              EVAL_EXTRA="--max-new-tokens 8 --limit 4", VLLM_ENABLE_V1_MULTIPROCESSING="0")
 
 
@@ -34,7 +34,7 @@ def one_epoch(model, data, out, cwd, cache):
 
 def data_dir(path):
     os.makedirs(path)
-    tiny.write_jsonl(os.path.join(path, "fit.jsonl"), tiny.problems(64, seed=1))
+    tiny.write_jsonl(os.path.join(path, "fit.jsonl"), tiny.problems(256, seed=1))
     tiny.write_jsonl(os.path.join(path, "select.jsonl"), tiny.problems(8, seed=2))
     tiny.write_jsonl(os.path.join(path, "test.jsonl"), tiny.problems(8, seed=3))
     return path
@@ -51,7 +51,7 @@ def test_a_stopped_run_is_continued_to_the_adapter_an_uninterrupted_run_ends_wit
     p = one_epoch(tiny_dir, data, tmp_path / "whole", tmp_path, tmp_path / "cache")
     assert p.returncode == 0 and p.stderr == "", p.stderr
     whole = tmp_path / "whole" / "runs" / RUN
-    assert metrics(whole)[-1]["step"] == 6
+    assert metrics(whole)[-1]["step"] == 30
     assert json.loads(open(tmp_path / "whole" / "select" / "summary.jsonl").readline())["name"] == RUN
 
     # the same run, started by the stage and stopped by Ctrl-C after its first step
@@ -63,11 +63,11 @@ def test_a_stopped_run_is_continued_to_the_adapter_an_uninterrupted_run_ends_wit
     deadline = time.time() + 600
     while not (os.path.exists(run / "metrics.jsonl") and os.path.getsize(run / "metrics.jsonl")):
         assert time.time() < deadline and stage.poll() is None, "the run never logged a step"
-        time.sleep(0.2)
+        time.sleep(0.01)
     os.killpg(stage.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole process group
     stage.wait(timeout=600)
     stopped_at = metrics(run)[-1]["step"]
-    assert stopped_at < 6 and os.path.exists(run / "trainer_state.pt"), stopped_at
+    assert stopped_at < 30 and os.path.exists(run / "trainer_state.pt"), stopped_at
 
     # the next call, from another directory with relative paths, continues it
     elsewhere = tmp_path / "elsewhere"

@@ -18,7 +18,7 @@ linear types of every block, one v for all (PEFT: weight_tying=1.0), v = 0 at th
 sides; vLLM at the same share of GPU memory and the same context length. Each side runs in its own
 subprocess (two vLLM engines cannot be made and freed in one process).
 
-The updates are not bit-identical; two differences in how TRL 1.16.0 runs "dapo" (grpo_trainer.py):
+The updates are not bit-identical; two differences in how TRL 1.16.0 runs "dapo" (trl.trainer.grpo_trainer):
   - divisor: TRL divides each update's summed token losses by half the generation's completion
     tokens (_compute_loss: num_items_in_batch, the tokens of all P x G completions, times
     gradient_accumulation_steps / steps_per_generation, 1/2 here; GRPOTrainer.loss_is_scaled_for_ga

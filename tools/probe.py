@@ -39,7 +39,7 @@ an hour on 2 CPU cores.
 
 What is data, what is code. 122 of the 227 probes are rows of one table, REFUSALS (at the end of the
 file), read by one runner, refuse(): each is one command that must be refused (exit code 2 and one
-`NAME.py: error:` line matching `mention`, before the weights load unless heavy_ok), with the files it
+`<script>: error:` line matching `mention`, before the weights load unless heavy_ok), with the files it
 must leave unchanged (keep: else lost) and those it must not leave (leftover: else wrong). Four parts
 of it are compact tables in their sections (TRAIN_BAD T01-T42, EVAL_BAD E01-E14, RUN_DAMAGE R01-R10,
 BENCH_BAD); the other rows are written in REFUSALS itself (D01-D05, D11, D14, D18-D20, M02-M08, M11,
