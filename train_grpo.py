@@ -37,7 +37,11 @@ import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM
 
 import engine  # rollouts: vLLM in this process (weight sync), or Hugging Face generate
-import machinery  # what a reader may skip: checks, run folder, memory plan, signals
+import machinery.memory  # what a reader may skip: machinery/ (checks, run folder, memory plan, signals)
+import machinery.options
+import machinery.run
+import machinery.script
+import machinery.update
 import task  # data, prompt, reward
 import tinylora
 
@@ -77,7 +81,7 @@ def build_parser():
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
       help="dtype of the base model (trainer and vLLM): auto is the checkpoint's")
     a("--seed", type=int, default=0, help="seeds data order, P, and sampling; in [0, 10**6)")
-    # how to run (machinery.MACHINERY: these may change on --resume)
+    # how to run (machinery.options.MACHINERY: these may change on --resume)
     a("--micro-tokens", type=int, default=None, help="padded tokens per forward/backward "
       "micro-batch (memory only; gradients accumulate); default: what free GPU memory holds, "
       "8192 on a CPU")
@@ -120,7 +124,7 @@ def tinylora_options(a):
 
 def parse_args(argv=None):
     """The options, plus what was given on the command line (`given`) and the defaults."""
-    return machinery.parse(build_parser(), argv)
+    return machinery.options.parse(build_parser(), argv)
 
 
 # -----------------------------------------------------------------------------
@@ -175,7 +179,7 @@ def token_logprobs(model, seqs, n_prompt, temperature):
     start = torch.tensor(n_prompt, device=dev)[:, None] - 1
     pred = (pos >= start) & (pos < lens[:, None] - 1)  # (B, L)
     h, target = hidden[pred], ids[:, 1:][pred[:, :-1]]  # (N, H), (N,): sequence by sequence
-    head, chunk = model.get_output_embeddings(), machinery.logits_chunk(model.config.vocab_size)
+    head, chunk = model.get_output_embeddings(), machinery.memory.logits_chunk(model.config.vocab_size)
     out = []
     for i in range(0, len(target), chunk):
         part = (head, h[i:i + chunk], target[i:i + chunk], temperature)
@@ -213,7 +217,7 @@ def update(args, model, opt, sched, v, samples, world, act_bytes):
     trained = [[s for s in mb if s["adv"] != 0] for mb in minis]  # a zero advantage: a zero gradient
     # no signal anywhere: one group still runs (no update) so that the trainer/vLLM mismatch is logged
     probe = [] if any(trained) else samples[:args.group_size]
-    plan = machinery.Plan(args, model, samples, trained, probe, act_bytes, v.device)  # micro-batches
+    plan = machinery.update.Plan(args, model, samples, trained, probe, act_bytes, v.device)  # micro-batches
     # logp_old: the trainer's logprobs under the rollout-time v. Mini-batch 0's come free from its
     # own gradient pass below (v has not moved yet); the later ones need a no-grad pass now.
     t0 = time.time()
@@ -223,7 +227,7 @@ def update(args, model, opt, sched, v, samples, world, act_bytes):
                 s["logp_old"] = lp
     t_logp_old = time.time() - t0
 
-    counts = machinery.Counts()
+    counts = machinery.update.Counts()
     for k, micros in enumerate(plan.packs):
         # the token-mean's divisor: every completion token of the mini-batch, zero-advantage ones
         # included, over all ranks; the same for every micro-batch, so the sum is the mini-batch mean
@@ -276,10 +280,10 @@ def sync(llm, model):
 def policy(args, run):
     """The frozen model with TinyLoRA on its linears; v (tie groups, u) is all that trains, by AdamW
     with a linear warmup, then a constant lr. Returns (model, v, optimizer, scheduler)."""
-    with machinery.refusing(f"--model {args.model}: cannot load its weights"):
+    with run.refusing(f"--model {args.model}: cannot load its weights"):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype,
                                                      device_map=run.device)
-    with machinery.refusing(f"--model {args.model}", errors=ValueError):  # e.g. NaN weights
+    with run.refusing(f"--model {args.model}", errors=ValueError):  # e.g. NaN weights
         v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","),
                            args.seed, args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
                            keep_merged=not args.low_memory, rounding=args.rounding)
@@ -292,7 +296,7 @@ def policy(args, run):
 def train(args, reward_fn=None, llm=None):
     """Run GRPO; returns (model, path of the final adapter). reward_fn(text, gold) replaces the
     task's reward (tests, benchmarks); `llm` may be an existing vLLM engine."""
-    run = machinery.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
+    run = machinery.run.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
     args = run.args
     if run.done:  # a finished run resumed: nothing to load
         return None, run.adapter
@@ -300,7 +304,7 @@ def train(args, reward_fn=None, llm=None):
     if llm is None and args.backend == "vllm":  # in the base dtype, never v's fp32
         for _ in tinylora.merged_weights(model):  # the kept W + dW made now: the engine sizes
             pass  # itself to the memory left after them
-        with machinery.refusing("vLLM could not start", machinery.engine_hint(args)):
+        with run.refusing("vLLM could not start", machinery.run.engine_hint(args)):
             llm = engine.make_llm(args.model, str(model.dtype).removeprefix("torch."),
                                   args.seed + run.rank, args.gpu_memory_utilization,
                                   args.max_model_len)
@@ -325,4 +329,4 @@ def train(args, reward_fn=None, llm=None):
 
 
 if __name__ == "__main__":
-    machinery.main(train, parse_args)
+    machinery.script.main(train, parse_args)

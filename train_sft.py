@@ -38,7 +38,10 @@ import time
 import torch
 import torch.distributed as dist
 
-import machinery  # what a reader may skip: checks, run folder, memory plan, signals
+import machinery.memory  # what a reader may skip: machinery/ (checks, run folder, memory plan, signals)
+import machinery.options
+import machinery.run
+import machinery.script
 import task  # data, prompt
 from train_grpo import policy, tinylora_options, token_logprobs  # GRPO's model, v, AdamW; log p
 
@@ -68,7 +71,7 @@ def build_parser():
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
       help="dtype of the base model: auto is the checkpoint's")
     a("--seed", type=int, default=0, help="seeds data order and P; in [0, 10**6)")
-    # how to run (machinery.MACHINERY: these may change on --resume)
+    # how to run (machinery.options.MACHINERY: these may change on --resume)
     a("--micro-tokens", type=int, default=None, help="padded tokens per forward/backward "
       "micro-batch (memory only; gradients accumulate); default: what free GPU memory holds, "
       "8192 on a CPU")
@@ -87,7 +90,7 @@ def build_parser():
 
 def parse_args(argv=None):
     """The options, plus what was given on the command line (`given`) and the defaults."""
-    return machinery.parse(build_parser(), argv)
+    return machinery.options.parse(build_parser(), argv)
 
 
 # -----------------------------------------------------------------------------
@@ -143,13 +146,13 @@ def sft_step(args, model, opt, sched, v, batch, world, act_bytes):
     """One optimizer update on the batch: token-mean cross-entropy of the answer tokens."""
     t0 = time.time()
     longest = max(len(s["ids"]) for s in batch)
-    ckpt, micro_tokens = machinery.micro_batch_plan(args, model, longest, act_bytes)
+    ckpt, micro_tokens = machinery.memory.micro_batch_plan(args, model, longest, act_bytes)
     n_tokens = torch.tensor(float(sum(len(s["ids"]) - s["n_prompt"] for s in batch)),
                             device=v.device)
     if world > 1:
         dist.all_reduce(n_tokens)  # the token-mean is over the whole batch, all ranks
     loss_sum = 0.0
-    for micro in machinery.pack(batch, micro_tokens):
+    for micro in machinery.memory.pack(batch, micro_tokens):
         logp = token_logprobs(model, [s["ids"] for s in micro], [s["n_prompt"] for s in micro], 1.0)
         loss = -logp.sum() / n_tokens
         loss.backward()
@@ -170,24 +173,23 @@ def sft_step(args, model, opt, sched, v, batch, world, act_bytes):
 
 def train(args):
     """Run SFT; returns (model, path of the final adapter)."""
-    run = machinery.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
+    run = machinery.run.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
     args = run.args
     if run.task_name != "gsm8k":
-        machinery.fail(f"--data {args.data}: {run.task_name} rows; SFT trains on GSM8K's worked "
-                       f"solutions")
+        run.fail(f"--data {args.data}: {run.task_name} rows; SFT trains on GSM8K's worked solutions")
     if run.done:
         return None, run.adapter
     for row in run.rows:  # before any weights load
         problem = target_problem(run.tokenizer, row, args.keep_calculator)
         if problem:
-            machinery.fail(f"--data {args.data}: row {row['id'] + 1}: {problem}; SFT trains on worked "
-                           f"solutions ending in '#### N'")
+            run.fail(f"--data {args.data}: row {row['id'] + 1}: {problem}; SFT trains on worked "
+                     f"solutions ending in '#### N'")
         row["target_ids"] = target_ids(run.tokenizer, row, args.keep_calculator)
     long = sum(len(r["prompt_ids"]) + len(r["target_ids"]) > args.max_model_len for r in run.rows)
     if long:
-        machinery.fail(f"--data {args.data}: {long} rows are longer than the context "
-                       f"{args.max_model_len} with their answer; a larger --max-model-len, or data "
-                       f"without them")
+        run.fail(f"--data {args.data}: {long} rows are longer than the context "
+                 f"{args.max_model_len} with their answer; a larger --max-model-len, or data "
+                 f"without them")
     model, v, opt, sched = policy(args, run)  # the same TinyLoRA, AdamW and warmup as GRPO's
     with run.checkpointed(model, v, opt, sched, sync=lambda: None, generate=None):
         for step in run.steps():  # resumes; saves every finished step on Ctrl-C, SIGTERM, crashes
@@ -200,4 +202,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    machinery.main(train, parse_args)
+    machinery.script.main(train, parse_args)
