@@ -43,12 +43,12 @@ import machinery.options
 import machinery.run
 import machinery.script
 import task  # data, prompt
-from train_grpo import policy, tinylora_options, token_logprobs  # GRPO's model, v, AdamW; log p
+from train_grpo import Sample, policy, tinylora_options, token_logprobs  # GRPO's model, v, AdamW; log p
 
 CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -88,7 +88,7 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, plus what was given on the command line (`given`) and the defaults."""
     return machinery.options.parse(build_parser(), argv)
 
@@ -97,12 +97,12 @@ def parse_args(argv=None):
 # the data: prompt + reference answer, in the chat template
 
 
-def answer_text(row, keep_calculator=False):
+def answer_text(row: dict, keep_calculator: bool = False) -> str:
     """The reference solution as the target holds it: calculator annotations stripped unless kept."""
     return row["answer"] if keep_calculator else CALCULATOR.sub("", row["answer"])
 
 
-def target_problem(tokenizer, row, keep_calculator=False):
+def target_problem(tokenizer, row: dict, keep_calculator: bool = False) -> str | None:
     """Why the row's answer cannot be a target, or None. A target must earn the reward itself (a worked
     solution ending in a "#### N" line the strict rule reads, N the gold: not a bare number, as a JSON
     number answer is) and hold no special token's text (the tokenizer would read "<|im_end|>" as the
@@ -117,7 +117,7 @@ def target_problem(tokenizer, row, keep_calculator=False):
     return None
 
 
-def target_ids(tokenizer, row, keep_calculator=False):
+def target_ids(tokenizer, row: dict, keep_calculator: bool = False) -> list[int]:
     """The answer tokens of a row: the chat template's assistant turn holding the reference
     solution, after the prompt (row["prompt_ids"]), through the end-of-turn token."""
     answer = answer_text(row, keep_calculator)
@@ -130,7 +130,8 @@ def target_ids(tokenizer, row, keep_calculator=False):
     return ids[:ids.index(end) + 1] if end in ids else ids
 
 
-def batch_for(rows, step, steps_per_epoch, args, rank=0, world=1):
+def batch_for(rows: list[dict], step: int, steps_per_epoch: int, args, rank: int = 0,
+              world: int = 1) -> list[dict]:
     """This step's rows: a slice of a seeded permutation per epoch; rank r takes every world-th."""
     epoch, offset = divmod(step, steps_per_epoch)
     g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
@@ -142,18 +143,19 @@ def batch_for(rows, step, steps_per_epoch, args, rank=0, world=1):
 # one SFT step, and the run
 
 
-def sft_step(args, model, opt, sched, v, batch, world, act_bytes):
+def sft_step(args, model, opt, sched, v: torch.Tensor, batch: list[Sample], world: int,
+             act_bytes: float | None) -> dict:
     """One optimizer update on the batch: token-mean cross-entropy of the answer tokens."""
     t0 = time.time()
-    longest = max(len(s["ids"]) for s in batch)
+    longest = max(len(s.ids) for s in batch)
     ckpt, micro_tokens = machinery.memory.micro_batch_plan(args, model, longest, act_bytes)
-    n_tokens = torch.tensor(float(sum(len(s["ids"]) - s["n_prompt"] for s in batch)),
+    n_tokens = torch.tensor(float(sum(len(s.ids) - s.n_prompt for s in batch)),
                             device=v.device)
     if world > 1:
         dist.all_reduce(n_tokens)  # the token-mean is over the whole batch, all ranks
     loss_sum = 0.0
     for micro in machinery.memory.pack(batch, micro_tokens):
-        logp = token_logprobs(model, [s["ids"] for s in micro], [s["n_prompt"] for s in micro], 1.0)
+        logp = token_logprobs(model, [s.ids for s in micro], [s.n_prompt for s in micro], 1.0)
         loss = -logp.sum() / n_tokens
         loss.backward()
         loss_sum += loss.item()
@@ -171,7 +173,7 @@ def sft_step(args, model, opt, sched, v, batch, world, act_bytes):
                 grad_ckpt=int(ckpt), t_step=time.time() - t0)
 
 
-def train(args):
+def train(args) -> tuple[torch.nn.Module | None, str]:
     """Run SFT; returns (model, path of the final adapter)."""
     run = machinery.run.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
     args = run.args
@@ -194,7 +196,7 @@ def train(args):
     with run.checkpointed(model, v, opt, sched, sync=lambda: None, generate=None):
         for step in run.steps():  # resumes; saves every finished step on Ctrl-C, SIGTERM, crashes
             rows = batch_for(run.rows, step, run.steps_per_epoch, args, run.rank, run.world)
-            batch = [dict(ids=r["prompt_ids"] + r["target_ids"], n_prompt=len(r["prompt_ids"]))
+            batch = [Sample(ids=r["prompt_ids"] + r["target_ids"], n_prompt=len(r["prompt_ids"]))
                      for r in rows]
             m = run.within_memory(sft_step, batch)
             run.finish_step(step, m)  # metrics line; checkpoint at --save-every

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 
 class Refused(Exception):
-    """What the user can fix, in one line (its message); fail() says it, Run says it for its script."""
+    """What the user can fix (its message, one line). The checks raise it; the Run, or a tool, says it
+    with fail() under its own script's name."""
 
 
 def fail(msg, prog):

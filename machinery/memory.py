@@ -78,8 +78,8 @@ def pack(samples, micro_tokens):
     """Micro-batches of samples, longest first, each at most `micro_tokens` padded tokens (its size
     times its longest sequence): sorting by length leaves little padding."""
     out = []
-    for s in sorted(samples, key=lambda s: -len(s["ids"])):
-        if out and (len(out[-1]) + 1) * len(out[-1][0]["ids"]) <= micro_tokens:
+    for s in sorted(samples, key=lambda s: -len(s.ids)):
+        if out and (len(out[-1]) + 1) * len(out[-1][0].ids) <= micro_tokens:
             out[-1].append(s)
         else:
             out.append([s])

@@ -190,7 +190,7 @@ class Run:
     def log_step(self, step, m, rewards, samples):
         """GRPO's step: its rewards and tokens added to the trainer's metrics, then finish_step."""
         m.update(reward=sum(rewards) / len(rewards), accuracy=sum(x == 1.0 for x in rewards) / len(rewards),
-                 tokens=sum(len(s["logp_vllm"]) for s in samples))
+                 tokens=sum(len(s.logp_vllm) for s in samples))
         self.finish_step(step, m)
 
     def finish_step(self, step, m):

@@ -16,11 +16,11 @@ class Plan:
 
     def __init__(self, args, model, samples, trained, probe, act_bytes, device):
         self.samples, self.trained, self.probe, self.device = samples, trained, probe, device
-        longest = max((len(s["ids"]) for mb in trained + [probe] for s in mb), default=1)
+        longest = max((len(s.ids) for mb in trained + [probe] for s in mb), default=1)
         self.ckpt, self.micro_tokens = micro_batch_plan(args, model, longest, act_bytes)
         self.packs = [pack(mb, self.micro_tokens) for mb in trained]
         for s in samples:
-            s["logp_vllm"] = s["logp_vllm"].to(device)
+            s.logp_vllm = s.logp_vllm.to(device)
 
     def before_update(self):
         """The micro-batches whose logp_old needs a pass before the first update: mini-batches 1..,
@@ -32,8 +32,8 @@ class Plan:
         tis_max / tis_capped (the largest importance weight, the share at the cap), clip_frac (over
         the updates after the first), signal (share of samples in groups with an advantage)."""
         seen = [s for mb in self.trained + [self.probe] for s in mb]
-        n_tok = sum(len(s["logp_vllm"]) for s in seen)
-        diff = torch.cat([s["logp_old"] - s["logp_vllm"] for s in seen]) if seen else torch.zeros(0)
+        n_tok = sum(len(s.logp_vllm) for s in seen)
+        diff = torch.cat([s.logp_old - s.logp_vllm for s in seen]) if seen else torch.zeros(0)
         c = counts.__dict__
         return dict(mismatch=diff.abs().sum().item() / max(n_tok, 1), tis_max=diff.exp().max().item() if n_tok else 1.0,
                     tis_capped=c["capped"] / max(n_tok, 1), clip_frac=c["clipped"] / max(c["can_clip"], 1),

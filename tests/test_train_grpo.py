@@ -78,13 +78,13 @@ def fake_rollouts(model, n_groups, group_size, rewards, seed=1):
     samples = []
     for i in range(n_groups * group_size):
         n, p = int(torch.randint(6, 14, (1,), generator=g)), int(torch.randint(2, 5, (1,), generator=g))
-        samples.append(dict(ids=torch.randint(0, 300, (n,), generator=g).tolist(), n_prompt=p))
+        samples.append(train_grpo.Sample(ids=torch.randint(0, 300, (n,), generator=g).tolist(), n_prompt=p))
     with torch.no_grad():
         for s in samples:
-            lp = train_grpo.token_logprobs(model, [s["ids"]], [s["n_prompt"]], 1.0)
-            s["logp_vllm"] = lp + 0.01 * torch.randn(len(lp), generator=g)
+            lp = train_grpo.token_logprobs(model, [s.ids], [s.n_prompt], 1.0)
+            s.logp_vllm = lp + 0.01 * torch.randn(len(lp), generator=g)
     for s, a in zip(samples, train_grpo.advantages(rewards, group_size)):
-        s["adv"] = a
+        s.adv = a
     return samples
 
 
@@ -161,12 +161,12 @@ def test_token_logprobs_in_lm_head_chunks_equal_one_chunk(tiny_dir, monkeypatch)
 
 
 def test_pack_keeps_each_micro_batch_within_the_token_budget():
-    samples = [dict(ids=[0] * n) for n in (5, 30, 12, 7, 30, 1, 18)]
+    samples = [train_grpo.Sample(ids=[0] * n, n_prompt=0) for n in (5, 30, 12, 7, 30, 1, 18)]
     packs = machinery.memory.pack(samples, micro_tokens=40)
-    assert sorted(len(s["ids"]) for p in packs for s in p) == [1, 5, 7, 12, 18, 30, 30]  # each sample once
+    assert sorted(len(s.ids) for p in packs for s in p) == [1, 5, 7, 12, 18, 30, 30]  # each sample once
     for p in packs:
-        assert len(p) * max(len(s["ids"]) for s in p) <= 40 or len(p) == 1  # padded size within budget
-        assert [len(s["ids"]) for s in p] == sorted((len(s["ids"]) for s in p), reverse=True)
+        assert len(p) * max(len(s.ids) for s in p) <= 40 or len(p) == 1  # padded size within budget
+        assert [len(s.ids) for s in p] == sorted((len(s.ids) for s in p), reverse=True)
     assert [len(p) for p in packs] == [1, 1, 2, 3]  # longest first: 30 | 30 | 18 12 | 7 5 1
 
 
@@ -183,13 +183,13 @@ def test_skipping_zero_advantage_groups_leaves_the_update_unchanged(tiny_dir):
     ref, w = policy(tiny_dir)
     opt, sched = optimizer(w)
     with torch.no_grad():
-        old = [train_grpo.token_logprobs(ref, [s["ids"]], [s["n_prompt"]], 1.0) for s in samples]
+        old = [train_grpo.token_logprobs(ref, [s.ids], [s.n_prompt], 1.0) for s in samples]
     for k in range(2):  # 2 mini-batches of 3 prompts = 6 samples, every sample through the loss
         mb = range(6 * k, 6 * k + 6)
-        tokens = sum(len(samples[i]["logp_vllm"]) for i in mb)
+        tokens = sum(len(samples[i].logp_vllm) for i in mb)
         for i in mb:
-            lp = train_grpo.token_logprobs(ref, [samples[i]["ids"]], [samples[i]["n_prompt"]], 1.0)
-            loss, _, _ = train_grpo.grpo_loss(lp, old[i], samples[i]["logp_vllm"], samples[i]["adv"], 0.2, 0.4, 2.0)
+            lp = train_grpo.token_logprobs(ref, [samples[i].ids], [samples[i].n_prompt], 1.0)
+            loss, _, _ = train_grpo.grpo_loss(lp, old[i], samples[i].logp_vllm, samples[i].adv, 0.2, 0.4, 2.0)
             (loss / tokens).backward()
         torch.nn.utils.clip_grad_norm_(w, 1.0)
         opt.step()
@@ -241,7 +241,7 @@ def test_clip_frac_counts_only_updates_that_can_clip(tiny_dir, monkeypatch):
 def test_non_finite_gradient_skips_the_update(tiny_dir):
     model, v = policy(tiny_dir)
     samples = fake_rollouts(model, 6, 2, [1, 0] * 6)
-    samples[0]["logp_vllm"][0] = float("nan")  # poisons the first mini-batch's gradient
+    samples[0].logp_vllm[0] = float("nan")  # poisons the first mini-batch's gradient
     opt, sched = optimizer(v)
     m = train_grpo.update(update_args(), model, opt, sched, v, samples, 1, None)
     assert m["skipped"] == 1 and torch.isfinite(v).all()
