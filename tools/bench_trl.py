@@ -356,17 +356,17 @@ def run_ours(args):
     callback, and train_grpo's own, which ends before log_step, as t_step_train_grpo), the rows and
     prompt ids each step used (recorded around train_grpo.prompts_for) and what each trainer forward
     was fed (around train_grpo.token_logprobs)."""
-    import machinery
+    import machinery.run
     import task
     import train_grpo
 
     seen, forwards, pick, logprobs = [], [], train_grpo.prompts_for, train_grpo.token_logprobs
-    ticks, log_step = [], machinery.Run.log_step  # ticks: the first step's start, then every step's end
+    ticks, log_step = [], machinery.run.Run.log_step  # ticks: the first step's start, then every step's end
 
     def clocked(self, *a, **k):
         log_step(self, *a, **k)
         ticks.append(now())
-    machinery.Run.log_step = clocked
+    machinery.run.Run.log_step = clocked
 
     def recording(*a, **k):  # the rows train() picks for a step, as it picks them
         if not ticks:
