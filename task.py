@@ -32,7 +32,7 @@ GOLD_RULE = {"gsm8k": " (a number alone after \"#### \"; MATH answers belong in 
 # data and the prompt
 
 
-def load_rows(data, split="test", limit=None):
+def load_rows(data: str, split: str = "test", limit: int | None = None) -> tuple[list[dict], int, str]:
     """(rows [{"id", "question", "gold", "answer"}], n_skipped, task) from a hub name or a .jsonl path (its
     first row's fields tell the task). id: the 0-based row / line index. Rows without a question or
     a usable gold are skipped, noted and counted."""
@@ -62,13 +62,13 @@ def load_rows(data, split="test", limit=None):
     return rows, skipped, task
 
 
-def note(msg):
+def note(msg: str) -> None:
     """A fact about the data (rows skipped) on stderr: information, not a warning of the code's, so
     PYTHONWARNINGS=error does not turn it into a crash."""
     print(f"note: {msg}", file=sys.stderr)
 
 
-def task_of(data):
+def task_of(data: str) -> str:
     """'gsm8k' or 'math500': a hub name says it; a .jsonl's first JSON row tells by its fields."""
     if data in HUB:
         return data
@@ -83,7 +83,7 @@ def task_of(data):
     return task
 
 
-def needs_math_verify(*data):
+def needs_math_verify(*data: str | None) -> bool:
     """Whether any of these data sets is MATH (judged by math-verify); unreadable ones say no."""
     try:
         return any(d is not None and task_of(d) == "math500" for d in data)
@@ -91,14 +91,14 @@ def needs_math_verify(*data):
         return False
 
 
-def _json_or_none(line):
+def _json_or_none(line: str) -> object:
     try:
         return json.loads(line)
     except json.JSONDecodeError:
         return None
 
 
-def load_tokenizer(model):
+def load_tokenizer(model: str):
     """The model's tokenizer, checked to be usable: it has a chat template and encodes text to
     tokens (transformers quietly builds an empty tokenizer where tokenizer.json is missing)."""
     from transformers import AutoTokenizer
@@ -113,20 +113,20 @@ def load_tokenizer(model):
     return tok
 
 
-def messages(question, task="gsm8k"):
+def messages(question: str, task: str = "gsm8k") -> list[dict]:
     """The chat of a prompt: one user turn, the question, a space, the task's instruction (as the
     paper authors' data preprocessing writes it)."""
     return [{"role": "user", "content": question + " " + INSTRUCTION[task]}]  # one space
 
 
-def build_prompt(tokenizer, question, task="gsm8k"):
+def build_prompt(tokenizer, question: str, task: str = "gsm8k") -> list[int]:
     """Token ids of the chat-templated prompt, ready for the assistant's answer."""
     ids = tokenizer.apply_chat_template(messages(question, task), add_generation_prompt=True, tokenize=True,
                                         return_dict=False)
     return list(ids)
 
 
-def context_length(config, max_model_len=None):
+def context_length(config, max_model_len: int | None = None) -> int | None:
     """The context a run uses: max_model_len if given, else the model's max_position_embeddings.
     Raises ValueError for a max_model_len past the model's own."""
     context = getattr(config, "max_position_embeddings", None)
@@ -136,7 +136,8 @@ def context_length(config, max_model_len=None):
     return max_model_len or context
 
 
-def prompts_within(tokenizer, rows, task, max_len):
+def prompts_within(tokenizer, rows: list[dict], task: str,
+                   max_len: int | None) -> tuple[list[dict], list[list[int]], int]:
     """drop_long_prompts of the rows' prompts, made here (max_len None: no limit). A question of
     more than 16 * max_len characters is judged by its start first: if that alone is over max_len
     tokens, the row is dropped untokenized (a 10 MB row then costs milliseconds, not half a minute).
@@ -155,7 +156,8 @@ def prompts_within(tokenizer, rows, task, max_len):
     return rows, prompts, dropped + sum(long)
 
 
-def drop_long_prompts(rows, prompts, max_len, min_new_tokens=1):
+def drop_long_prompts(rows: list[dict], prompts: list[list[int]], max_len: int | None,
+                      min_new_tokens: int = 1) -> tuple[list[dict], list[list[int]], int]:
     """(rows, prompts, n_dropped): the rows, with their prompt ids, whose prompt leaves room for at
     least min_new_tokens new tokens within the context length max_len (vLLM's: its model_config's
     max_model_len). Call it before generating: vLLM refuses a longer prompt, failing the whole
@@ -185,7 +187,7 @@ HARNESS_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # lm-eval's gsm8k f
 HARNESS_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")  # lm-eval's gsm8k exact_match normalisation
 
 
-def gold_of(task, answer):
+def gold_of(task: str, answer: object) -> str | None:
     """The gold answer in a data row's answer text, or None: no gold the reward can pay rightly.
     GSM8K: by the paper's pattern, as completions are read (the first "#### <number>", commas
     removed; a bare answer is read as "#### " + it), so a completion ending in "#### " + the row's
@@ -207,7 +209,7 @@ def gold_of(task, answer):
     return m.group(1).replace(",", "")
 
 
-def _number_text(x):
+def _number_text(x: int | float) -> str | None:
     """A JSON number as the text a completion would write: integers (and integer-valued floats below
     2**53, exact) without ".0", other floats as Python writes them unless in e-notation (None)."""
     if isinstance(x, int):
@@ -218,7 +220,7 @@ def _number_text(x):
     return None if not math.isfinite(x) or "e" in text else text
 
 
-def extract_strict(text):
+def extract_strict(text: str) -> str | None:
     """GSM8K, the paper's rule: the last "#### <number>" within the last 300 characters, commas
     removed (the paper also strips "$", which its pattern never captures); None without one. Prose
     after "####" ("#### The answer is 7"), "#### $90" and "####90" earn nothing; "#### 31.00" is
@@ -227,20 +229,20 @@ def extract_strict(text):
     return found[-1].replace(",", "") if found else None
 
 
-def extract_flexible(text):
+def extract_flexible(text: str) -> str | None:
     """lm-evaluation-harness's gsm8k flexible-extract: the last match of its pattern, or None."""
     found = HARNESS_NUMBER.findall(text)
     return next(g for g in found[-1] if g).strip() if found else None
 
 
-def harness_normal(s):
+def harness_normal(s: str) -> str:
     """lm-eval's normalisation before its gsm8k exact match, for the answer and the gold alike."""
     for pattern in HARNESS_IGNORE:
         s = re.sub(pattern, "", s)
     return s.lower()
 
 
-def extract_boxed(text):
+def extract_boxed(text: str) -> str | None:
     """The last \\boxed{...}'s content, braces balanced (\\boxed{\\frac{1}{2}} -> \\frac{1}{2})."""
     i = text.rfind("\\boxed")
     m = re.match(r"\\boxed\s*{", text[i:]) if i >= 0 else None
@@ -254,13 +256,13 @@ def extract_boxed(text):
     return None  # unbalanced: cut off mid-answer
 
 
-def math_verify(gold, completion, task="gsm8k"):
+def math_verify(gold: str, completion: str, task: str = "gsm8k") -> bool:
     """math-verify's judgement: does `completion` (its own answer search) equal `gold`?"""
     from math_verify import parse, verify
     return bool(verify(parse(gold if task == "gsm8k" else f"${gold}$"), parse(completion)))
 
 
-def strict_answer(task, completion, gold):
+def strict_answer(task: str, completion: str, gold: str) -> tuple[str | None, bool]:
     """(extracted answer, correct) under the task's strict rule, the one definition that both the
     reward and evaluate()'s "strict" use."""
     if task == "gsm8k":
@@ -274,12 +276,12 @@ def strict_answer(task, completion, gold):
     return extracted, extracted is not None and bool(verify(parse(f"${gold}$"), parse(boxed)))
 
 
-def reward(task, completion, gold):
+def reward(task: str, completion: str, gold: str) -> float:
     """THE training reward of either task: 1.0 if the completion is strictly correct, else 0.0."""
     return float(strict_answer(task, completion, gold)[1])
 
 
-def score(task, completion, gold):
+def score(task: str, completion: str, gold: str) -> dict:
     """{"extracted", "strict", "flexible" (GSM8K; else None), "math_verify"} of a completion."""
     extracted, strict = strict_answer(task, completion, gold)
     flexible = None

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -45,7 +46,7 @@ CACHE_DIR = os.environ.get("TINYLORA_CACHE", os.path.expanduser("~/.cache/tinylo
 # the math: which modules, tied how; the frozen SVD factors; the fixed random P
 
 
-def find_modules(names, targets=TARGETS):
+def find_modules(names: Iterable[str], targets: tuple[str, ...] = TARGETS) -> list[str]:
     """Names of decoder-block linears to adapt, ordered by depth, then by target type."""
     found = []
     for name in names:
@@ -56,7 +57,7 @@ def find_modules(names, targets=TARGETS):
     return [name for _, _, name in sorted(found)]
 
 
-def tie_groups(modules, n_tie, tie="tiled", targets=TARGETS):
+def tie_groups(modules: list[str], n_tie: int, tie: str = "tiled", targets: tuple[str, ...] = TARGETS) -> list[int]:
     """The tie group of each module (same order as `modules`): n_tie modules share one v.
     tiled: consecutive runs in (depth, type) order, the paper's better choice; structured: by type
     first (all q_proj, then all k_proj, ...), then depth."""
@@ -73,7 +74,7 @@ def tie_groups(modules, n_tie, tie="tiled", targets=TARGETS):
     return groups
 
 
-def svd_top_r(W, r):
+def svd_top_r(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact top-r SVD of W (d_out, d_in), fp32, canonical signs: U (d_out, r), S (r,), V (d_in, r).
     Contiguous, as a reload from the cache is: strided copies would round products differently.
     On the GPU when there is one, even for a model on the CPU (eval.py's for vLLM): a 1.5B model's
@@ -84,7 +85,7 @@ def svd_top_r(W, r):
     return tuple(x.to(W.device).contiguous() for x in (U, S[:r], V))
 
 
-def canonical_signs(U, V):
+def canonical_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip each pair (u_i, v_i) so that the largest-|entry| of u_i is positive (U V^T unchanged).
     Both signs are valid SVDs but give different adapters: without this, cuSOLVER and LAPACK could
     turn one trained v into two different models."""
@@ -92,12 +93,12 @@ def canonical_signs(U, V):
     return U * sign, V * sign
 
 
-def p_std(u, r):
+def p_std(u: int, r: int) -> float:
     """Standard deviation of P's entries: ALPHA / (r sqrt(u))."""
     return ALPHA / (r * math.sqrt(u))
 
 
-def make_P(seed, index, u, r):
+def make_P(seed: int, index: int, u: int, r: int) -> torch.Tensor:
     """The fixed random P (u, r, r) of module `index`: a CPU generator, fp32, so it is the same on
     every machine. Entries N(0, 1) * 32 / (r sqrt(u)): the paper authors' code draws N(0, 1),
     divides R by sqrt(u) and scales dW by lora_alpha / r with lora_alpha = 32; folded into P, the
@@ -107,7 +108,7 @@ def make_P(seed, index, u, r):
     return torch.randn(u, r, r, generator=g) * p_std(u, r)
 
 
-def require(ok, msg):
+def require(ok: object, msg: str) -> None:
     if not ok:
         raise ValueError(msg)
 
@@ -130,7 +131,8 @@ class TinyLoRADef(nn.Module):
     paper's learning rates apply (a plain torch.randn(u, r, r) is 4.4x smaller at u = 13, r = 2).
     usv: (U, S, V) if computed already (e.g. from a cache), else the SVD is computed here."""
 
-    def __init__(self, base, v, P, group=0, usv=None):
+    def __init__(self, base: nn.Linear, v: torch.Tensor, P: torch.Tensor, group: int = 0,
+                 usv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if not (v.dim() in (1, 2) and P.dim() == 3 and v.shape[-1] == P.shape[0] == len(P) and
                 P.shape[1] == P.shape[2]):
@@ -158,7 +160,7 @@ class TinyLoRADef(nn.Module):
         """dW = U diag(S) R V^T, fp32 (d_out, d_in)."""
         return self.US @ self.R() @ self.V.T
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         y = F.linear(x2, self.base.weight, self.base.bias)  # exactly the frozen layer's output
         h = (x2 @ self.V_w.to(x2.dtype)) @ self.R().T.to(x2.dtype)  # (N, r): x V R^T
@@ -207,7 +209,7 @@ class KeptLinear(torch.autograd.Function):
         return dx, dv, None, None, None, None, None
 
 
-def round_stochastic(x, seed):
+def round_stochastic(x: torch.Tensor, seed: int) -> torch.Tensor:
     """fp32 -> bf16, rounding each entry up with probability equal to its position between its two
     bf16 neighbours (E[result] = x), with a fixed random threshold per entry drawn from `seed`. On
     the bit pattern: add a random 16-bit number below bf16's last mantissa bit, cut those 16 bits
@@ -230,8 +232,9 @@ class TinyLoRALinear(TinyLoRADef):
     to it (straight-through gradient): an adapter saved in that dtype is exactly the trained model.
     """
 
-    def __init__(self, base, v, P, group=0, usv=None, keep_merged=True, v_dtype=torch.float32,
-                 round_seed=None, watch=None):
+    def __init__(self, base: nn.Linear, v: torch.Tensor, P: torch.Tensor, group: int = 0,
+                 usv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, keep_merged: bool = True,
+                 v_dtype: torch.dtype = torch.float32, round_seed: int | None = None, watch: VWatch | None = None):
         super().__init__(base, v, P, group, usv)
         self.v_dtype, self.keep_merged, self.round_seed = v_dtype, keep_merged, round_seed
         self.watch = watch or VWatch(v)  # apply() passes one watch, shared and hooked
@@ -246,7 +249,7 @@ class TinyLoRALinear(TinyLoRADef):
         return v
 
     @torch.no_grad()
-    def merged_weight(self, dtype=None):
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W' = W + dW in `dtype` (default: the base dtype), added in fp32 from the untouched W.
         With keep_merged, in the base dtype: the kept copy, rebuilt if v changed since."""
         dtype = dtype or self.base.weight.dtype
@@ -264,7 +267,7 @@ class TinyLoRALinear(TinyLoRADef):
             return round_stochastic(W, self.round_seed)
         return W.to(dtype)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.keep_merged:
             return super().forward(x)  # the definition
         if self.watch.hook is None:  # no model-level check: look at v now
@@ -277,8 +280,9 @@ class TinyLoRALinear(TinyLoRADef):
 # applying it to a model
 
 
-def choose_modules(named, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, v_dtype="fp32",
-                   rounding="nearest"):
+def choose_modules(named: dict[str, nn.Module], u: int = 13, r: int = 2, n_tie: int | None = None, tie: str = "tiled",
+                   targets: Iterable[str] = TARGETS, v_dtype: str = "fp32",
+                   rounding: str = "nearest") -> tuple[list[str], list[int]]:
     """Check apply()'s arguments against {name: module}; return (adapted module names, the tie
     group of each). Shapes only: a model built on the meta device (no weights) will do."""
     targets = tuple(targets)
@@ -297,8 +301,9 @@ def choose_modules(named, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, v
     return names, groups
 
 
-def apply(model, u=13, r=2, n_tie=None, tie="tiled", targets=TARGETS, seed=0, v_dtype="fp32",
-          cache_dir=CACHE_DIR, verbose=True, keep_merged=True, rounding="nearest"):
+def apply(model: nn.Module, u: int = 13, r: int = 2, n_tie: int | None = None, tie: str = "tiled",
+          targets: Iterable[str] = TARGETS, seed: int = 0, v_dtype: str = "fp32", cache_dir: str | None = CACHE_DIR,
+          verbose: bool = True, keep_merged: bool = True, rounding: str = "nearest") -> nn.Parameter:
     """Freeze `model`, put TinyLoRALinear in place of its target linears; return v (groups, u).
 
     n_tie=None ties all modules to one v. cache_dir: where SVD factors are cached (None: nowhere).
@@ -345,12 +350,12 @@ def _save_pretrained_refused(*args, **kwargs):
                      "plain checkpoint with W + dW merged")
 
 
-def adapted_layers(model):
+def adapted_layers(model: nn.Module) -> list[tuple[str, TinyLoRALinear]]:
     """[(hf_name, TinyLoRALinear)] in module order (depth, then type)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TinyLoRALinear)]
 
 
-def decoder_of(model, names):
+def decoder_of(model: nn.Module, names: list[str]) -> nn.Module:
     """The innermost module holding every adapted layer that runs a forward of its own (Qwen2Model
     for model.layers.*): a forward of the model passes through it before any adapted layer."""
     parts = os.path.commonprefix([n.split(".") for n in names])  # common leading name parts
@@ -360,7 +365,7 @@ def decoder_of(model, names):
     return model.get_submodule(".".join(parts))
 
 
-def describe(model):
+def describe(model: nn.Module) -> str:
     """One line: modules, tie groups, u, r, trainable parameters and their bytes."""
     c, v = model.tinylora_config, model.tinylora_v
     nbytes = v.numel() * V_DTYPES[c["v_dtype"]].itemsize
@@ -370,7 +375,7 @@ def describe(model):
 
 
 @torch.no_grad()
-def merged_weights(model, dtype=None):
+def merged_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, W + dW) of each adapted module, computed in fp32 from the untouched base
     weight and rounded to `dtype` (default: the base dtype); the model is not modified. What weight
     sync into vLLM and export consume: with keep_merged, in the base dtype, the very tensors the
@@ -383,7 +388,7 @@ def merged_weights(model, dtype=None):
 
 
 @torch.no_grad()
-def dw_kept(model, n=4096):
+def dw_kept(model: nn.Module, n: int = 4096) -> float | None:
     """How much of dW survives in the merged weights in the base dtype (what vLLM samples from):
     <W' - W, dW> / <dW, dW> over n evenly spaced entries of every adapted module. 1.0: all of it;
     0.0: rounding erased it (bf16 W + a dW under half a bf16 step rounds back to W). None: dW = 0"""
@@ -408,7 +413,7 @@ CONFIG_KEYS = ("u", "r", "n_tie", "tie", "targets", "seed", "v_dtype", "p_scale"
                "modules", "fingerprint")
 
 
-def fingerprint(weights):
+def fingerprint(weights: Iterable[tuple[str, torch.Tensor]]) -> str:
     """Short hash of named weights from 4096 evenly spaced entries each, rounded to bf16, so a bf16
     and an fp32 load of one checkpoint agree on every device. It tells models and fine-tunes apart;
     it does not notice a single edited entry."""
@@ -421,7 +426,7 @@ def fingerprint(weights):
     return h.hexdigest()[:16]
 
 
-def load_svd(linears, r, fp, cache_dir):
+def load_svd(linears: list[nn.Linear], r: int, fp: str, cache_dir: str | None) -> list[tuple[torch.Tensor, ...]]:
     """[(U, S, V)] of each linear: from cache_dir when there and sound, else computed (and cached
     when the directory is writable; if not, the run goes on without a cache, with a warning). The
     file is keyed by the weights' fingerprint, r and dtype: a bf16 and an fp32 copy of one model
@@ -465,7 +470,7 @@ def load_svd(linears, r, fp, cache_dir):
     return out
 
 
-def save(model, path):
+def save(model: nn.Module, path: str) -> None:
     """The adapter: v in its storage dtype + the config needed to rebuild the rest. No pickle."""
     c = model.tinylora_config
     v = model.tinylora_v.detach().to(V_DTYPES[c["v_dtype"]]).cpu().contiguous()
@@ -474,7 +479,7 @@ def save(model, path):
     os.replace(tmp, path)  # atomic
 
 
-def read_config(path):
+def read_config(path: str) -> dict:
     """The config of the adapter file at `path`, checked: every key present, a known P scale."""
     try:
         with safe_open(path, "pt") as f:
@@ -493,7 +498,7 @@ def read_config(path):
     return c
 
 
-def read_v(path, c):
+def read_v(path: str, c: dict) -> torch.Tensor:
     """v of the adapter at `path` (config c), fp32, in this code's P scaling; checked finite."""
     try:
         v = load_file(path)["v"].float()
@@ -511,7 +516,7 @@ def read_v(path, c):
     return v
 
 
-def check_base(model, path, c=None):
+def check_base(model: nn.Module, path: str, c: dict | None = None) -> None:
     """Raises ValueError unless the adapter at `path` (config c) was made for this model's base
     weights: its modules in the model, and their weights' fingerprint the one it recorded."""
     c = c or read_config(path)
@@ -525,7 +530,8 @@ def check_base(model, path, c=None):
             f"fingerprint {c['fingerprint']}, this model has {fp})")
 
 
-def load(model, path, cache_dir=CACHE_DIR, verbose=True, keep_merged=True):
+def load(model: nn.Module, path: str, cache_dir: str | None = CACHE_DIR, verbose: bool = True,
+         keep_merged: bool = True) -> nn.Parameter:
     """Apply TinyLoRA as recorded in `path` (if not applied yet) and load its v. Returns v.
     Refuses an adapter made for another base model."""
     c = read_config(path)
@@ -543,7 +549,7 @@ def load(model, path, cache_dir=CACHE_DIR, verbose=True, keep_merged=True):
     return model.tinylora_v
 
 
-def export_peft_lora(model, out_dir, base_model_name_or_path=""):
+def export_peft_lora(model: nn.Module, out_dir: str, base_model_name_or_path: str = "") -> None:
     """Write the adapter as a standard rank-r LoRA (PEFT format, loadable by peft and by vLLM's
     --enable-lora): lora_A = V^T (r, d_in), lora_B = U diag(S) R (d_out, r), alpha = r: scale 1.
     Equal to the TinyLoRA model in fp32. On a bf16 base the LoRA adds B A x in bf16 at run time,
@@ -566,7 +572,7 @@ def export_peft_lora(model, out_dir, base_model_name_or_path=""):
 
 
 @torch.no_grad()
-def merge_and_unload(model):
+def merge_and_unload(model: nn.Module) -> nn.Module:
     """Write W + dW into each base linear and put the plain nn.Linear back (for export)."""
     for (_, layer), (_, W) in zip(adapted_layers(model), list(merged_weights(model))):
         layer.base.weight.copy_(W)
@@ -574,7 +580,7 @@ def merge_and_unload(model):
     return model
 
 
-def unapply(model):
+def unapply(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Put each adapted layer's own nn.Linear back (its weight as it is) and forget v; returns
     [(hf_name, weight)] of the restored linears."""
     named = adapted_layers(model)
@@ -588,6 +594,6 @@ def unapply(model):
     return [(f"{name}.weight", layer.base.weight) for name, layer in named]
 
 
-def export_merged(model, out_dir):
+def export_merged(model: nn.Module, out_dir: str) -> None:
     """A plain Hugging Face checkpoint with W + dW merged (consumes the TinyLoRA wrapping)."""
     merge_and_unload(model).save_pretrained(out_dir)

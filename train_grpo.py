@@ -30,14 +30,21 @@ helpers, signals. Ctrl-C, SIGTERM or SIGHUP keep every finished step and exit 13
 import argparse
 import importlib.util
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from torch import Tensor
 from transformers import AutoModelForCausalLM
 
 import engine  # rollouts: vLLM in this process (weight sync), or Hugging Face generate
-import machinery  # what a reader may skip: checks, run folder, memory plan, signals
+import machinery.memory  # what a reader may skip: machinery/ (checks, run folder, memory plan, signals)
+import machinery.options
+import machinery.run
+import machinery.script
+import machinery.update
 import task  # data, prompt, reward
 import tinylora
 
@@ -45,7 +52,7 @@ import tinylora
 # the recipe: every option, its default the paper's
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -77,7 +84,7 @@ def build_parser():
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
       help="dtype of the base model (trainer and vLLM): auto is the checkpoint's")
     a("--seed", type=int, default=0, help="seeds data order, P, and sampling; in [0, 10**6)")
-    # how to run (machinery.MACHINERY: these may change on --resume)
+    # how to run (machinery.options.MACHINERY: these may change on --resume)
     a("--micro-tokens", type=int, default=None, help="padded tokens per forward/backward "
       "micro-batch (memory only; gradients accumulate); default: what free GPU memory holds, "
       "8192 on a CPU")
@@ -103,7 +110,7 @@ def build_parser():
     return p
 
 
-def tinylora_options(a):
+def tinylora_options(a: Callable) -> None:
     """The TinyLoRA options (train_sft.py takes the same)."""
     a("--u", type=int, default=13, help="trainable numbers per tie group (size of v)")
     a("--r", type=int, default=2, help="rank of the frozen truncated SVD of each adapted weight")
@@ -118,16 +125,30 @@ def tinylora_options(a):
     a("--svd-cache", default=tinylora.CACHE_DIR, help="cached SVD factors ('' disables)")
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, plus what was given on the command line (`given`) and the defaults."""
-    return machinery.parse(build_parser(), argv)
+    return machinery.options.parse(build_parser(), argv)
 
 
 # -----------------------------------------------------------------------------
 # one GRPO step, in call order
 
 
-def prompts_for(rows, step, steps_per_epoch, args, rank=0, world=1):
+@dataclass
+class Sample:
+    """One completion of a prompt; group_size of them per prompt, prompt-major. rollout() makes it,
+    the loop sets adv, update() sets logp_old. (train_sft.py's are reference answers: ids, n_prompt.)"""
+    ids: list[int]  # prompt + completion token ids
+    n_prompt: int  # how many of ids are the prompt's
+    text: str = ""  # the completion, decoded: what the reward reads
+    gold: str = ""  # the row's answer
+    logp_vllm: Tensor | None = None  # (T,) the sampler's log p of each of the T completion tokens
+    adv: float = 0.0  # (reward - group mean) / (group std + 1e-6)
+    logp_old: Tensor | None = None  # (T,) the trainer's log p under the rollout-time v
+
+
+def prompts_for(rows: list[dict], step: int, steps_per_epoch: int, args, rank: int = 0,
+                world: int = 1) -> list[dict]:
     """This step's rows: a slice of a seeded permutation per epoch; rank r takes every world-th."""
     epoch, offset = divmod(step, steps_per_epoch)
     g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
@@ -136,7 +157,7 @@ def prompts_for(rows, step, steps_per_epoch, args, rank=0, world=1):
     return [rows[i] for i in batch][rank::world]
 
 
-def rollout_seeds(seed, step, rank, world, n, group_size):
+def rollout_seeds(seed: int, step: int, rank: int, world: int, n: int, group_size: int) -> list[int]:
     """vLLM seeds of a rank's n prompts in a step: sample j of the step's prompt p (p = i * world +
     rank for the rank's prompt i, as prompts_for deals them) gets (seed * 10**6 + step) * 10**6 +
     p * group_size + j. No two samples of a run share a noise stream, a resumed run samples exactly
@@ -144,23 +165,23 @@ def rollout_seeds(seed, step, rank, world, n, group_size):
     return [(seed * 10**6 + step) * 10**6 + (i * world + rank) * group_size for i in range(n)]
 
 
-def rollout(generate, rows, args, seeds):
-    """args.group_size samples per row, prompt-major: dicts with ids (prompt + completion),
-    n_prompt, text, gold and logp_vllm (per completion token). Row i's samples: seeds[i] + j."""
+def rollout(generate, rows: list[dict], args, seeds: list[int]) -> list[Sample]:
+    """args.group_size samples per row, prompt-major, with the sampler's logprobs. Row i's samples
+    are drawn with seeds[i] + j."""
     out = generate([r["prompt_ids"] for r in rows], args.group_size, args.temperature,
                    args.max_new_tokens, seed=seeds)
-    return [dict(ids=o["prompt_ids"] + s["ids"], n_prompt=len(o["prompt_ids"]), text=s["text"],
-                 gold=r["gold"], logp_vllm=torch.tensor(s["logprobs"], dtype=torch.float32))
+    return [Sample(ids=o["prompt_ids"] + s["ids"], n_prompt=len(o["prompt_ids"]), text=s["text"],
+                   gold=r["gold"], logp_vllm=torch.tensor(s["logprobs"], dtype=torch.float32))
             for r, o in zip(rows, out) for s in o["samples"]]
 
 
-def advantages(rewards, group_size):
+def advantages(rewards: list[float], group_size: int) -> list[float]:
     """(reward - group mean) / (group std + 1e-6); a group with equal rewards gets 0, not NaN."""
     r = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1).tolist()
 
 
-def token_logprobs(model, seqs, n_prompt, temperature):
+def token_logprobs(model, seqs: list[list[int]], n_prompt: list[int], temperature: float) -> Tensor:
     """log p of every completion token under `model` at the sampling temperature, flat: sequence 0's
     completion tokens, then sequence 1's, ... seqs: (prompt + completion) id lists; n_prompt: prompt
     lengths. One right-padded forward of the decoder (no KV cache), then the LM head in chunks. No
@@ -175,7 +196,7 @@ def token_logprobs(model, seqs, n_prompt, temperature):
     start = torch.tensor(n_prompt, device=dev)[:, None] - 1
     pred = (pos >= start) & (pos < lens[:, None] - 1)  # (B, L)
     h, target = hidden[pred], ids[:, 1:][pred[:, :-1]]  # (N, H), (N,): sequence by sequence
-    head, chunk = model.get_output_embeddings(), machinery.logits_chunk(model.config.vocab_size)
+    head, chunk = model.get_output_embeddings(), machinery.memory.logits_chunk(model.config.vocab_size)
     out = []
     for i in range(0, len(target), chunk):
         part = (head, h[i:i + chunk], target[i:i + chunk], temperature)
@@ -186,12 +207,13 @@ def token_logprobs(model, seqs, n_prompt, temperature):
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
 
-def _logp(head, h, target, temperature):
+def _logp(head: torch.nn.Module, h: Tensor, target: Tensor, temperature: float) -> Tensor:
     logits = head(h).float() / temperature  # (T, vocab), fp32: bf16 would dominate the mismatch
     return logits.gather(-1, target[:, None])[:, 0] - logits.logsumexp(-1)
 
 
-def grpo_loss(logp, logp_old, logp_vllm, adv, clip_low, clip_high, tis_cap):
+def grpo_loss(logp: Tensor, logp_old: Tensor, logp_vllm: Tensor, adv: float | Tensor, clip_low: float,
+              clip_high: float, tis_cap: float) -> tuple[Tensor, int, int]:
     """Per-token clipped surrogate x truncated IS weight. All (T,) tensors; adv a scalar or (T,).
     Returns (loss summed over tokens, number of clipped tokens, number of capped IS weights)."""
     ratio = torch.exp(logp - logp_old)
@@ -202,7 +224,8 @@ def grpo_loss(logp, logp_old, logp_vllm, adv, clip_low, clip_high, tis_cap):
     return -(tis * surrogate).sum(), n_clipped, n_capped
 
 
-def update(args, model, opt, sched, v, samples, world, act_bytes):
+def update(args, model, opt, sched, v: Tensor, samples: list[Sample], world: int,
+           act_bytes: float | None) -> dict:
     """The step's optimizer updates, one per mini-batch of prompts, on the samples with a non-zero
     advantage; returns the step's trainer metrics. A mini-batch's loss is the token-mean over all
     its completion tokens (all ranks), the zero-advantage ones included: skipping them changes no
@@ -210,34 +233,35 @@ def update(args, model, opt, sched, v, samples, world, act_bytes):
     n_mb = args.prompts_per_step // args.mini_batch
     per = len(samples) // n_mb  # samples per mini-batch on this rank
     minis = [samples[k * per:(k + 1) * per] for k in range(n_mb)]  # one optimizer update each
-    trained = [[s for s in mb if s["adv"] != 0] for mb in minis]  # a zero advantage: a zero gradient
+    trained = [[s for s in mb if s.adv != 0] for mb in minis]  # a zero advantage: a zero gradient
     # no signal anywhere: one group still runs (no update) so that the trainer/vLLM mismatch is logged
     probe = [] if any(trained) else samples[:args.group_size]
-    plan = machinery.Plan(args, model, samples, trained, probe, act_bytes, v.device)  # micro-batches
+    plan = machinery.update.Plan(args, model, samples, trained, probe, act_bytes, v.device)  # packing
     # logp_old: the trainer's logprobs under the rollout-time v. Mini-batch 0's come free from its
     # own gradient pass below (v has not moved yet); the later ones need a no-grad pass now.
     t0 = time.time()
     with torch.no_grad():
         for micro in plan.before_update():
             for s, lp in zip(micro, per_sample(model, micro, args.temperature)[1]):
-                s["logp_old"] = lp
+                s.logp_old = lp
     t_logp_old = time.time() - t0
 
-    counts = machinery.Counts()
+    counts = machinery.update.Counts()
     for k, micros in enumerate(plan.packs):
         # the token-mean's divisor: every completion token of the mini-batch, zero-advantage ones
         # included, over all ranks; the same for every micro-batch, so the sum is the mini-batch mean
-        n_tokens = torch.tensor(float(sum(len(s["logp_vllm"]) for s in minis[k])), device=v.device)
+        n_tokens = torch.tensor(float(sum(len(s.logp_vllm) for s in minis[k])), device=v.device)
         if world > 1:
             dist.all_reduce(n_tokens)
         for micro in micros:
             logp, logp_each = per_sample(model, micro, args.temperature)
             if k == 0:
                 for s, x in zip(micro, logp_each):
-                    s["logp_old"] = x.detach()
-            cat = lambda key: torch.cat([s[key] for s in micro])
-            adv = torch.cat([torch.full_like(s["logp_vllm"], s["adv"]) for s in micro])
-            loss, clipped, capped = grpo_loss(logp, cat("logp_old"), cat("logp_vllm"), adv,
+                    s.logp_old = x.detach()
+            logp_old = torch.cat([s.logp_old for s in micro])
+            logp_vllm = torch.cat([s.logp_vllm for s in micro])
+            adv = torch.cat([torch.full_like(s.logp_vllm, s.adv) for s in micro])
+            loss, clipped, capped = grpo_loss(logp, logp_old, logp_vllm, adv,
                                               args.clip_low, args.clip_high, args.tis_cap)
             (loss / n_tokens).backward()
             counts.micro(k, clipped, capped, len(logp))  # the first update's ratio is 1: no clip
@@ -256,14 +280,13 @@ def update(args, model, opt, sched, v, samples, world, act_bytes):
     return plan.metrics(counts, opt, t_logp_old, time.time() - t0 - t_logp_old)
 
 
-def per_sample(model, micro, temperature):
+def per_sample(model, micro: list[Sample], temperature: float) -> tuple[Tensor, tuple[Tensor, ...]]:
     """token_logprobs of a micro-batch of samples, and the same tensor split per sample."""
-    seqs, n_prompt = [s["ids"] for s in micro], [s["n_prompt"] for s in micro]
-    lp = token_logprobs(model, seqs, n_prompt, temperature)
-    return lp, lp.split([len(s["ids"]) - s["n_prompt"] for s in micro])
+    lp = token_logprobs(model, [s.ids for s in micro], [s.n_prompt for s in micro], temperature)
+    return lp, lp.split([len(s.ids) - s.n_prompt for s in micro])
 
 
-def sync(llm, model):
+def sync(llm, model) -> None:
     """W + dW of the adapted modules into the engine (keep_merged: the trainer's very tensors)."""
     if llm is not None:
         engine.sync_weights(llm, tinylora.merged_weights(model))
@@ -276,10 +299,10 @@ def sync(llm, model):
 def policy(args, run):
     """The frozen model with TinyLoRA on its linears; v (tie groups, u) is all that trains, by AdamW
     with a linear warmup, then a constant lr. Returns (model, v, optimizer, scheduler)."""
-    with machinery.refusing(f"--model {args.model}: cannot load its weights"):
+    with run.refusing(f"--model {args.model}: cannot load its weights"):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype,
                                                      device_map=run.device)
-    with machinery.refusing(f"--model {args.model}", errors=ValueError):  # e.g. NaN weights
+    with run.refusing(f"--model {args.model}", errors=ValueError):  # e.g. NaN weights
         v = tinylora.apply(model, args.u, args.r, args.n_tie, args.tie, args.targets.split(","),
                            args.seed, args.v_dtype, args.svd_cache or None, verbose=run.rank == 0,
                            keep_merged=not args.low_memory, rounding=args.rounding)
@@ -289,10 +312,11 @@ def policy(args, run):
     return model, v, opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup)
 
 
-def train(args, reward_fn=None, llm=None):
+def train(args, reward_fn: Callable[[str, str], float] | None = None,
+          llm=None) -> tuple[torch.nn.Module | None, str]:
     """Run GRPO; returns (model, path of the final adapter). reward_fn(text, gold) replaces the
     task's reward (tests, benchmarks); `llm` may be an existing vLLM engine."""
-    run = machinery.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
+    run = machinery.run.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
     args = run.args
     if run.done:  # a finished run resumed: nothing to load
         return None, run.adapter
@@ -300,7 +324,7 @@ def train(args, reward_fn=None, llm=None):
     if llm is None and args.backend == "vllm":  # in the base dtype, never v's fp32
         for _ in tinylora.merged_weights(model):  # the kept W + dW made now: the engine sizes
             pass  # itself to the memory left after them
-        with machinery.refusing("vLLM could not start", machinery.engine_hint(args)):
+        with run.refusing("vLLM could not start", machinery.run.engine_hint(args)):
             llm = engine.make_llm(args.model, str(model.dtype).removeprefix("torch."),
                                   args.seed + run.rank, args.gpu_memory_utilization,
                                   args.max_model_len)
@@ -313,9 +337,9 @@ def train(args, reward_fn=None, llm=None):
             seeds = rollout_seeds(args.seed, step, run.rank, run.world, len(rows), args.group_size)
             samples = rollout(generate, rows, args, seeds)
             t_generate = time.time() - t0
-            rewards = [reward_fn(s["text"], s["gold"]) for s in samples]
+            rewards = [reward_fn(s.text, s.gold) for s in samples]
             for s, a in zip(samples, advantages(rewards, args.group_size)):
-                s["adv"] = a
+                s.adv = a
             stats = run.within_memory(update, samples)  # out of memory: again, smaller batches
             t1 = time.time()
             sync(llm, model)
@@ -325,4 +349,4 @@ def train(args, reward_fn=None, llm=None):
 
 
 if __name__ == "__main__":
-    machinery.main(train, parse_args)
+    machinery.script.main(train, parse_args)

@@ -38,14 +38,17 @@ import time
 import torch
 import torch.distributed as dist
 
-import machinery  # what a reader may skip: checks, run folder, memory plan, signals
+import machinery.memory  # what a reader may skip: machinery/ (checks, run folder, memory plan, signals)
+import machinery.options
+import machinery.run
+import machinery.script
 import task  # data, prompt
-from train_grpo import policy, tinylora_options, token_logprobs  # GRPO's model, v, AdamW; log p
+from train_grpo import Sample, policy, tinylora_options, token_logprobs  # GRPO's model, v, AdamW; log p
 
 CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -68,7 +71,7 @@ def build_parser():
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
       help="dtype of the base model: auto is the checkpoint's")
     a("--seed", type=int, default=0, help="seeds data order and P; in [0, 10**6)")
-    # how to run (machinery.MACHINERY: these may change on --resume)
+    # how to run (machinery.options.MACHINERY: these may change on --resume)
     a("--micro-tokens", type=int, default=None, help="padded tokens per forward/backward "
       "micro-batch (memory only; gradients accumulate); default: what free GPU memory holds, "
       "8192 on a CPU")
@@ -85,21 +88,21 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, plus what was given on the command line (`given`) and the defaults."""
-    return machinery.parse(build_parser(), argv)
+    return machinery.options.parse(build_parser(), argv)
 
 
 # -----------------------------------------------------------------------------
 # the data: prompt + reference answer, in the chat template
 
 
-def answer_text(row, keep_calculator=False):
+def answer_text(row: dict, keep_calculator: bool = False) -> str:
     """The reference solution as the target holds it: calculator annotations stripped unless kept."""
     return row["answer"] if keep_calculator else CALCULATOR.sub("", row["answer"])
 
 
-def target_problem(tokenizer, row, keep_calculator=False):
+def target_problem(tokenizer, row: dict, keep_calculator: bool = False) -> str | None:
     """Why the row's answer cannot be a target, or None. A target must earn the reward itself (a worked
     solution ending in a "#### N" line the strict rule reads, N the gold: not a bare number, as a JSON
     number answer is) and hold no special token's text (the tokenizer would read "<|im_end|>" as the
@@ -114,7 +117,7 @@ def target_problem(tokenizer, row, keep_calculator=False):
     return None
 
 
-def target_ids(tokenizer, row, keep_calculator=False):
+def target_ids(tokenizer, row: dict, keep_calculator: bool = False) -> list[int]:
     """The answer tokens of a row: the chat template's assistant turn holding the reference
     solution, after the prompt (row["prompt_ids"]), through the end-of-turn token."""
     answer = answer_text(row, keep_calculator)
@@ -127,7 +130,8 @@ def target_ids(tokenizer, row, keep_calculator=False):
     return ids[:ids.index(end) + 1] if end in ids else ids
 
 
-def batch_for(rows, step, steps_per_epoch, args, rank=0, world=1):
+def batch_for(rows: list[dict], step: int, steps_per_epoch: int, args, rank: int = 0,
+              world: int = 1) -> list[dict]:
     """This step's rows: a slice of a seeded permutation per epoch; rank r takes every world-th."""
     epoch, offset = divmod(step, steps_per_epoch)
     g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
@@ -139,18 +143,19 @@ def batch_for(rows, step, steps_per_epoch, args, rank=0, world=1):
 # one SFT step, and the run
 
 
-def sft_step(args, model, opt, sched, v, batch, world, act_bytes):
+def sft_step(args, model, opt, sched, v: torch.Tensor, batch: list[Sample], world: int,
+             act_bytes: float | None) -> dict:
     """One optimizer update on the batch: token-mean cross-entropy of the answer tokens."""
     t0 = time.time()
-    longest = max(len(s["ids"]) for s in batch)
-    ckpt, micro_tokens = machinery.micro_batch_plan(args, model, longest, act_bytes)
-    n_tokens = torch.tensor(float(sum(len(s["ids"]) - s["n_prompt"] for s in batch)),
+    longest = max(len(s.ids) for s in batch)
+    ckpt, micro_tokens = machinery.memory.micro_batch_plan(args, model, longest, act_bytes)
+    n_tokens = torch.tensor(float(sum(len(s.ids) - s.n_prompt for s in batch)),
                             device=v.device)
     if world > 1:
         dist.all_reduce(n_tokens)  # the token-mean is over the whole batch, all ranks
     loss_sum = 0.0
-    for micro in machinery.pack(batch, micro_tokens):
-        logp = token_logprobs(model, [s["ids"] for s in micro], [s["n_prompt"] for s in micro], 1.0)
+    for micro in machinery.memory.pack(batch, micro_tokens):
+        logp = token_logprobs(model, [s.ids for s in micro], [s.n_prompt for s in micro], 1.0)
         loss = -logp.sum() / n_tokens
         loss.backward()
         loss_sum += loss.item()
@@ -168,31 +173,30 @@ def sft_step(args, model, opt, sched, v, batch, world, act_bytes):
                 grad_ckpt=int(ckpt), t_step=time.time() - t0)
 
 
-def train(args):
+def train(args) -> tuple[torch.nn.Module | None, str]:
     """Run SFT; returns (model, path of the final adapter)."""
-    run = machinery.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
+    run = machinery.run.Run(args)  # checks, run dir (locked), data, memory plan; no weights loaded
     args = run.args
     if run.task_name != "gsm8k":
-        machinery.fail(f"--data {args.data}: {run.task_name} rows; SFT trains on GSM8K's worked "
-                       f"solutions")
+        run.fail(f"--data {args.data}: {run.task_name} rows; SFT trains on GSM8K's worked solutions")
     if run.done:
         return None, run.adapter
     for row in run.rows:  # before any weights load
         problem = target_problem(run.tokenizer, row, args.keep_calculator)
         if problem:
-            machinery.fail(f"--data {args.data}: row {row['id'] + 1}: {problem}; SFT trains on worked "
-                           f"solutions ending in '#### N'")
+            run.fail(f"--data {args.data}: row {row['id'] + 1}: {problem}; SFT trains on worked "
+                     f"solutions ending in '#### N'")
         row["target_ids"] = target_ids(run.tokenizer, row, args.keep_calculator)
     long = sum(len(r["prompt_ids"]) + len(r["target_ids"]) > args.max_model_len for r in run.rows)
     if long:
-        machinery.fail(f"--data {args.data}: {long} rows are longer than the context "
-                       f"{args.max_model_len} with their answer; a larger --max-model-len, or data "
-                       f"without them")
+        run.fail(f"--data {args.data}: {long} rows are longer than the context "
+                 f"{args.max_model_len} with their answer; a larger --max-model-len, or data "
+                 f"without them")
     model, v, opt, sched = policy(args, run)  # the same TinyLoRA, AdamW and warmup as GRPO's
     with run.checkpointed(model, v, opt, sched, sync=lambda: None, generate=None):
         for step in run.steps():  # resumes; saves every finished step on Ctrl-C, SIGTERM, crashes
             rows = batch_for(run.rows, step, run.steps_per_epoch, args, run.rank, run.world)
-            batch = [dict(ids=r["prompt_ids"] + r["target_ids"], n_prompt=len(r["prompt_ids"]))
+            batch = [Sample(ids=r["prompt_ids"] + r["target_ids"], n_prompt=len(r["prompt_ids"]))
                      for r in rows]
             m = run.within_memory(sft_step, batch)
             run.finish_step(step, m)  # metrics line; checkpoint at --save-every
@@ -200,4 +204,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    machinery.main(train, parse_args)
+    machinery.script.main(train, parse_args)

@@ -274,7 +274,7 @@ def test_eval_py_scores_as_trainings_in_run_eval(tiny_dir, tiny_llm, tmp_path):
                               "--gpu-memory-utilization", 0.05, "--out", out)
     assert rc == 0, err
     tok = task.load_tokenizer(tiny_dir)
-    generate = engine.make_generate(tiny_llm, None, tok, None)  # machinery.evaluate's call, on train()'s engine
+    generate = engine.make_generate(tiny_llm, None, tok, None)  # machinery.run.evaluate's call, on train()'s engine
     s = E.evaluate(lambda p: generate(p, 1, 0.0, 24), tok, task.load_rows(data)[0], "gsm8k", 24, out_path=str(mine))
     assert out.read_text() == mine.read_text()
     assert summary(stdout) == {"n": "8", **{k: f"{s[k]:.4f}" for k in task.SCORES}, "skipped": "0",

@@ -19,7 +19,13 @@ import pytest
 import torch
 
 import engine
-import machinery
+import machinery.cli
+import machinery.distributed
+import machinery.memory
+import machinery.options
+import machinery.run
+import machinery.run_folder
+import machinery.script
 import task
 import tiny
 import tinylora
@@ -72,13 +78,13 @@ def fake_rollouts(model, n_groups, group_size, rewards, seed=1):
     samples = []
     for i in range(n_groups * group_size):
         n, p = int(torch.randint(6, 14, (1,), generator=g)), int(torch.randint(2, 5, (1,), generator=g))
-        samples.append(dict(ids=torch.randint(0, 300, (n,), generator=g).tolist(), n_prompt=p))
+        samples.append(train_grpo.Sample(ids=torch.randint(0, 300, (n,), generator=g).tolist(), n_prompt=p))
     with torch.no_grad():
         for s in samples:
-            lp = train_grpo.token_logprobs(model, [s["ids"]], [s["n_prompt"]], 1.0)
-            s["logp_vllm"] = lp + 0.01 * torch.randn(len(lp), generator=g)
+            lp = train_grpo.token_logprobs(model, [s.ids], [s.n_prompt], 1.0)
+            s.logp_vllm = lp + 0.01 * torch.randn(len(lp), generator=g)
     for s, a in zip(samples, train_grpo.advantages(rewards, group_size)):
-        s["adv"] = a
+        s.adv = a
     return samples
 
 
@@ -138,7 +144,7 @@ def test_token_logprobs_in_lm_head_chunks_equal_one_chunk(tiny_dir, monkeypatch)
     """The (tokens, vocab) logits are made a chunk at a time (never all at once): same values, same gradient."""
     out = {}
     for chunk in (10**6, 3):
-        monkeypatch.setattr(machinery, "logits_chunk", lambda vocab: chunk)
+        monkeypatch.setattr(machinery.memory, "logits_chunk", lambda vocab: chunk)
         model, v = policy(tiny_dir)
         tinylora_v = v
         with torch.no_grad():
@@ -155,12 +161,12 @@ def test_token_logprobs_in_lm_head_chunks_equal_one_chunk(tiny_dir, monkeypatch)
 
 
 def test_pack_keeps_each_micro_batch_within_the_token_budget():
-    samples = [dict(ids=[0] * n) for n in (5, 30, 12, 7, 30, 1, 18)]
-    packs = machinery.pack(samples, micro_tokens=40)
-    assert sorted(len(s["ids"]) for p in packs for s in p) == [1, 5, 7, 12, 18, 30, 30]  # each sample once
+    samples = [train_grpo.Sample(ids=[0] * n, n_prompt=0) for n in (5, 30, 12, 7, 30, 1, 18)]
+    packs = machinery.memory.pack(samples, micro_tokens=40)
+    assert sorted(len(s.ids) for p in packs for s in p) == [1, 5, 7, 12, 18, 30, 30]  # each sample once
     for p in packs:
-        assert len(p) * max(len(s["ids"]) for s in p) <= 40 or len(p) == 1  # padded size within budget
-        assert [len(s["ids"]) for s in p] == sorted((len(s["ids"]) for s in p), reverse=True)
+        assert len(p) * max(len(s.ids) for s in p) <= 40 or len(p) == 1  # padded size within budget
+        assert [len(s.ids) for s in p] == sorted((len(s.ids) for s in p), reverse=True)
     assert [len(p) for p in packs] == [1, 1, 2, 3]  # longest first: 30 | 30 | 18 12 | 7 5 1
 
 
@@ -177,13 +183,13 @@ def test_skipping_zero_advantage_groups_leaves_the_update_unchanged(tiny_dir):
     ref, w = policy(tiny_dir)
     opt, sched = optimizer(w)
     with torch.no_grad():
-        old = [train_grpo.token_logprobs(ref, [s["ids"]], [s["n_prompt"]], 1.0) for s in samples]
+        old = [train_grpo.token_logprobs(ref, [s.ids], [s.n_prompt], 1.0) for s in samples]
     for k in range(2):  # 2 mini-batches of 3 prompts = 6 samples, every sample through the loss
         mb = range(6 * k, 6 * k + 6)
-        tokens = sum(len(samples[i]["logp_vllm"]) for i in mb)
+        tokens = sum(len(samples[i].logp_vllm) for i in mb)
         for i in mb:
-            lp = train_grpo.token_logprobs(ref, [samples[i]["ids"]], [samples[i]["n_prompt"]], 1.0)
-            loss, _, _ = train_grpo.grpo_loss(lp, old[i], samples[i]["logp_vllm"], samples[i]["adv"], 0.2, 0.4, 2.0)
+            lp = train_grpo.token_logprobs(ref, [samples[i].ids], [samples[i].n_prompt], 1.0)
+            loss, _, _ = train_grpo.grpo_loss(lp, old[i], samples[i].logp_vllm, samples[i].adv, 0.2, 0.4, 2.0)
             (loss / tokens).backward()
         torch.nn.utils.clip_grad_norm_(w, 1.0)
         opt.step()
@@ -235,7 +241,7 @@ def test_clip_frac_counts_only_updates_that_can_clip(tiny_dir, monkeypatch):
 def test_non_finite_gradient_skips_the_update(tiny_dir):
     model, v = policy(tiny_dir)
     samples = fake_rollouts(model, 6, 2, [1, 0] * 6)
-    samples[0]["logp_vllm"][0] = float("nan")  # poisons the first mini-batch's gradient
+    samples[0].logp_vllm[0] = float("nan")  # poisons the first mini-batch's gradient
     opt, sched = optimizer(v)
     m = train_grpo.update(update_args(), model, opt, sched, v, samples, 1, None)
     assert m["skipped"] == 1 and torch.isfinite(v).all()
@@ -271,8 +277,9 @@ def test_out_of_memory_retries_the_updates_from_the_step_start_with_half_the_bud
         return {"lr": opt.param_groups[0]["lr"]}
     v = torch.nn.Parameter(torch.zeros(3))
     opt, sched = optimizer(v)
-    state = machinery.capture(0, v, opt, sched)
-    m, budget = machinery.update_within_memory(update, update_args(), None, opt, sched, v, [], 1, 4 * 2**30, state)
+    state = machinery.run_folder.capture(0, v, opt, sched)
+    m, budget = machinery.memory.update_within_memory(update, update_args(), None, opt, sched, v, [], 1, 4 * 2**30,
+                                                      state)
     assert budgets == [4 * 2**30, 2 * 2**30, 2**30] and budget == 2**30
     clean = torch.nn.Parameter(torch.zeros(3))  # one update from the step's start, as if nothing ran out
     clean.grad = torch.ones(3)
@@ -281,7 +288,8 @@ def test_out_of_memory_retries_the_updates_from_the_step_start_with_half_the_bud
     assert torch.equal(v.detach(), clean.detach()) and opt.state_dict()["state"][0]["step"] == 1
     assert "retrying the updates with micro-batches for 1.0 GiB" in capsys.readouterr().out
     with pytest.raises(torch.OutOfMemoryError):  # a fixed --micro-tokens is the user's choice: no retry
-        machinery.update_within_memory(update, update_args("--micro-tokens", "64"), None, opt, sched, v, [], 1, 2**32, state)
+        machinery.memory.update_within_memory(update, update_args("--micro-tokens", "64"), None, opt, sched, v, [], 1,
+                                              2**32, state)
 
 
 def test_activation_estimate_matches_what_autograd_keeps():
@@ -304,7 +312,7 @@ def test_activation_estimate_matches_what_autograd_keeps():
         layer(x, position_embeddings=pos, attention_mask=None)
     weights = {t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}  # (W' included)
     measured = sum(b for ptr, b in saved.items() if ptr not in weights) / T
-    estimate = machinery.activation_bytes(config, 2, False) / (config.num_hidden_layers + 2)
+    estimate = machinery.memory.activation_bytes(config, 2, False) / (config.num_hidden_layers + 2)
     assert 0.75 < measured / estimate < 1.25, (measured, estimate)
 
 
@@ -319,25 +327,25 @@ def test_a_gpu_too_small_is_refused_with_the_numbers(monkeypatch, capsys):
     names, _ = tinylora.choose_modules(dict(meta.named_modules()))
     args = train_grpo.parse_args(["--backend", "vllm"])
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (79 * 2**30, 79 * 2**30))
-    machinery.check_memory(args, meta, names, 512 + 4096)  # fits: returns
+    machinery.memory.check_memory(args, meta, names, 512 + 4096)  # fits: returns
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (40 * 2**30, 40 * 2**30))
-    with pytest.raises(SystemExit) as e:
-        machinery.check_memory(args, meta, names, 512 + 4096)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "this GPU has 40.0 GiB" in err and "trainer weights 14.2" in err
+    with pytest.raises(machinery.cli.Refused) as e:  # the Run says it in one line, exit 2
+        machinery.memory.check_memory(args, meta, names, 512 + 4096)
+    err = str(e.value)
+    assert "this GPU has 40.0 GiB" in err and "trainer weights 14.2" in err
     assert "kept W + dW 12.2" in err and "--low-memory" in err
 
 
 def test_micro_batch_plan_checkpoints_only_when_the_longest_sequence_needs_it(tiny_dir):
     model, _ = policy(tiny_dir)
-    per_token = machinery.activation_bytes(model.config, 4, False)
+    per_token = machinery.memory.activation_bytes(model.config, 4, False)
     args = update_args()
-    ckpt, tokens = machinery.micro_batch_plan(args, model, 100, act_bytes=per_token * 1000)
+    ckpt, tokens = machinery.memory.micro_batch_plan(args, model, 100, act_bytes=per_token * 1000)
     assert not ckpt and tokens == 1000 and not model.is_gradient_checkpointing
-    ckpt, tokens = machinery.micro_batch_plan(args, model, 1100, act_bytes=per_token * 1000)
+    ckpt, tokens = machinery.memory.micro_batch_plan(args, model, 1100, act_bytes=per_token * 1000)
     assert ckpt and model.is_gradient_checkpointing
-    assert tokens == per_token * 1000 // machinery.activation_bytes(model.config, 4, True)
-    ckpt, tokens = machinery.micro_batch_plan(update_args("--grad-ckpt", "never"), model, 2000, per_token * 1000)
+    assert tokens == per_token * 1000 // machinery.memory.activation_bytes(model.config, 4, True)
+    ckpt, tokens = machinery.memory.micro_batch_plan(update_args("--grad-ckpt", "never"), model, 2000, per_token * 1000)
     assert not ckpt and tokens == 2000  # at least the longest sequence
 
 
@@ -399,20 +407,21 @@ def test_a_damaged_or_misnamed_run_dir_is_refused(tiny_dir, data, tmp_path, caps
     assert e.value.code == 2 and "is a file, not a directory" in capsys.readouterr().err
     run = tmp_path / "run"
     train_grpo.train(args_for(tiny_dir, data, run, "--steps", "1"), length_reward)
-    with pytest.raises(SystemExit) as e:  # --run-dir and --resume name different folders
-        machinery.open_run(train_grpo.parse_args(["--resume", str(run), "--run-dir", str(tmp_path / "other")]))
-    assert e.value.code == 2 and "a resumed run stays in its own directory" in capsys.readouterr().err
+    with pytest.raises(machinery.cli.Refused) as e:  # --run-dir and --resume name different folders
+        machinery.run_folder.open_run(train_grpo.parse_args(["--resume", str(run), "--run-dir",
+                                                             str(tmp_path / "other")]))
+    assert "a resumed run stays in its own directory" in str(e.value)
     os.rename(run / "trainer_state.pt", tmp_path / "state")  # lost after steps were logged: never start over
-    with pytest.raises(SystemExit) as e:
-        machinery.open_run(train_grpo.parse_args(["--resume", str(run)]))
-    assert e.value.code == 2 and "trainer_state.pt is missing, yet steps are logged" in capsys.readouterr().err
+    with pytest.raises(machinery.cli.Refused) as e:
+        machinery.run_folder.open_run(train_grpo.parse_args(["--resume", str(run)]))
+    assert "trainer_state.pt is missing, yet steps are logged" in str(e.value)
     os.rename(tmp_path / "state", run / "trainer_state.pt")
     for name, junk in (("adapter.safetensors", b"garbage"), ("trainer_state.pt", b"\x80"), ("args.json", b"{x")):
         good = (run / name).read_bytes()
         (run / name).write_bytes(junk)
-        with pytest.raises(SystemExit) as e:
-            machinery.open_run(train_grpo.parse_args(["--resume", str(run)]))
-        assert e.value.code == 2 and ("damaged" in capsys.readouterr().err or name == "args.json")
+        with pytest.raises(machinery.cli.Refused) as e:
+            machinery.run_folder.open_run(train_grpo.parse_args(["--resume", str(run)]))
+        assert "damaged" in str(e.value) or name == "args.json"
         (run / name).write_bytes(good)
 
 
@@ -506,7 +515,7 @@ def test_sigterm_or_sighup_saves_the_finished_steps_and_exits_130(tiny_dir, data
     cmd = [sys.executable, os.path.join(ROOT, "train_grpo.py"), *flags_for(tiny_dir, data, run, "--steps", "1000",
                                                                              "--save-every", "0")]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CPU_ONLY)
-    while len(list(machinery.logged(str(run / "metrics.jsonl")))) < 2:
+    while len(list(machinery.run_folder.logged(str(run / "metrics.jsonl")))) < 2:
         time.sleep(0.05)
         assert p.poll() is None, p.stdout.read()
     p.send_signal(sig)
@@ -542,7 +551,8 @@ def test_resume_refuses_to_rewrite_history(tiny_dir, data, tmp_path, capsys):
     assert [x["step"] for x in metrics(tmp_path)] == [1, 2, 3]
 
 
-HOLD = ("import sys, time; sys.path.insert(0, sys.argv[1]); import machinery; machinery.lock(sys.argv[2], create=True); "
+HOLD = ("import sys, time; sys.path.insert(0, sys.argv[1]); import machinery.run_folder as f; "
+        "f.lock(sys.argv[2], 'train_grpo.py', create=True); "
         "print('held', flush=True); time.sleep(300)")
 
 
@@ -569,17 +579,17 @@ def test_a_run_dir_is_owned_by_one_live_process(tiny_dir, data, tmp_path, capsys
 def test_a_stop_right_after_a_metrics_line_keeps_that_step(tiny_dir, data, tmp_path, monkeypatch):
     """A step is finished once its metrics line is written: a signal landing just after it (here the
     KeyboardInterrupt a SIGTERM handler raises, at that very point) saves the state after that step."""
-    log = machinery.log
+    log = machinery.run_folder.log
 
     def log_then_stop(path, m, wandb=None):
         log(path, m, wandb)
         if m["step"] == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(machinery, "log", log_then_stop)
+    monkeypatch.setattr(machinery.run_folder, "log", log_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "4", "--save-every", "0"), length_reward)
     assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 2 == len(metrics(tmp_path))
-    monkeypatch.setattr(machinery, "log", log)
+    monkeypatch.setattr(machinery.run_folder, "log", log)
     model, _ = train_grpo.train(train_grpo.parse_args(["--resume", str(tmp_path)]), length_reward)
     assert [x["step"] for x in metrics(tmp_path)] == [1, 2, 3, 4]
     full, _ = train_grpo.train(args_for(tiny_dir, data, tmp_path / "full", "--steps", "4"), length_reward)
@@ -590,8 +600,8 @@ def test_a_signal_noted_inside_an_import_stops_the_run_before_the_next_step(tiny
     """stop_like_ctrl_c only notes a signal that lands inside an import (raised there, torch's import can
     abort or an import guard swallow it); Run.steps() raises it before the next step, the steps done saved."""
     noted = []
-    monkeypatch.setattr(machinery, "SIGNALS", noted)
-    (tmp_path / "slow.py").write_text("import signal, sys\nsys.modules['machinery'].stop_like_ctrl_c("
+    monkeypatch.setattr(machinery.script, "SIGNALS", noted)
+    (tmp_path / "slow.py").write_text("import signal, sys\nsys.modules['machinery.script'].stop_like_ctrl_c("
                                       "signal.SIGTERM, sys._getframe())\nDONE = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     calls = []
@@ -819,7 +829,7 @@ def test_an_error_during_the_steps_starts_on_its_own_line(capsys):
     steps = iter(tqdm(range(5), desc="grpo"))
     next(steps)
     with pytest.raises(SystemExit) as e:  # while the bar is open, as in the loop
-        machinery.fail("no space left on the device")
+        machinery.cli.fail("no space left on the device", "train_grpo.py")
     lines = capsys.readouterr().err.splitlines()
     assert e.value.code == 2 and lines[-1] == "train_grpo.py: error: no space left on the device", lines[-2:]
 
@@ -828,16 +838,17 @@ def test_an_error_is_told_by_its_informative_line():
     pydantic = ("1 validation error for ModelConfig\n  Value error, Model architectures ['MyLM'] are not supported "
                 "for now. [type=value_error, input_value=ArgsKwargs(...), input_type=ArgsKwargs]\n"
                 "    For further information visit https://errors.pydantic.dev/2.14/v/value_error")
-    assert machinery.first_line(ValueError(pydantic)).startswith("Value error, Model architectures ['MyLM']")
-    assert machinery.first_line(ValueError("some vLLM detail\nNo available memory for the cache blocks.")) == \
+    assert machinery.cli.first_line(ValueError(pydantic)).startswith("Value error, Model architectures ['MyLM']")
+    assert machinery.cli.first_line(ValueError("some vLLM detail\nNo available memory for the cache blocks.")) == \
         "No available memory for the cache blocks."
 
 
 def test_math_data_without_math_verify_is_refused_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
     path = tiny.write_jsonl(str(tmp_path / "m.jsonl"), [{"problem": f"What is {i} + 1?", "answer": str(i + 1)}
                                                          for i in range(8)])
-    find_spec = machinery.importlib.util.find_spec
-    monkeypatch.setattr(machinery.importlib.util, "find_spec", lambda n, *a: None if n == "math_verify" else find_spec(n, *a))
+    util = machinery.options.importlib.util
+    find_spec = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda n, *a: None if n == "math_verify" else find_spec(n, *a))
     with pytest.raises(SystemExit) as e:
         train_grpo.train(args_for(tiny_dir, path, tmp_path / "run"))
     assert e.value.code == 2 and "pip install math-verify" in capsys.readouterr().err
@@ -845,14 +856,14 @@ def test_math_data_without_math_verify_is_refused_before_loading(tiny_dir, tmp_p
 
 def test_resume_takes_new_machinery_flags_and_refuses_recipe_changes(tiny_dir, data, tmp_path, capsys):
     train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "1", "--micro-tokens", "64"), length_reward)
-    args, step, _ = machinery.open_run(train_grpo.parse_args(["--resume", str(tmp_path), "--micro-tokens", "8",
-                                                            "--grad-ckpt", "always", "--steps", "3"]))
+    args, step, _ = machinery.run_folder.open_run(train_grpo.parse_args(["--resume", str(tmp_path), "--micro-tokens",
+                                                                        "8", "--grad-ckpt", "always", "--steps", "3"]))
     assert (step, args.micro_tokens, args.grad_ckpt, args.steps, args.lr, args.u) == (1, 8, "always", 3, 0.01, 3)
-    args, _, _ = machinery.open_run(train_grpo.parse_args(["--resume", str(tmp_path)]))
+    args, _, _ = machinery.run_folder.open_run(train_grpo.parse_args(["--resume", str(tmp_path)]))
     assert args.micro_tokens == 64  # not given again: the run's own
-    with pytest.raises(SystemExit) as e:
-        machinery.open_run(train_grpo.parse_args(["--resume", str(tmp_path), "--lr", "0.5"]))
-    assert e.value.code == 2 and "--lr 0.5: the run was made with 0.01" in capsys.readouterr().err
+    with pytest.raises(machinery.cli.Refused) as e:
+        machinery.run_folder.open_run(train_grpo.parse_args(["--resume", str(tmp_path), "--lr", "0.5"]))
+    assert "--lr 0.5: the run was made with 0.01" in str(e.value)
 
 
 def test_logged_lr_is_the_one_used_and_warmup_ignores_steps(tiny_dir, data, tmp_path):
@@ -885,7 +896,7 @@ def test_rollout_seeds_never_overlap_and_n_ranks_draw_what_one_process_draws():
 DDP_WORKER = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-import machinery, tinylora, train_grpo
+import tinylora, train_grpo
 from test_train_grpo import fake_rollouts, update_args
 from transformers import AutoModelForCausalLM
 world = int(sys.argv[4])
@@ -952,9 +963,9 @@ def test_the_taught_tiny_model_gives_the_papers_reward_a_signal_from_step_1(tmp_
 VLLM_DDP_WORKER = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-import machinery, train_grpo
+import machinery.distributed, train_grpo
 from test_train_grpo import length_reward
-machinery.start_distributed()
+machinery.distributed.start_distributed()
 train_grpo.train(train_grpo.parse_args(sys.argv[2:]), length_reward)
 """
 
@@ -1060,7 +1071,7 @@ def test_a_checkpoint_made_on_a_gpu_is_read_on_a_cpu(tmp_path):
         pytest.skip(f"{QWEN_RUN} not present")
     import shutil
     run = shutil.copytree(QWEN_RUN, tmp_path / "run")
-    args, step, state = machinery.open_run(train_grpo.parse_args(["--resume", str(run)]))
+    args, step, state = machinery.run_folder.open_run(train_grpo.parse_args(["--resume", str(run)]))
     assert step == state["step"] == len(metrics(run)) - 1 > 0  # the step-0 eval line + one per step
     assert (args.u, args.n_tie, state["recipe"]["u"], state["v"].device.type) == (1, 1, 1, "cpu")
 
@@ -1110,7 +1121,7 @@ def test_a_resume_under_another_chat_template_is_refused(tiny_dir, data, tmp_pat
 
 def test_interrupted_in_the_baseline_eval_the_resume_writes_it(tiny_dir, data, tmp_path, monkeypatch):
     """Ctrl-C during the step-0 eval, then --resume: the curve keeps its starting point (TR11)."""
-    evaluate = machinery.evaluate
+    evaluate = machinery.run.evaluate
     calls = []
 
     def interrupted_once(*a, **k):
@@ -1118,7 +1129,7 @@ def test_interrupted_in_the_baseline_eval_the_resume_writes_it(tiny_dir, data, t
         if len(calls) == 1:
             raise KeyboardInterrupt
         return evaluate(*a, **k)
-    monkeypatch.setattr(machinery, "evaluate", interrupted_once)
+    monkeypatch.setattr(machinery.run, "evaluate", interrupted_once)
     flags = ("--steps", "1", "--eval-every", "1", "--eval-data", data, "--eval-limit", "2")
     with pytest.raises(KeyboardInterrupt):
         train_grpo.train(args_for(tiny_dir, data, tmp_path, *flags), length_reward)
@@ -1182,5 +1193,5 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tiny_dir, data, t
     monkeypatch.chdir(tmp_path)
     args = train_grpo.parse_args(flags_for(tiny_dir, data, "x")[:4] + ["--backend", "hf"])
     args.run_dir = None
-    args, _, _ = machinery.open_run(args)
+    args, _, _ = machinery.run_folder.open_run(args)
     assert args.run_dir.endswith(f"-{os.getpid()}")

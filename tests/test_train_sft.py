@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import eval as E
-import machinery
+import machinery.cli
+import machinery.memory
+import machinery.run
 import task
 import tiny
 import tinylora
@@ -188,12 +190,12 @@ def test_the_shared_machinery_names_train_sft_py_and_only_its_options(tiny_dir, 
         assert err.startswith("train_sft.py: error: --") and "rollout" not in err, err
         assert not any(grpo_only in err for grpo_only in ("--backend", "--eval-", "--gpu-memory", "--max-new")), err
     args = sft_args(tiny_dir, data, tmp_path / "gpu")
-    meta = machinery.meta_model(args)
+    meta = machinery.run.meta_model(args)
     names, _ = tinylora.choose_modules(dict(meta.named_modules()))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (2**30, 2**30))  # a 1 GiB GPU
-    with pytest.raises(SystemExit):
-        machinery.check_memory(args, meta, names, 1024)
-    err = capsys.readouterr().err
+    with pytest.raises(machinery.cli.Refused) as e:  # the Run says it in one line, exit 2
+        machinery.memory.check_memory(args, meta, names, 1024)
+    err = str(e.value)
     assert "this GPU has 1.0 GiB" in err and "--low-memory" in err
     assert "--gpu-memory" not in err and "--max-new" not in err
 

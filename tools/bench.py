@@ -746,10 +746,10 @@ def is_result(path):
 def main(argv=None):
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: the step section, data parallel
-        import machinery
+        import machinery.distributed
         if args.sections != ["step"]:
             fail("under torchrun, bench.py runs --sections step only")
-        machinery.start_distributed()
+        machinery.distributed.start_distributed()
         if dist.get_rank() > 0:
             return bench_step(args, {})
     start = time.perf_counter()

@@ -256,8 +256,9 @@ def ours_argv(args, run_dir):
 
 def step_rows(args):
     """The rows of each step, as train_grpo.train picks them: the data read and filtered by
-    machinery.load_data (prompt ids included), then train_grpo.prompts_for's seeded permutation."""
-    import machinery
+    machinery.run.load_data (prompt ids included), then train_grpo.prompts_for's seeded permutation."""
+    import machinery.cli
+    import machinery.run
     import task
     import train_grpo
     from transformers import AutoConfig
@@ -265,7 +266,10 @@ def step_rows(args):
     targs = train_grpo.parse_args(ours_argv(args, run_dir=""))
     targs.max_model_len = task.context_length(AutoConfig.from_pretrained(args.model), targs.max_model_len)
     tokenizer = task.load_tokenizer(args.model)
-    rows, _, task_name = machinery.load_data(targs, tokenizer, args.data, "train", args.prompts_per_step)
+    try:
+        rows, _, task_name = machinery.run.load_data(targs, tokenizer, args.data, "train", args.prompts_per_step)
+    except machinery.cli.Refused as e:  # too few rows, an unreadable file: one line, as train_grpo.py says it
+        fail(str(e))
     per_epoch = len(rows) // args.prompts_per_step
     return [train_grpo.prompts_for(rows, k, per_epoch, targs) for k in range(args.steps)], task_name
 
@@ -352,17 +356,17 @@ def run_ours(args):
     callback, and train_grpo's own, which ends before log_step, as t_step_train_grpo), the rows and
     prompt ids each step used (recorded around train_grpo.prompts_for) and what each trainer forward
     was fed (around train_grpo.token_logprobs)."""
-    import machinery
+    import machinery.run
     import task
     import train_grpo
 
     seen, forwards, pick, logprobs = [], [], train_grpo.prompts_for, train_grpo.token_logprobs
-    ticks, log_step = [], machinery.Run.log_step  # ticks: the first step's start, then every step's end
+    ticks, log_step = [], machinery.run.Run.log_step  # ticks: the first step's start, then every step's end
 
     def clocked(self, *a, **k):
         log_step(self, *a, **k)
         ticks.append(now())
-    machinery.Run.log_step = clocked
+    machinery.run.Run.log_step = clocked
 
     def recording(*a, **k):  # the rows train() picks for a step, as it picks them
         if not ticks:

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 import engine  # noqa: E402
 import eval as E  # noqa: E402
-import machinery  # noqa: E402
+import machinery.cli  # noqa: E402
 import task  # noqa: E402
 import tinylora  # noqa: E402
 
@@ -53,7 +53,7 @@ def main(argv=None):
         try:
             tinylora.read_v(a, tinylora.read_config(a))
         except Exception as e:
-            p.error(f"{a}: not a readable TinyLoRA adapter ({machinery.first_line(e)})")
+            p.error(f"{a}: not a readable TinyLoRA adapter ({machinery.cli.first_line(e)})")
     if not (args.adapters or args.base):
         p.error("nothing to score: give adapters, --base, or both")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
@@ -65,7 +65,7 @@ def main(argv=None):
     try:
         rows, skipped, task_name = task.load_rows(args.data, "test", args.limit)
     except (OSError, ValueError) as e:
-        p.error(f"--data {args.data}: {machinery.first_line(e)}")
+        p.error(f"--data {args.data}: {machinery.cli.first_line(e)}")
     todo = ([("base", None)] if args.base else []) + list(zip(names, args.adapters))
     try:
         kept = kept_summary(os.path.join(args.out_dir, "summary.jsonl"), {n for n, _ in todo})
@@ -82,7 +82,7 @@ def main(argv=None):
         try:
             tinylora.check_base(model, a)
         except ValueError as e:
-            p.error(machinery.first_line(e))
+            p.error(machinery.cli.first_line(e))
     llm = engine.make_llm(args.model, str(model.dtype).removeprefix("torch."), 0, args.gpu_memory_utilization,
                           context)
     gen_fn = E.checked(functools.partial(engine.generate_vllm, llm, n=1, temperature=0.0,
