@@ -32,14 +32,6 @@ def one_epoch(model, data, out, cwd, cache):
                           capture_output=True, text=True, timeout=900)
 
 
-def data_dir(path):
-    os.makedirs(path)
-    tiny.write_jsonl(os.path.join(path, "fit.jsonl"), tiny.problems(256, seed=1))
-    tiny.write_jsonl(os.path.join(path, "select.jsonl"), tiny.problems(8, seed=2))
-    tiny.write_jsonl(os.path.join(path, "test.jsonl"), tiny.problems(8, seed=3))
-    return path
-
-
 def metrics(run):
     """The metrics lines without their timing fields."""
     with open(os.path.join(run, "metrics.jsonl")) as f:
@@ -47,7 +39,7 @@ def metrics(run):
 
 
 def test_a_stopped_run_is_continued_to_the_adapter_an_uninterrupted_run_ends_with(tiny_dir, tmp_path):
-    data = data_dir(tmp_path / "data")
+    data = tiny.protocol_data(tmp_path / "data", fit=256)
     p = one_epoch(tiny_dir, data, tmp_path / "whole", tmp_path, tmp_path / "cache")
     assert p.returncode == 0 and p.stderr == "", p.stderr
     whole = tmp_path / "whole" / "runs" / RUN
@@ -81,7 +73,7 @@ def test_a_stopped_run_is_continued_to_the_adapter_an_uninterrupted_run_ends_wit
 
 
 def test_an_unfinished_folder_without_a_saved_state_is_named_and_left_alone(tiny_dir, tmp_path):
-    data = data_dir(tmp_path / "data")
+    data = tiny.protocol_data(tmp_path / "data", fit=256)
     run = tmp_path / "out" / "runs" / RUN
     run.mkdir(parents=True)
     (run / "args.json").write_text("{}")

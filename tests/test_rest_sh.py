@@ -31,15 +31,6 @@ def rest(tiny_dir, data, out, stage, cwd, *extra_args, cache):
     return subprocess.run(["bash", REST, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def data_dir(path):
-    """DATA_DIR as protocol.sh leaves it: fit.jsonl, select.jsonl and test.jsonl."""
-    os.makedirs(path)
-    tiny.write_jsonl(os.path.join(path, "fit.jsonl"), tiny.problems(64, seed=1))
-    tiny.write_jsonl(os.path.join(path, "select.jsonl"), tiny.problems(8, seed=2))
-    tiny.write_jsonl(os.path.join(path, "test.jsonl"), tiny.problems(8, seed=3))
-    return path
-
-
 def selection(out, data, name="sel-p13-lr1e-2"):
     """OUT/select/summary.jsonl with the one line that chooses lr 1e-2 at 13 parameters."""
     os.makedirs(os.path.join(out, "select"), exist_ok=True)
@@ -73,7 +64,7 @@ def last_step(run):
 
 
 def test_a_wrong_stage_or_argument_count_is_a_usage_line_and_exit_2(tiny_dir, tmp_path):
-    data = data_dir(tmp_path / "data")
+    data = tiny.protocol_data(tmp_path / "data")
     for stage in ("sft-edges", None):  # a typo; three arguments
         p = rest(tiny_dir, data, tmp_path / "out", stage, tmp_path, cache=tmp_path / "cache")
         assert p.returncode == 2 and p.stdout == "", (stage, p.stderr)
@@ -84,7 +75,7 @@ def test_a_wrong_stage_or_argument_count_is_a_usage_line_and_exit_2(tiny_dir, tm
 
 
 def test_sft_finals_before_any_selection_is_one_line_and_exit_1(tiny_dir, tmp_path):
-    data, out = data_dir(tmp_path / "data"), tmp_path / "out"
+    data, out = tiny.protocol_data(tmp_path / "data"), tmp_path / "out"
     p = rest(tiny_dir, data, out, "sft-finals", tmp_path, cache=tmp_path / "cache")
     assert p.returncode == 1 and "Traceback" not in p.stderr + p.stdout, p.stderr
     assert p.stderr == f"rest.sh: no {out}/select/summary.jsonl: nothing is chosen before the selection set has " \
@@ -97,7 +88,7 @@ def test_sft_finals_before_any_selection_is_one_line_and_exit_1(tiny_dir, tmp_pa
 
 
 def test_grpo_seeds_before_grpo_select_is_one_line_and_exit_1(tiny_dir, tmp_path):
-    data, out = data_dir(tmp_path / "data"), tmp_path / "out"
+    data, out = tiny.protocol_data(tmp_path / "data"), tmp_path / "out"
     p = rest(tiny_dir, data, out, "grpo-seeds", tmp_path, cache=tmp_path / "cache")
     assert p.returncode == 1, p.stderr
     assert p.stderr == f"rest.sh: no lr chosen at p13 in {out}/chosen-grpo.txt: run grpo-select first\n"
@@ -107,7 +98,7 @@ def test_grpo_seeds_before_grpo_select_is_one_line_and_exit_1(tiny_dir, tmp_path
 def test_an_unfinished_run_folder_is_named_in_one_line_and_left_alone(tiny_dir, tmp_path):
     """Both of sft-finals' runs have folders that never reached step STEPS: each is named, neither is trained
     over nor its (absent) log written, nothing is evaluated, exit 1."""
-    data, out = data_dir(tmp_path / "data"), tmp_path / "out"
+    data, out = tiny.protocol_data(tmp_path / "data"), tmp_path / "out"
     selection(out, data)
     for n in SEEDS:
         os.makedirs(out / "runs" / n)
@@ -130,7 +121,7 @@ def finals(tiny_dir, tmp_path_factory):
     """sft-finals run once from a folder outside the project: (the completed process, DATA_DIR, OUT)."""
     pytest.importorskip("vllm")
     tmp = tmp_path_factory.mktemp("rest")
-    data, out = data_dir(tmp / "data"), tmp / "out"
+    data, out = tiny.protocol_data(tmp / "data"), tmp / "out"
     selection(out, data)
     p = rest(tiny_dir, data, out, "sft-finals", tmp, cache=tmp / "cache")
     return p, data, out

@@ -130,6 +130,15 @@ def write_jsonl(path, rows):
 OUTPUTS = ("train.jsonl", "test.jsonl", "model")
 
 
+def protocol_data(path, fit=64):
+    """DATA_DIR as results/sft-vs-rl's scripts read it: fit.jsonl (fit rows), select.jsonl and test.jsonl
+    (8 rows each), tiny problems of three seeds."""
+    os.makedirs(path)
+    for name, n, seed in (("fit", fit, 1), ("select", 8, 2), ("test", 8, 3)):
+        write_jsonl(os.path.join(path, f"{name}.jsonl"), problems(n, seed=seed))
+    return path
+
+
 def fail(msg):
     print(f"tiny.py: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
