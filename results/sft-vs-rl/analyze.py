@@ -196,8 +196,8 @@ def winner(grpo, sft, col):
 def reach(curves, base, col, share=0.9):
     """Per method: the smallest budget whose mean gain over the base model reaches share x the best gain of
     any method at any budget, or "-" (and its best share of it)."""
-    gain = {m: {b: sum(accuracy(s, col)) / len(s) - 100 * sum(base[i][col] for i in base) / len(base)
-                for b, s in c.items()} for m, c in curves.items()}
+    gain = {m: {b: sum(accuracy(s, col)) / len(s) - accuracy([base], col)[0] for b, s in c.items()}
+            for m, c in curves.items()}
     best = max(g for c in gain.values() for g in c.values())
     out = {}
     for m, c in gain.items():
@@ -239,16 +239,14 @@ def figure(out, base, chose, path):
     for ax, col, title in zip(axes, ("strict", "math_verify"), ("GSM8K strict (the paper's metric)",
                                                                  "GSM8K math-verify")):
         for method, label, style in curves:
-            keys = sorted((k for k in out if k[0] == method and (method == "GRPO" and k[2] == "1e-4"
-                                                                  or chose.get(k) in ("strict", "both"))),
-                          key=lambda k: k[1])
-            if not keys:
+            points = curve(out, method, chose)
+            if not points:
                 continue
-            accs = [accuracy(out[k], col) for k in keys]
+            accs = [accuracy(points[b], col) for b in sorted(points)]
             mean = [sum(a) / len(a) for a in accs]
             err = [[m - min(a) for m, a in zip(mean, accs)], [max(a) - m for m, a in zip(mean, accs)]]
-            ax.errorbar([k[1] for k in keys], mean, yerr=err, fmt=style, capsize=3, label=label)
-        ax.axhline(100 * sum(base[i][col] for i in base) / len(base), color="gray", linestyle="--", label="base")
+            ax.errorbar(sorted(points), mean, yerr=err, fmt=style, capsize=3, label=label)
+        ax.axhline(accuracy([base], col)[0], color="gray", linestyle="--", label="base")
         ax.set(xscale="log", xlabel="trained parameters", ylabel="greedy pass@1 (%)", title=title, ylim=(0, 70))
         ax.legend(fontsize=8)
     fig.suptitle("Qwen2.5-Coder-1.5B-Instruct, TinyLoRA, GSM8K test: GRPO (one epoch) vs SFT; bars: the seeds' range",
