@@ -99,7 +99,33 @@ def test_a_rerun_replaces_the_summary_lines_of_the_names_it_scores(tiny_dir, tmp
     eval_many.main([*common, "--base", a])
     rows = [json.loads(x) for x in summary.read_text().splitlines()]
     assert [r["name"] for r in rows] == ["b", "base", "a"] and all(r["n"] == 4 for r in rows)
-    assert not os.path.exists(str(summary) + ".tmp")
+    assert sorted(os.listdir(ev)) == ["a.jsonl", "b.jsonl", "base.jsonl", "summary.jsonl"]  # no temp file left
+
+
+def test_two_evaluations_into_one_folder_keep_each_others_lines(tmp_path):
+    """Two eval_many.py processes scoring different adapters into one --out-dir (the GPU protocol's
+    seeds and chosen stages overlap): each rewrite starts from the file as it is then, under a lock."""
+    import fcntl
+    import threading
+    import eval_many
+    line = lambda n: json.dumps({"name": n, "strict": 0.5}) + "\n"
+    (tmp_path / "summary.jsonl").write_text(line("old"))
+    eval_many.write_summary(str(tmp_path), [line("a1")], {"a1", "a2"})  # process A: its first adapter
+    eval_many.write_summary(str(tmp_path), [line("b1")], {"b1"})  # process B, meanwhile
+    eval_many.write_summary(str(tmp_path), [line("a1"), line("a2")], {"a1", "a2"})  # A: its second
+    names = [json.loads(x)["name"] for x in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    assert names == ["old", "b1", "a1", "a2"]
+    assert sorted(os.listdir(tmp_path)) == ["summary.jsonl"]
+
+    fd = os.open(tmp_path, os.O_RDONLY)  # another process holds the lock: the write waits for it
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    t = threading.Thread(target=eval_many.write_summary, args=(str(tmp_path), [line("c1")], {"c1"}))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and "c1" not in (tmp_path / "summary.jsonl").read_text()
+    os.close(fd)
+    t.join(10)
+    assert not t.is_alive() and (tmp_path / "summary.jsonl").read_text().endswith(line("c1"))
 
 
 def test_an_adapter_of_another_base_model_is_refused_before_the_engine_starts(tiny_dir, tmp_path, monkeypatch,

@@ -6,13 +6,15 @@ exactly as eval.py scores them (eval.evaluate), then the adapted modules' base w
 before the next adapter. Writes OUT_DIR/<name>.jsonl per adapter (name: its run folder's name, or
 "base") and one summary line per adapter to OUT_DIR/summary.jsonl and stdout. A rerun into the same
 OUT_DIR replaces the summary lines of the names it scores (the others stay, in order); summary.jsonl
-is rewritten whole (a temp file renamed) as each adapter finishes. Every adapter is checked against
---model (its modules, its base weights' fingerprint) before the engine starts.
+is rewritten whole (a temp file renamed) as each adapter finishes, from the file as it is then, under a
+lock on OUT_DIR: two evaluations into one OUT_DIR at once keep each other's lines. Every adapter is
+checked against --model (its modules, its base weights' fingerprint) before the engine starts.
 
     python tools/eval_many.py --model qwen/model --data select.jsonl --out-dir evals \\
         --base runs/*/adapter.safetensors --max-new-tokens 1024
 """
 import argparse
+import fcntl
 import functools
 import json
 import os
@@ -68,7 +70,7 @@ def main(argv=None):
         p.error(f"--data {args.data}: {machinery.cli.first_line(e)}")
     todo = ([("base", None)] if args.base else []) + list(zip(names, args.adapters))
     try:
-        kept = kept_summary(os.path.join(args.out_dir, "summary.jsonl"), {n for n, _ in todo})
+        kept_summary(os.path.join(args.out_dir, "summary.jsonl"), {n for n, _ in todo})  # readable, or one line now
     except ValueError as e:
         p.error(str(e))
     os.makedirs(args.out_dir, exist_ok=True)
@@ -88,7 +90,7 @@ def main(argv=None):
     gen_fn = E.checked(functools.partial(engine.generate_vllm, llm, n=1, temperature=0.0,
                                          max_new_tokens=args.max_new_tokens))  # failures in one line
     try:
-        score_all(args, todo, kept, model, llm, gen_fn, tokenizer, rows, prompts, task_name, skipped + long, context)
+        score_all(args, todo, model, llm, gen_fn, tokenizer, rows, prompts, task_name, skipped + long, context)
     except E.Refused as e:
         p.error(str(e))
 
@@ -110,10 +112,24 @@ def kept_summary(path, names):
     return kept
 
 
-def score_all(args, todo, kept, model, llm, gen_fn, tokenizer, rows, prompts, task_name, skipped, context):
+def write_summary(out_dir, lines, names):
+    """OUT_DIR/summary.jsonl: its lines of other names as they are now (another evaluation may have added
+    some), then lines (this one's, for names); under an exclusive lock on OUT_DIR, renamed into place."""
+    path, fd = os.path.join(out_dir, "summary.jsonl"), os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept_summary(path, names) + lines)
+        os.replace(tmp, path)  # atomic: a kill never leaves half a summary
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def score_all(args, todo, model, llm, gen_fn, tokenizer, rows, prompts, task_name, skipped, context):
     """Each (name, adapter) in turn: synced in, scored, the base weights synced back; summary.jsonl
-    rewritten after each: the kept lines, then those scored so far."""
-    path, lines = os.path.join(args.out_dir, "summary.jsonl"), list(kept)
+    rewritten after each: the lines of other names, then those scored so far."""
+    lines, names = [], {n for n, _ in todo}
     for name, adapter in todo:
         if adapter:
             tinylora.load(model, adapter, cache_dir=args.svd_cache or None, verbose=False, keep_merged=False)
@@ -122,9 +138,7 @@ def score_all(args, todo, kept, model, llm, gen_fn, tokenizer, rows, prompts, ta
                        os.path.join(args.out_dir, f"{name}.jsonl"), 512, skipped, context, prompts)
         print(f"{name}: {E.summary_line(task_name, 'vllm', s)}", flush=True)
         lines.append(json.dumps({"name": name, "adapter": adapter, "data": args.data, **s}) + "\n")
-        with open(path + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(path + ".tmp", path)  # atomic: a kill never leaves half a summary
+        write_summary(args.out_dir, lines, names)
         if adapter:
             engine.sync_weights(llm, tinylora.unapply(model))  # the base weights back in
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
