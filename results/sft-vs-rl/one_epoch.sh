@@ -5,24 +5,30 @@
 # compared with (`--steps 116` of their 3-epoch schedule: 17 warmup steps, then constant).
 #   select  SFT at BUDGETS x LRS (seed 0, all at once), then the selection set (select.jsonl, GSM8K train's
 #           last 500 rows, never trained on; greedy, 512 new tokens) for every adapter not yet scored
-#   edge    where the largest lr tried wins a budget (analyze.chosen: strict, math-verify breaking ties),
-#           the ladder's next lr (1e-4 1e-3 3e-3 1e-2 3e-2) at that budget, then its selection score
+#   edge    where the largest lr of LRS wins a budget (analyze.chosen: strict, math-verify breaking ties),
+#           the ladder's next lr (1e-4 1e-3 3e-3 1e-2 3e-2) at that budget, then its selection score; one
+#           step only, so a second call trains nothing new and scores what the first left unscored
 #   chosen  the GSM8K test (1,319, greedy, 1,024 new tokens) for the seed-0 run of each column's choice per
 #           budget (strict's rule, and math-verify alone)
 #   loose   the test for the 30-step adapters here (runs/sel-*) that either column prefers, never tested
 #   seeds   per budget the chosen lr: seeds 1-2 at p13, seed 1 elsewhere (seed 0 is the selection run);
 #           meanwhile chosen and loose; then the test for every seed
-#   all     select, edge, seeds, in that order (timeline.txt: seconds since the start after each)
+#   all     select; then the budgets at the edge run edge and then seeds while the others run seeds; then
+#           seeds once more for any evaluation a vLLM start missed (timeline.txt: seconds since the start)
+# BUDGETS limits every stage to those budgets (select, edge, chosen and seeds); chosen*.txt hold every budget.
+# Two evaluations may run at once in `all` (each engine takes EVAL_GPU of the GPU, beside the runs).
 # Every stage skips what is done (a run whose metrics reach step STEPS, an adapter already scored on
 # that set), continues a run stopped with its state saved (Ctrl-C or SIGTERM to train_sft.py: --resume)
 # and refuses to train over any other unfinished run folder. Relative paths are taken from where it runs.
 # Measured (one H100, torch 2.11, bf16, Qwen2.5-Coder-1.5B-Instruct, CKPT=always MICRO=4096, 2026-12-07): the
-# select stage's 9 runs side by side held 8.75 GiB each (78.8 of 80 GiB) and took ~5.7 s of wall per step
-# each (3.4 s of it in the step itself), ~10 minutes of training for the 108 steps.
+# select stage's 9 runs side by side held 8.75-9.06 GiB each (up to 79 of 80 GiB) at ~5-6 s of wall per step
+# each (~10 minutes for the 108 steps); a 500-row selection evaluation takes 3-7 s per adapter on one engine,
+# a 1,319-row test 12-46 s. `all` after the select stage (EVAL_GPU=0.22): 12 minutes (edge at one budget,
+# four seed runs, ten test evaluations).
 # usage: one_epoch.sh MODEL DATA_DIR OUT STAGE   (DATA_DIR holds fit.jsonl, select.jsonl and test.jsonl)
 # Run names: ep1-sel-<budget>-lr<lr> (seed 0), ep1-<budget>-lr<lr>-seed<s>; analyze.py reads them as
 # "SFT, 1 epoch" beside the 30-step runs.
-set -uo pipefail
+set -uo pipefail; shopt -s nullglob  # a glob that matches nothing is no word
 [ $# = 4 ] || { echo "usage: one_epoch.sh MODEL DATA_DIR OUT select|edge|chosen|loose|seeds|all" >&2; exit 2; }
 MODEL=$1; D=$2; OUT=$3; STAGE=$4
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
@@ -62,6 +68,12 @@ chosen() {  # summary prefix column: "budget lr" per budget (column strict: the 
   PYTHONPATH=$HERE python -c "import analyze, sys
 for b, lr in sorted(analyze.chosen(sys.argv[1], sys.argv[2], sys.argv[3]).items()): print(b, lr)" $1 $2 $3
 }
+mine() { while read b lr; do [[ " $BUDGETS " == *" $b "* ]] && echo $b $lr; done; }  # choices in BUDGETS
+edges() {  # "budget lr": the ladder's next lr where strict chooses the largest lr of LRS
+  while read b lr; do
+    [ "$lr" = "${LRS##* }" ] && echo 1e-4 1e-3 3e-3 1e-2 3e-2 | tr ' ' '\n' | awk -v b=$b -v t=$lr 'f {print b, $1; exit} $1 == t {f = 1}'
+  done < <(chosen $OUT/select/summary.jsonl ep1-sel- strict | mine)
+}
 mark() { echo "$1 $(( $(date +%s) - T0 )) s" | tee -a $OUT/timeline.txt; }
 runs_of() { for a in "$@"; do done_run $(basename $(dirname $a)) && echo $a; done; }
 
@@ -71,15 +83,10 @@ select)
   evaluate select $(runs_of $OUT/runs/ep1-sel-*/adapter.safetensors)
   mark "select: $BUDGETS x $LRS" ;;
 edge)
-  next=""
-  while read b lr; do
-    top=$(ls -d $OUT/runs/ep1-sel-$b-lr*/ | sed "s/.*-lr//; s,/,," | sort -g | tail -n 1)
-    up=$(echo 1e-4 1e-3 3e-3 1e-2 3e-2 | tr ' ' '\n' | awk -v t=$top 'f {print; exit} $1 == t {f = 1}')
-    [ "$lr" = "$top" ] && [ -n "$up" ] && next="$next $b:$up"
-  done < <(chosen $OUT/select/summary.jsonl ep1-sel- strict)
+  next=$(edges | tr ' ' : | xargs)
   for x in $next; do sft ep1-sel-${x%:*}-lr${x#*:} ${x%:*} ${x#*:} 0 & sleep 3; done; wait
   evaluate select $(runs_of $OUT/runs/ep1-sel-*/adapter.safetensors)
-  mark "edge:${next:- none}" ;;
+  mark "edge: ${next:-none}" ;;
 loose)
   evaluate test $([ -f $OLD/select/summary.jsonl ] && for c in strict math_verify; do chosen $OLD/select/summary.jsonl sel- $c; done \
                   | sort -u | while read b lr; do ls $OLD/runs/sel-$b-lr$lr/adapter.safetensors; done)
@@ -87,7 +94,7 @@ loose)
 chosen)
   chosen $OUT/select/summary.jsonl ep1-sel- strict > $OUT/chosen.txt
   chosen $OUT/select/summary.jsonl ep1-sel- math_verify > $OUT/chosen-math-verify.txt
-  evaluate test $(cat $OUT/chosen.txt $OUT/chosen-math-verify.txt | sort -u \
+  evaluate test $(cat $OUT/chosen.txt $OUT/chosen-math-verify.txt | sort -u | mine \
                   | while read b lr; do ls $OUT/runs/ep1-sel-$b-lr$lr/adapter.safetensors; done)
   mark "the chosen runs' test" ;;
 seeds)
@@ -96,13 +103,18 @@ seeds)
   while read b lr; do
     seeds=1; [ $b = p13 ] && seeds="1 2"
     for s in $seeds; do sft ep1-$b-lr$lr-seed$s $b $lr $s & sleep 3; done
-  done < $OUT/chosen.txt
+  done < <(mine < $OUT/chosen.txt)
   sleep $SETTLE  # vLLM measures free memory at its start: let the runs reach their peak first
   bash $0 $MODEL $D $OUT chosen; bash $0 $MODEL $D $OUT loose
   wait
   evaluate test $(runs_of $OUT/runs/ep1-p*-seed*/adapter.safetensors)
   mark "seeds' test" ;;
 all)
-  for s in select edge seeds; do bash $0 $MODEL $D $OUT $s; done ;;
+  S="bash $0 $MODEL $D $OUT"
+  $S select
+  at=$(edges | cut -d ' ' -f 1 | xargs); rest=$(for b in $BUDGETS; do [[ " $at " == *" $b "* ]] || echo $b; done | xargs)
+  [ -n "$at" ] && { BUDGETS="$at" $S edge; BUDGETS="$at" $S edge; BUDGETS="$at" $S seeds; } &
+  [ -n "$rest" ] && BUDGETS="$rest" $S seeds
+  wait; SETTLE=0 $S seeds ;;
 *) echo "one_epoch.sh: STAGE is select, edge, chosen, loose, seeds or all" >&2; exit 2 ;;
 esac
