@@ -8,6 +8,7 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,31 @@ def test_the_protocols_rule_on_the_selection_set_picks_what_the_results_say():
     every SFT selection row: 3e-3, the grid's largest, at every budget, as docs/results.md says."""
     got = analyze().chosen(os.path.join(HERE, "select", "summary.jsonl"), "sel-")
     assert got == {b: "3e-3" for b in ("p1", "p13", "p196", "p2548", "p12544")}
+
+
+def test_the_one_epoch_runs_are_what_one_epoch_sh_says_and_their_seeds_at_the_chosen_lr():
+    """Every ep1- run: 108 steps of 64 rows of fit.jsonl (one pass of the fit set), its metrics steps 1..108
+    once each (the selection runs were stopped and continued with --resume); the seeds at the lr the rule
+    picks on the selection set, which ep1-chosen.txt records, as math-verify's choice is in its file."""
+    a = analyze()
+    select = os.path.join(HERE, "select", "summary.jsonl")
+    for column, name in (("strict", "ep1-chosen.txt"), ("math_verify", "ep1-chosen-math-verify.txt")):
+        with open(os.path.join(HERE, name)) as f:
+            assert dict(line.split() for line in f) == a.chosen(select, "ep1-sel-", column), name
+    chose = a.chosen(select, "ep1-sel-")
+    runs = sorted(d for d in os.listdir(os.path.join(HERE, "runs")) if d.startswith("ep1-"))
+    assert len(runs) == 14
+    for run in runs:
+        with open(os.path.join(HERE, "runs", run, "args.json")) as f:
+            args = json.load(f)
+        with open(os.path.join(HERE, "runs", run, "metrics.jsonl")) as f:
+            steps = [json.loads(line)["step"] for line in f]
+        assert steps == list(range(1, 109)), run
+        assert (args["trainer"], args["steps"], args["epochs"], args["batch"], os.path.basename(args["data"])) == (
+            "train_sft.py", 108, 3, 64, "fit.jsonl"), run
+        budget, lr, seed = re.fullmatch(r"ep1-(?:sel-)?(p\d+)-lr(\de-\d)(?:-seed(\d))?", run).groups()
+        assert float(args["lr"]) == float(lr) and args["seed"] == int(seed or 0), run
+        assert seed is None or chose[budget] == lr, run
 
 
 def test_grpo_runs_named_by_rest_sh_are_read_as_grpo_at_their_lr(tmp_path):
