@@ -21,7 +21,7 @@
 # that set), continues a run stopped with its state saved (Ctrl-C or SIGTERM to train_sft.py: --resume)
 # and refuses to train over any other unfinished run folder. Relative paths are taken from where it runs.
 # Measured (one H100, torch 2.11, bf16, Qwen2.5-Coder-1.5B-Instruct, CKPT=always MICRO=4096, 2026-12-07): the
-# select stage's 9 runs side by side held 8.75-9.06 GiB each (up to 79 of 80 GiB) at ~5-6 s of wall per step
+# select stage's 9 runs side by side held 8.5-8.8 GiB each (nvidia-smi) at ~5-7 s of wall per step
 # each (~10 minutes for the 108 steps); a 500-row selection evaluation takes 3-7 s per adapter on one engine,
 # a 1,319-row test 12-46 s. `all` after the select stage (EVAL_GPU=0.22): 12 minutes (edge at one budget,
 # four seed runs, ten test evaluations).
