@@ -171,3 +171,60 @@ def test_a_rerun_trains_and_scores_only_what_is_missing(tiny_dir, finals, tmp_pa
     assert open(mine / "test" / "summary.jsonl").readlines()[0] == kept[0]
     new = (mine / "test.log").read_text()[len(log):]  # this rerun's evaluation: seed 2 alone
     assert f"{SEEDS[1]}: gsm8k" in new and f"{SEEDS[0]}: gsm8k" not in new
+
+
+# -----------------------------------------------------------------------------
+# a run with its state saved short of its last step is continued; grpo-more end to end
+
+
+def metrics_of(run):
+    """The metrics lines without their timing fields."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("t_") and k != "peak_gib"} for line in f]
+
+
+def test_a_run_with_its_state_saved_short_of_steps_is_continued_to_an_uninterrupted_runs_bytes(tiny_dir, tmp_path):
+    """Seed 1 of sft-finals exists at step 1 of STEPS=2 with its state saved (a run stopped, or a shorter
+    one): rest.sh continues it with --resume (its log appended) to the adapter and metrics of a 2-step run."""
+    pytest.importorskip("vllm")
+    data, out = tiny.protocol_data(tmp_path / "data"), tmp_path / "out"
+    selection(out, data)
+    sft = lambda run, steps: subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_sft.py"), "--model", tiny_dir, "--data", str(data / "fit.jsonl"),
+         "--batch", "8", "--micro-tokens", "8192", "--grad-ckpt", "always", "--save-every", "0", "--u", "13",
+         "--lr", "1e-2", "--seed", "1", "--steps", str(steps), "--run-dir", str(run)],
+        capture_output=True, text=True, env=dict(os.environ, TINYLORA_CACHE=str(tmp_path / "cache")), timeout=600)
+    assert sft(tmp_path / "whole", 2).returncode == 0
+    run = out / "runs" / SEEDS[0]
+    p = sft(run, 1)
+    assert p.returncode == 0, p.stderr
+    (out / "runs" / f"{SEEDS[0]}.log").write_text("the first call's log\n")
+    q = subprocess.run(["bash", REST, tiny_dir, str(data), str(out), "sft-finals"], cwd=tmp_path, timeout=900,
+                       env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+                                TINYLORA_CACHE=str(tmp_path / "cache"), **dict(SMALL, STEPS="2")),
+                       capture_output=True, text=True)
+    assert q.returncode == 0 and q.stderr == "", q.stderr[-2000:]
+    assert metrics_of(run) == metrics_of(tmp_path / "whole")
+    assert (run / "adapter.safetensors").read_bytes() == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
+    assert (out / "runs" / f"{SEEDS[0]}.log").read_text().startswith("the first call's log\n")
+    assert sorted(names(out / "test" / "summary.jsonl")) == SEEDS
+
+
+def test_grpo_more_trains_on_every_train_row_with_the_recipe_of_the_committed_runs(tiny_dir, tmp_path):
+    """grpo-more, small (MORE="p13:1", RSTEPS=2): OUT/train.jsonl is fit.jsonl then select.jsonl (GSM8K train
+    in its order), the run's recipe is the committed runs' (lr 1e-4, the default 3-epoch schedule cut at
+    --steps, 1,024 new tokens unless GRPO_EXTRA says less), and its adapter is scored on the test set."""
+    pytest.importorskip("vllm")
+    data, out = tiny.protocol_data(tmp_path / "data"), tmp_path / "out"
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               TINYLORA_CACHE=str(tmp_path / "cache"), **SMALL, MORE="p13:1", RSTEPS="2",
+               GRPO_EXTRA="--prompts-per-step 4 --mini-batch 2 --max-new-tokens 16 --max-model-len 512")
+    p = subprocess.run(["bash", REST, tiny_dir, str(data), str(out), "grpo-more"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]
+    assert (out / "train.jsonl").read_bytes() == (data / "fit.jsonl").read_bytes() + (data / "select.jsonl").read_bytes()
+    run = out / "runs" / "grpo-p13-lr1e-4-seed1"
+    args = json.loads((run / "args.json").read_text())
+    assert (args["data"], args["lr"], args["epochs"], args["steps"], args["seed"], args["u"], args["n_tie"]) == (
+        str(out / "train.jsonl"), 1e-4, 3, 2, 1, 13, None)
+    assert last_step(run) == 2 and names(out / "test" / "summary.jsonl") == ["grpo-p13-lr1e-4-seed1"]

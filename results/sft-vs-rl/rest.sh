@@ -15,28 +15,33 @@
 #                schedule; the selection set. Where the best is at an edge, run it again with LRS="2e-5" or
 #                LRS="5e-4"
 #   grpo-seeds   GRPO at 13 parameters at the chosen lr, one epoch (EPOCH steps), seeds 0-2; the GSM8K test
+#   grpo-more    GRPO with the recipe of results/qwen-coder-1.5b's runs (all 7,473 train rows: fit.jsonl then
+#                select.jsonl, as OUT/train.jsonl; lr 1e-4; `--steps 116` of the default 3-epoch schedule),
+#                MORE="budget:seed ..." (seed 1 at 196 and 2,548, seed 0 at 12,544), GAP s apart; the GSM8K test
 # Every selection evaluation is greedy, 512 new tokens, on select.jsonl (GSM8K train's last 500 rows, never
 # trained on); every test evaluation greedy, 1,024 new tokens, all 1,319 rows.
 # It runs from any directory (the trainers and tools by their path here; MODEL, DATA_DIR and OUT as given,
 # relative to where it is run). A stage rerun does only what is missing: a run whose metrics reach its last
 # step is skipped (its folder and log left alone), an adapter already scored on a set (its name in that
-# set's summary.jsonl, or a committed <name>.jsonl.gz) is not scored again. A run folder holding an
-# unfinished run is never trained over: one line names it. A run or an evaluation that fails is one line
-# naming its log; the others go on, and the stage exits 1. A stage that needs a choice not made yet (no
+# set's summary.jsonl, or a committed <name>.jsonl.gz) is not scored again. A run stopped with its state
+# saved (Ctrl-C or SIGTERM to the trainer, or a shorter run) is continued to its last step with --resume,
+# its log appended; a run folder holding any other unfinished run is never trained over: one line names
+# it. A run or an evaluation that fails is one line naming its log; the others go on, and the stage exits 1. A stage that needs a choice not made yet (no
 # selection summary, no chosen-grpo.txt) is one line, exit 1, before anything starts; bad usage, exit 2.
 # usage: rest.sh MODEL DATA_DIR OUT STAGE   (DATA_DIR and OUT as protocol.sh's; OUT holds runs/, select/, test/)
 set -uo pipefail
-STAGES="sft-edge, sft-finals, grpo-select or grpo-seeds"
+STAGES="sft-edge, sft-finals, grpo-select, grpo-seeds or grpo-more"
 [ $# = 4 ] || { echo "usage: rest.sh MODEL DATA_DIR OUT STAGE (STAGE: $STAGES)" >&2; exit 2; }
 MODEL=$1; D=$2; OUT=$3; STAGE=$4
 case $STAGE in
-sft-edge|sft-finals|grpo-select|grpo-seeds) ;;
+sft-edge|sft-finals|grpo-select|grpo-seeds|grpo-more) ;;
 *) echo "usage: rest.sh MODEL DATA_DIR OUT STAGE (STAGE is $STAGES, not '$STAGE')" >&2; exit 2 ;;
 esac
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)  # the trainers and tools, by path
 for f in fit select test; do [ -f "$D/$f.jsonl" ] || { echo "rest.sh: no $D/$f.jsonl (DATA_DIR)" >&2; exit 2; }; done
 mkdir -p "$OUT/runs" "$OUT/select" "$OUT/test" || exit 2
 STEPS=${STEPS:-30}; GSTEPS=${GSTEPS:-40}; EPOCH=${EPOCH:-108}; LRS=${LRS:-5e-5 1e-4 2e-4}
+RSTEPS=${RSTEPS:-116}; MORE=${MORE:-p196:1 p2548:1 p12544:0}  # grpo-more: the steps and runs of that recipe
 GPU=${GPU:-0.12}; EVAL_GPU=${EVAL_GPU:-0.5}; GAP=${GAP:-45}  # seconds between starts of vLLM on one GPU
 SFT_EXTRA=${SFT_EXTRA:-}; GRPO_EXTRA=${GRPO_EXTRA:-}; EVAL_EXTRA=${EVAL_EXTRA:-}  # more flags (the CPU check's)
 declare -A BUDGET=([p1]="--u 1" [p13]="--u 13" [p196]="--u 1 --n-tie 1" [p2548]="--u 13 --n-tie 1" [p12544]="--u 64 --r 8 --n-tie 1")
@@ -47,14 +52,19 @@ done_run() {  # name steps: its metrics' last line is step `steps` and its adapt
   [ -f "$OUT/runs/$1/adapter.safetensors" ] \
     && tail -n 1 "$OUT/runs/$1/metrics.jsonl" 2>/dev/null | grep -q "\"step\": $2,"
 }
-start() {  # name steps command...: in the background, its output in runs/<name>.log; 1 if nothing started
-  local name=$1 steps=$2; shift 2
+start() {  # name steps python script args...: in the background, its output in runs/<name>.log (a run
+           # with its state saved short of step `steps`: python script --resume, the log appended); 1 if
+           # nothing started
+  local name=$1 steps=$2 new=1; shift 2
   done_run "$name" "$steps" && return 1
-  if [ -e "$OUT/runs/$name" ]; then
+  if [ -f "$OUT/runs/$name/trainer_state.pt" ]; then
+    set -- "$1" "$2" --resume "$OUT/runs/$name" --steps "$steps"; new=0
+  elif [ -e "$OUT/runs/$name" ]; then
     echo "rest.sh: $OUT/runs/$name holds an unfinished run (its metrics do not reach step $steps); move it away" >&2
     FAILED=1; return 1
   fi
-  ( "$@" > "$OUT/runs/$name.log" 2>&1 \
+  ( [ $new = 1 ] && : > "$OUT/runs/$name.log"
+    "$@" >> "$OUT/runs/$name.log" 2>&1 \
       || { echo "rest.sh: $name failed (its log: $OUT/runs/$name.log)" >&2; exit 1; } ) &
   PIDS+=($!)
 }
@@ -72,6 +82,12 @@ grpo() {  # name budget lr seed steps (of a one-epoch schedule)
   start "$1" "$5" python "$ROOT/train_grpo.py" --model "$MODEL" --data "$D/fit.jsonl" --eval-every 0 --epochs 1 \
     --steps "$5" ${BUDGET[$2]} --lr "$3" --seed "$4" --max-new-tokens 1024 --max-model-len 2048 \
     --gpu-memory-utilization "$GPU" --micro-tokens 4096 --grad-ckpt always --save-every 10 $GRPO_EXTRA \
+    --run-dir "$OUT/runs/$1"
+}
+grpo3() {  # name budget seed: the recipe of results/qwen-coder-1.5b's runs, on OUT/train.jsonl
+  start "$1" "$RSTEPS" python "$ROOT/train_grpo.py" --model "$MODEL" --data "$OUT/train.jsonl" --eval-every 0 \
+    --steps "$RSTEPS" ${BUDGET[$2]} --lr 1e-4 --seed "$3" --max-new-tokens 1024 --max-model-len 2048 \
+    --gpu-memory-utilization "$GPU" --micro-tokens 4096 --grad-ckpt always --save-every 2 $GRPO_EXTRA \
     --run-dir "$OUT/runs/$1"
 }
 scored() {  # set name: in that set's summary, or a committed completions file
@@ -134,5 +150,13 @@ grpo-seeds)
   for s in 0 1 2; do names+=(grpo-p13-lr$lr-seed$s); grpo grpo-p13-lr$lr-seed$s p13 $lr $s "$EPOCH" && sleep "$GAP"; done
   finish
   evaluate test "$EPOCH" "${names[@]}" ;;
+grpo-more)
+  [ -f "$OUT/train.jsonl" ] || cat "$D/fit.jsonl" "$D/select.jsonl" > "$OUT/train.jsonl" || exit 2
+  names=()
+  for x in $MORE; do
+    names+=(grpo-${x%:*}-lr1e-4-seed${x#*:}); grpo3 grpo-${x%:*}-lr1e-4-seed${x#*:} ${x%:*} ${x#*:} && sleep "$GAP"
+  done
+  finish
+  evaluate test "$RSTEPS" "${names[@]}" ;;
 esac
 exit $FAILED
