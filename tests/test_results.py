@@ -96,12 +96,14 @@ def test_the_one_epoch_runs_are_what_one_epoch_sh_says_and_their_seeds_at_the_ch
 
 
 def test_grpo_runs_named_by_rest_sh_are_read_as_grpo_at_their_lr(tmp_path):
-    """rest.sh names GRPO's protocol runs grpo-sel-<budget>-lr<lr> (seed 0) and grpo-<budget>-lr<lr>-seed<s>."""
+    """rest.sh names GRPO's runs grpo-<budget>-lr<lr>-seed<s> (grpo-more: the committed runs' recipe, read with
+    them) and grpo-ep1-<budget>-lr<lr>-seed<s> (grpo-seeds: one epoch of the fit set, a row of its own)."""
     import gzip
     a = analyze()
     (tmp_path / "test").mkdir()
     rows = [{"id": i, "strict": i % 2, "flexible": 1, "math_verify": 0, "extracted": "1"} for i in range(1320)][1:]
-    for name in ("grpo-sel-p13-lr2e-4", "grpo-p13-lr2e-4-seed1", "sel-p13-lr1e-2", "ep1-p13-lr1e-2-seed1"):
+    for name in ("grpo-p13-lr2e-4-seed0", "grpo-p13-lr2e-4-seed1", "sel-p13-lr1e-2", "ep1-p13-lr1e-2-seed1",
+                 "grpo-ep1-p13-lr1e-4-seed0", "grpo-p196-lr1e-4-seed1"):
         with gzip.open(tmp_path / "test" / f"{name}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     a.HERE = str(tmp_path)
@@ -110,6 +112,8 @@ def test_grpo_runs_named_by_rest_sh_are_read_as_grpo_at_their_lr(tmp_path):
     assert len(out[(a.SFT_EPOCH, 13, "1e-2")]) == 1  # one_epoch.sh's runs: their own row
     assert a.accuracy(out[("GRPO", 13, "2e-4")], "strict") == [100 * 660 / 1319] * 2
     assert len(out[("GRPO", 13, "1e-4")]) == 2  # the one-epoch runs of ../qwen-coder-1.5b, as before
+    assert len(out[(a.GRPO_FIT, 13, "1e-4")]) == 1  # grpo-seeds' recipe differs: not pooled with them
+    assert len(out[("GRPO", 196, "1e-4")]) == 2  # grpo-more's seed 1 beside the committed seed 0
 
 
 def test_chosen_refuses_rows_of_more_than_one_data_file(tmp_path):

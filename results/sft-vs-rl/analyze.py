@@ -2,8 +2,9 @@
 
 Reads the GSM8K test completions (1,319 rows each, with their three scores) of the SFT runs here
 (test/*.jsonl.gz, named <budget>-lr<lr>-seed<s> or sel-<budget>-lr<lr> for seed 0; each learning
-rate its own row), of GRPO runs named so with a grpo- in front (rest.sh's), and of the one-epoch
-GRPO runs in ../qwen-coder-1.5b (p1, p13-seed0, p13-seed1, p196, p2548 at lr 1e-4, base); prints a
+rate its own row), of GRPO runs named so with a grpo- in front (rest.sh's grpo-more: the recipe of the
+one-epoch GRPO runs in ../qwen-coder-1.5b, p1, p13-seed0, p13-seed1, p196, p2548 at lr 1e-4, base, and
+read with them) or grpo-ep1- (rest.sh's grpo-seeds: one epoch of the fit set, a row of its own); prints a
 markdown table (mean over seeds, min..max across seeds, and GRPO at 1e-4 - SFT paired per problem on
 seed-averaged correctness, +- one standard error; beside each row the share of completions that carry
 "#### N" and math-verify's accuracy among them: how much of a strict gap is the format) and the
@@ -28,8 +29,9 @@ GRPO = os.path.join(HERE, "..", "qwen-coder-1.5b")
 COLS = ("strict", "flexible", "math_verify")
 BUDGETS = {"p1": 1, "p13": 13, "p196": 196, "p2548": 2548, "p12544": 12544}
 SFT_EPOCH, SFT_30 = "SFT, 1 epoch", "SFT, 30 steps"  # one epoch of the fit set; 0.28 of one
+GRPO_FIT = "GRPO, 1 epoch of the fit set"  # one-epoch schedule, no selection rows: not pooled with GRPO's
 ROWS = 1319  # the GSM8K test set: every completions file holds each of its rows once
-NAME = re.compile(r"(grpo-|ep1-)?(?:sel-)?(" + "|".join(BUDGETS) + r")-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz")
+NAME = re.compile(r"(grpo-ep1-|grpo-|ep1-)?(?:sel-)?(" + "|".join(BUDGETS) + r")-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz")
 
 
 class Bad(ValueError):
@@ -75,9 +77,9 @@ def runs():
             continue
         m = NAME.fullmatch(os.path.basename(path))
         if not m:
-            raise Bad(f"{path}: not a completions file analyze.py reads ([grpo-|ep1-][sel-]<budget>-lr<lr>[-seed<s>]"
+            raise Bad(f"{path}: not a completions file analyze.py reads ([grpo-|grpo-ep1-|ep1-][sel-]<budget>-lr<lr>[-seed<s>]"
                       f".jsonl.gz, budget one of {', '.join(BUDGETS)}); move it away")
-        method = {"grpo-": "GRPO", "ep1-": SFT_EPOCH}.get(m.group(1), SFT_30)
+        method = {"grpo-": "GRPO", "grpo-ep1-": GRPO_FIT, "ep1-": SFT_EPOCH}.get(m.group(1), SFT_30)
         out.setdefault((method, BUDGETS[m.group(2)], m.group(3)), []).append(scores(path))
     for name, budget in (("p1", 1), ("p13-seed0", 13), ("p13-seed1", 13), ("p196", 196), ("p2548", 2548)):
         out.setdefault(("GRPO", budget, "1e-4"), []).append(scores(os.path.join(GRPO, name, "eval_gsm8k.jsonl.gz")))
@@ -159,14 +161,14 @@ def table(out, base, chose):
     print("| method | params | lr | chosen by | seeds | strict | flexible | math-verify | carries `####` | "
           "math-verify among them | GRPO - SFT, paired: strict / math-verify |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    order = {"GRPO": 0, SFT_EPOCH: 1, SFT_30: 2}
+    order = {"GRPO": 0, GRPO_FIT: 1, SFT_EPOCH: 2, SFT_30: 3}
     for key in sorted(out, key=lambda k: (k[1], order[k[0]], float(k[2]))):
         method, budget, lr = key
         seeds = out[key]
         cells = [cell(accuracy(seeds, col)) for col in (*COLS, "formatted")] + [cell(among_formatted(seeds))]
         diff = ""
         grpo = out.get(("GRPO", budget, "1e-4"))
-        if method != "GRPO" and grpo:
+        if method in (SFT_EPOCH, SFT_30) and grpo:
             d = [paired(mean_over_seeds(grpo, c), mean_over_seeds(seeds, c)) for c in ("strict", "math_verify")]
             diff = " / ".join(f"{100 * mu:+.1f} +- {100 * se:.1f}" for mu, se in d)
         print(f"| {method} | {budget:,} | {lr} | {chose.get(key, '')} | {len(seeds)} | {' | '.join(cells)} | {diff} |")

@@ -15,6 +15,7 @@
 #                schedule; the selection set. Where the best is at an edge, run it again with LRS="2e-5" or
 #                LRS="5e-4"
 #   grpo-seeds   GRPO at 13 parameters at the chosen lr, one epoch (EPOCH steps), seeds 0-2; the GSM8K test
+#                (named grpo-ep1-...: fit set and one-epoch schedule, not the committed runs' recipe)
 #   grpo-more    GRPO with the recipe of results/qwen-coder-1.5b's runs (all 7,473 train rows: fit.jsonl then
 #                select.jsonl, as OUT/train.jsonl; lr 1e-4; `--steps 116` of the default 3-epoch schedule),
 #                MORE="budget:seed ..." (seed 1 at 196 and 2,548, seed 0 at 12,544), GAP s apart; the GSM8K test
@@ -147,7 +148,7 @@ grpo-seeds)
   lr=$(awk '$1 == "p13" {print $2}' "$OUT/chosen-grpo.txt" 2>/dev/null)
   [ -n "$lr" ] || { echo "rest.sh: no lr chosen at p13 in $OUT/chosen-grpo.txt: run grpo-select first" >&2; exit 1; }
   names=()
-  for s in 0 1 2; do names+=(grpo-p13-lr$lr-seed$s); grpo grpo-p13-lr$lr-seed$s p13 $lr $s "$EPOCH" && sleep "$GAP"; done
+  for s in 0 1 2; do names+=(grpo-ep1-p13-lr$lr-seed$s); grpo grpo-ep1-p13-lr$lr-seed$s p13 $lr $s "$EPOCH" && sleep "$GAP"; done
   finish
   evaluate test "$EPOCH" "${names[@]}" ;;
 grpo-more)
