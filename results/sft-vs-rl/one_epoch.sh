@@ -38,7 +38,8 @@ mkdir -p $OUT/runs $OUT/select $OUT/test || exit 2
 abs() { [ -e "$1" ] && echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")" || echo "$1"; }  # a hub id stays
 MODEL=$(abs $MODEL); D=$(abs $D); OUT=$(abs $OUT); OLD=$(abs $OLD)  # the commands run from the project root
 STEPS=${STEPS:-108}; BUDGETS=${BUDGETS:-p13 p196 p2548}; LRS=${LRS:-1e-4 1e-3 3e-3}
-MICRO=${MICRO:-4096}; CKPT=${CKPT:-always}; EVAL_GPU=${EVAL_GPU:-0.45}; SETTLE=${SETTLE:-60}  # s for the runs' memory to settle
+MICRO=${MICRO:-4096}; CKPT=${CKPT:-always}; EVAL_GPU=${EVAL_GPU:-0.22}  # an engine's share: two may run beside 4 runs in `all`
+SETTLE=${SETTLE:-60}  # s for the runs' memory to settle before an engine measures what is free
 SFT_EXTRA=${SFT_EXTRA:-}; EVAL_EXTRA=${EVAL_EXTRA:-}  # more flags (the CPU check's)
 declare -A BUDGET=([p1]="--u 1" [p13]="--u 13" [p196]="--u 1 --n-tie 1" [p2548]="--u 13 --n-tie 1" [p12544]="--u 64 --r 8 --n-tie 1")
 T0=${T0:-$(date +%s)}; export T0
