@@ -22,7 +22,7 @@
 # and refuses to train over any other unfinished run folder. Relative paths are taken from where it runs.
 # Measured (one H100, torch 2.11, bf16, Qwen2.5-Coder-1.5B-Instruct, CKPT=always MICRO=4096, 2026-12-07): the
 # select stage's 9 runs side by side held 8.5-8.8 GiB each (nvidia-smi) at ~5-7 s of wall per step
-# each (~10 minutes for the 108 steps); a 500-row selection evaluation takes 3-7 s per adapter on one engine,
+# each (~10 minutes for the 108 steps); a 500-row selection evaluation takes 3-8 s per adapter on one engine,
 # a 1,319-row test 12-46 s. `all` after the select stage (EVAL_GPU=0.22): 12 minutes (edge at one budget,
 # four seed runs, ten test evaluations).
 # usage: one_epoch.sh MODEL DATA_DIR OUT STAGE   (DATA_DIR holds fit.jsonl, select.jsonl and test.jsonl)
