@@ -27,8 +27,9 @@
 # set's summary.jsonl, or a committed <name>.jsonl.gz) is not scored again. A run stopped with its state
 # saved (Ctrl-C or SIGTERM to the trainer, or a shorter run) is continued to its last step with --resume,
 # its log appended; a run folder holding any other unfinished run is never trained over: one line names
-# it. A run or an evaluation that fails is one line naming its log; the others go on, and the stage exits 1. A stage that needs a choice not made yet (no
-# selection summary, no chosen-grpo.txt) is one line, exit 1, before anything starts; bad usage, exit 2.
+# it. A run or an evaluation that fails is one line naming its log; the others go on, and the stage exits
+# 1. A stage that needs a choice not made yet (no selection summary, no chosen-grpo.txt) is one line,
+# exit 1, before anything starts; bad usage, exit 2.
 # usage: rest.sh MODEL DATA_DIR OUT STAGE   (DATA_DIR and OUT as protocol.sh's; OUT holds runs/, select/, test/)
 set -uo pipefail
 STAGES="sft-edge, sft-finals, grpo-select, grpo-seeds or grpo-more"
@@ -79,15 +80,10 @@ sft() {  # name budget lr seed
     --micro-tokens 8192 --grad-ckpt always --save-every 0 ${BUDGET[$2]} --lr "$3" --seed "$4" --steps "$STEPS" \
     $SFT_EXTRA --run-dir "$OUT/runs/$1"
 }
-grpo() {  # name budget lr seed steps (of a one-epoch schedule)
-  start "$1" "$5" python "$ROOT/train_grpo.py" --model "$MODEL" --data "$D/fit.jsonl" --eval-every 0 --epochs 1 \
-    --steps "$5" ${BUDGET[$2]} --lr "$3" --seed "$4" --max-new-tokens 1024 --max-model-len 2048 \
-    --gpu-memory-utilization "$GPU" --micro-tokens 4096 --grad-ckpt always --save-every 10 $GRPO_EXTRA \
-    --run-dir "$OUT/runs/$1"
-}
-grpo3() {  # name budget seed: the recipe of results/qwen-coder-1.5b's runs, on OUT/train.jsonl
-  start "$1" "$RSTEPS" python "$ROOT/train_grpo.py" --model "$MODEL" --data "$OUT/train.jsonl" --eval-every 0 \
-    --steps "$RSTEPS" ${BUDGET[$2]} --lr 1e-4 --seed "$3" --max-new-tokens 1024 --max-model-len 2048 \
+grpo() {  # name budget lr seed steps [data epochs]: `steps` of an `epochs`-epoch schedule (default: one
+          # epoch of fit.jsonl; grpo-more: OUT/train.jsonl and the default 3, the committed runs' recipe)
+  start "$1" "$5" python "$ROOT/train_grpo.py" --model "$MODEL" --data "${6:-$D/fit.jsonl}" --eval-every 0 \
+    --epochs "${7:-1}" --steps "$5" ${BUDGET[$2]} --lr "$3" --seed "$4" --max-new-tokens 1024 --max-model-len 2048 \
     --gpu-memory-utilization "$GPU" --micro-tokens 4096 --grad-ckpt always --save-every 2 $GRPO_EXTRA \
     --run-dir "$OUT/runs/$1"
 }
@@ -155,7 +151,8 @@ grpo-more)
   [ -f "$OUT/train.jsonl" ] || cat "$D/fit.jsonl" "$D/select.jsonl" > "$OUT/train.jsonl" || exit 2
   names=()
   for x in $MORE; do
-    names+=(grpo-${x%:*}-lr1e-4-seed${x#*:}); grpo3 grpo-${x%:*}-lr1e-4-seed${x#*:} ${x%:*} ${x#*:} && sleep "$GAP"
+    n=grpo-${x%:*}-lr1e-4-seed${x#*:}; names+=($n)
+    grpo $n ${x%:*} 1e-4 ${x#*:} "$RSTEPS" "$OUT/train.jsonl" 3 && sleep "$GAP"
   done
   finish
   evaluate test "$RSTEPS" "${names[@]}" ;;
