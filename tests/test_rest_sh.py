@@ -112,6 +112,57 @@ def test_an_unfinished_run_folder_is_named_in_one_line_and_left_alone(tiny_dir, 
     assert files(out / "runs") == before and not (out / "test.log").exists()
 
 
+FAKE_PYTHON = r'''#!/usr/bin/env bash
+# a stand-in for `python`: train_grpo.py fails its first FAIL tries (after logging LOGGED steps), then writes
+# a finished run of --steps steps; eval_many.py writes one summary line per adapter
+case "$1" in
+*train_grpo.py)
+  n=$(cat "$TRIES" 2>/dev/null || echo 0); echo $((n + 1)) > "$TRIES"; echo "try $((n + 1)): $*"
+  dir= steps=
+  while [ $# -gt 0 ]; do case $1 in --run-dir|--resume) dir=$2 ;; --steps) steps=$2 ;; esac; shift; done
+  if [ "$n" -lt "$FAIL" ]; then
+    [ "$LOGGED" = 0 ] || { mkdir -p "$dir"; : > "$dir/trainer_state.pt"; echo '{"step": 1}' > "$dir/metrics.jsonl"; }
+    echo "train_grpo.py: error: the vLLM engine could not start: No available memory for the cache blocks" >&2
+    exit 2
+  fi
+  mkdir -p "$dir"; : > "$dir/adapter.safetensors"
+  for i in $(seq 1 "$steps"); do echo "{\"step\": $i, \"reward\": 0.0}"; done > "$dir/metrics.jsonl" ;;
+*eval_many.py)
+  out=; for a in "$@"; do [ "$prev" = --out-dir ] && out=$a; prev=$a; done
+  for a in "$@"; do case $a in *adapter.safetensors)
+    echo "{\"name\": \"$(basename "$(dirname "$a")")\"}" >> "$out/summary.jsonl" ;; esac; done ;;
+*) echo "fake python: $1" >&2; exit 3 ;;
+esac
+'''
+
+
+@pytest.mark.parametrize("fail, logged, tries, ok", [(1, 0, 2, True), (2, 0, 2, False), (1, 1, 1, False)],
+                         ids=["once-then-runs", "twice", "after-a-step"])
+def test_a_run_that_ends_before_its_first_step_is_tried_once_more(tiny_dir, tmp_path, fail, logged, tries, ok):
+    """A GRPO run whose try ends before it logs a step (vLLM refusing to start beside another run's start
+    on one GPU) is started once more, GAP s later, its log appended; a second such end, or a run that ends
+    after logging a step, is the one failure line and exit 1 (a trainer stand-in on PATH; no model loads)."""
+    data, out, bin_ = tiny.protocol_data(tmp_path / "data"), tmp_path / "out", tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python").write_text(FAKE_PYTHON)
+    (bin_ / "python").chmod(0o755)
+    env = dict(os.environ, PATH=str(bin_) + os.pathsep + os.environ["PATH"], **SMALL, MORE="p13:1", RSTEPS="2",
+               TRIES=str(tmp_path / "tries"), FAIL=str(fail), LOGGED=str(logged))
+    p = subprocess.run(["bash", REST, tiny_dir, str(data), str(out), "grpo-more"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    name, log = "grpo-p13-lr1e-4-seed1", out / "runs" / "grpo-p13-lr1e-4-seed1.log"
+    assert int((tmp_path / "tries").read_text()) == tries
+    again = f"rest.sh: {name} ended before its first step; once more in 0 s (its log: {log})"
+    failed = f"rest.sh: {name} failed (its log: {log})"
+    assert p.stderr.splitlines() == ([again] if ok else [again, failed] if tries == 2 else [failed])
+    assert p.returncode == (0 if ok else 1)
+    assert log.read_text().count("No available memory") == fail
+    if ok:
+        assert last_step(out / "runs" / name) == 2 and names(out / "test" / "summary.jsonl") == [name]
+    else:
+        assert not (out / "test" / "summary.jsonl").exists()
+
+
 # -----------------------------------------------------------------------------
 # sft-finals end to end, from outside the project, then reruns
 
