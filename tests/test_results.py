@@ -4,8 +4,10 @@ the summary line eval_many wrote for it.
 
     python -m pytest tests/test_results.py
 """
+import contextlib
 import gzip
 import importlib.util
+import io
 import json
 import os
 import re
@@ -139,6 +141,26 @@ def test_grpo_runs_named_by_rest_sh_are_read_as_grpo_at_their_lr(tmp_path):
     assert len(out[("GRPO", 196, "1e-4")]) == 2  # grpo-more's seed 1 beside the committed seed 0
 
 
+def test_grpo_selection_rows_print_their_own_table_and_mark_the_one_epoch_grpo_row_they_choose(tmp_path):
+    """rest.sh's grpo-select rows (grpo-sel-<budget>-lr<lr>, cut-short runs) get a selection table of their own,
+    and the grpo-ep1- seeds at the lr they choose are marked "strict" (math-verify's choice: "math-verify");
+    with no such rows nothing about them is printed."""
+    a = analyze()
+    (tmp_path / "select").mkdir()
+    rows = [("sel-p13-lr1e-3", 0.1, 0.5), ("grpo-sel-p13-lr5e-5", 0.2, 0.6), ("grpo-sel-p13-lr1e-4", 0.3, 0.4),
+            ("grpo-sel-p13-lr2e-4", 0.1, 0.7)]
+    (tmp_path / "select" / "summary.jsonl").write_text("".join(json.dumps(
+        {"name": n, "data": "/d/select.jsonl", "strict": s, "flexible": 0, "math_verify": m}) + "\n" for n, s, m in rows))
+    a.HERE = str(tmp_path)
+    got = a.choices()
+    assert got[(a.GRPO_FIT, 13, "1e-4")] == "strict" and got[(a.GRPO_FIT, 13, "2e-4")] == "math-verify"
+    assert got[(a.SFT_30, 13, "1e-3")] == "both"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        a.selection(str(tmp_path / "select" / "summary.jsonl"), "grpo-sel-")
+    assert printed.getvalue().splitlines()[2] == "| 13 | 20.0 / 60.0 | **30.0 / 40.0** | 10.0 / 70.0 |"
+
+
 def test_chosen_refuses_rows_of_more_than_one_data_file(tmp_path):
     """A test-set line in the selection summary must never choose an lr: one ValueError naming the files."""
     a = analyze()
@@ -174,6 +196,7 @@ def cut_gz(path):
     ("notes.txt", lambda p: open(p, "w").write("x"), "not a completions file analyze.py reads"),
     ("sel-p13-lr3e-3.jsonl", lambda p: open(p, "w").write("{}\n"), "not a completions file analyze.py reads"),
     ("p7-lr1e-3-seed1.jsonl.gz", lambda p: write_gz(p, completions()), "not a completions file analyze.py reads"),
+    ("grpo-sel-p13-lr1e-4.jsonl.gz", lambda p: write_gz(p, completions()), "not a completions file analyze.py reads"),
     ("p13-lr1e-3-seed1.jsonl.gz", cut_gz, "cannot be read"),
     ("p13-lr1e-3-seed1.jsonl.gz", lambda p: write_gz(p, completions(1000)), "1000 rows"),
     ("p13-lr1e-3-seed1.jsonl.gz", lambda p: write_gz(p, completions(drop="math_verify")), "without the column 'math_verify'"),

@@ -8,10 +8,12 @@ read with them) or grpo-ep1- (rest.sh's grpo-seeds: one epoch of the fit set, a 
 markdown table (mean over seeds, min..max across seeds, and GRPO at 1e-4 - SFT paired per problem on
 seed-averaged correctness, +- one standard error; beside each row the share of completions that carry
 "#### N" and math-verify's accuracy among them: how much of a strict gap is the format) and the
-selection set's scores per lr, and draws budget_curve.png. SFT's runs of one epoch (one_epoch.sh's,
-named ep1-...) and of 30 steps are separate rows. Needs matplotlib. A file it cannot read rightly (a
-name in test/ other than those above and summary.jsonl, a cut .gz, a completions file without 1,319
-rows or without a column, a missing or damaged select/summary.jsonl) ends it in one line naming the
+selection set's scores per lr (GRPO's too once rest.sh's grpo-select has run: its grpo-sel- runs are
+cut short, so they choose the lr of the grpo-ep1- rows and are never tested themselves), and draws
+budget_curve.png. SFT's runs of one epoch (one_epoch.sh's, named ep1-...) and of 30 steps are
+separate rows. Needs matplotlib. A file it cannot read rightly (a name in test/ other than those
+above and summary.jsonl, grpo-sel- ones included; a cut .gz, a completions file without 1,319 rows
+or without a column, a missing or damaged select/summary.jsonl) ends it in one line naming the
 file, exit code 1.
 
     python results/sft-vs-rl/analyze.py
@@ -31,7 +33,8 @@ BUDGETS = {"p1": 1, "p13": 13, "p196": 196, "p2548": 2548, "p12544": 12544}
 SFT_EPOCH, SFT_30 = "SFT, 1 epoch", "SFT, 30 steps"  # one epoch of the fit set; 0.28 of one
 GRPO_FIT = "GRPO, 1 epoch of the fit set"  # one-epoch schedule, no selection rows: not pooled with GRPO's
 ROWS = 1319  # the GSM8K test set: every completions file holds each of its rows once
-NAME = re.compile(r"(grpo-ep1-|grpo-|ep1-)?(?:sel-)?(" + "|".join(BUDGETS) + r")-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz")
+GRPO_SEL = "GRPO, runs cut short (rest.sh's GSTEPS steps of the one-epoch schedule)"  # grpo-select: never tested
+NAME = re.compile(r"(grpo-ep1-|grpo-(?!sel-)|ep1-)?(?:sel-)?(" + "|".join(BUDGETS) + r")-lr([0-9e.-]+)(?:-seed\d+)?\.jsonl\.gz")
 
 
 class Bad(ValueError):
@@ -141,7 +144,7 @@ def choices():
     (reads select/summary.jsonl)."""
     out = {}
     summary = os.path.join(HERE, "select", "summary.jsonl")
-    for method, prefix in ((SFT_30, "sel-"), (SFT_EPOCH, "ep1-sel-")):
+    for method, prefix in ((SFT_30, "sel-"), (SFT_EPOCH, "ep1-sel-"), (GRPO_FIT, "grpo-sel-")):
         for col, name in (("strict", "strict"), ("math_verify", "math-verify")):
             for b, lr in chosen(summary, prefix, col).items():
                 key = (method, BUDGETS[b], lr)
@@ -281,9 +284,12 @@ def main():
     out = runs()  # every file read and checked before a line is printed
     base = scores(os.path.join(GRPO, "base", "eval_gsm8k.jsonl.gz"))
     chose = choices()
-    for prefix, what in (("ep1-sel-", SFT_EPOCH), ("sel-", SFT_30)):
+    summary = os.path.join(HERE, "select", "summary.jsonl")
+    for prefix, what in (("ep1-sel-", SFT_EPOCH), ("sel-", SFT_30), ("grpo-sel-", GRPO_SEL)):
+        if prefix == "grpo-sel-" and not selected(summary, prefix):
+            continue  # rest.sh's grpo-select has not run
         print(f"Selection set, {what}, seed 0: strict / math-verify (%)\n")
-        selection(os.path.join(HERE, "select", "summary.jsonl"), prefix)
+        selection(summary, prefix)
         print()
     print("GSM8K test\n")
     table(out, base, chose)
