@@ -100,18 +100,22 @@ def test_the_one_epoch_runs_are_what_one_epoch_sh_says_and_their_seeds_at_the_ch
 def test_grpo_more_runs_have_the_committed_grpo_runs_recipe():
     """Every grpo-<budget>-lr1e-4-seed<s> run (rest.sh's grpo-more), pooled with the GRPO run of its budget in
     ../qwen-coder-1.5b, has that run's args but for the seed, where files lie, the engine's memory and
-    context, and the every-20-steps evaluation; it trained on all 7,473 train rows in GSM8K's order (fit
+    context, and the every-20-steps evaluation; at 12,544 parameters, which has no such run, it is the
+    2,548 run's but for u, r (64, 8) as well. It trained on all 7,473 train rows in GSM8K's order (fit
     then select: GSM8K train, byte-equal) and its metrics hold steps 1..116 once; its test file is there."""
     same_but = {"seed", "model", "data", "eval_data", "eval_every", "svd_cache", "gpu_memory_utilization",
                 "max_model_len", "trainer"}
+    shape = {"12544": {"u": 64, "r": 8, "n_tie": 1}}  # rest.sh's BUDGET[p12544]
     runs = sorted(d for d in os.listdir(os.path.join(HERE, "runs")) if re.fullmatch(r"grpo-p\d+-lr1e-4-seed\d", d))
-    assert runs  # seed 1 at 2,548 parameters at least
+    assert {"grpo-p196-lr1e-4-seed1", "grpo-p2548-lr1e-4-seed1", "grpo-p12544-lr1e-4-seed0"} <= set(runs)
     for run in runs:
         budget, seed = re.fullmatch(r"grpo-p(\d+)-lr1e-4-seed(\d)", run).groups()
         with open(os.path.join(HERE, "runs", run, "args.json")) as f:
             args = json.load(f)
-        with open(os.path.join(ROOT, "results", "qwen-coder-1.5b", f"p{budget}", "args.json")) as f:
+        with open(os.path.join(ROOT, "results", "qwen-coder-1.5b", "p2548" if budget in shape else f"p{budget}",
+                               "args.json")) as f:
             first = json.load(f)
+        first.update(shape.get(budget, {}))
         assert {k: v for k, v in args.items() if k not in same_but} == {
             k: v for k, v in first.items() if k not in same_but}, run
         assert (args["seed"], first["seed"], os.path.basename(args["data"])) == (int(seed), 0, "train.jsonl"), run

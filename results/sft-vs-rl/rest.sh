@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # What the protocol still lacks, in the order the device time should go. On a GPU only grpo-more has
-# run (one H100, 2026-12-07, GPU=0.15 EVAL_GPU=0.3: seed 1 at 2,548 parameters to its end and its test;
-# the other two were stopped with their state saved). The first four stages ran end to end on a 2-core
-# CPU with the tiny model (tests/tiny.py, its max_position_embeddings raised to 4096; 224 rows to fit, 32
-# to select), 2026-12-06, in 50 / 47 / 112 / 62 s, with STEPS=2 GSTEPS=2 EPOCH=2 GAP=3 GPU=0.05
-# EVAL_GPU=0.1 SFT_EXTRA="--batch 8" GRPO_EXTRA="--prompts-per-step 4 --mini-batch 2 --max-new-tokens 32
-# --max-model-len 512" EVAL_EXTRA="--max-new-tokens 32" VLLM_ENABLE_V1_MULTIPROCESSING=0
-# (tests/test_rest_sh.py runs sft-finals so, with STEPS=1, from outside the project, twice, and
-# grpo-more with RSTEPS=2).
+# run (one H100, 2026-12-07, EVAL_GPU=0.3: GPU=0.15 until two runs were stopped with their state saved,
+# then GPU=0.2, which continued them with --resume; all three runs and their tests). The first four
+# stages ran end to end on a 2-core CPU with the tiny model (tests/tiny.py, its max_position_embeddings
+# raised to 4096; 224 rows to fit, 32 to select), 2026-12-06, in 50 / 47 / 112 / 62 s, with STEPS=2
+# GSTEPS=2 EPOCH=2 GAP=3 GPU=0.05 EVAL_GPU=0.1 SFT_EXTRA="--batch 8" GRPO_EXTRA="--prompts-per-step 4
+# --mini-batch 2 --max-new-tokens 32 --max-model-len 512" EVAL_EXTRA="--max-new-tokens 32"
+# VLLM_ENABLE_V1_MULTIPROCESSING=0 (tests/test_rest_sh.py runs sft-finals so, with STEPS=1, from outside
+# the project, twice, and grpo-more with RSTEPS=2).
 #   sft-edge     SFT at lr 1e-2 (the grid's next step: 3e-3 won at every budget), seed 0, 30 steps, five
 #                budgets; the selection set for the five adapters
 #   sft-finals   per budget the lr the selection set chooses among all SFT lrs (strict, then math-verify):
