@@ -179,7 +179,8 @@ class Run:
             self.after = run_folder.capture(self.last, v, opt, sched)
             if self.rank == 0:
                 run_folder.save_checkpoint(args.run_dir, model, self.after, self.extra)
-                print(final_line(args, self.last, self.first, self.last_metrics, v))
+                times = [json.loads(line).get("t_step") for s, line in run_folder.logged(self.metrics_path) if s]
+                print(final_line(args, self.last, self.first, self.last_metrics, v, times))
 
     def within_memory(self, update, samples):
         """update(...) for this step; out of GPU memory: again from the step's start with half the budget."""
@@ -236,14 +237,17 @@ def evaluate(args, generate, tokenizer, rows, task_name):
     return {f"eval_{k}": res[k] for k in task.SCORES if res.get(k) is not None}
 
 
-def final_line(args, steps, first, last, v):
-    """The one line a run ends with (GRPO: the reward's first and last step; SFT: the loss's)."""
+def final_line(args, steps, first, last, v, times=()):
+    """The one line a run ends with (GRPO: the reward's first and last step; SFT: the loss's; s/step: the
+    mean step time over the run's logged steps, those before a --resume included)."""
     f = lambda m, k, fmt: format(m[k], fmt) if m and m.get(k) is not None else "-"
     key, fmt = ("reward", ".3f") if options.is_grpo(args) else ("loss", ".4f")
+    times = [t for t in times if t is not None]
+    mean = {"t_step": sum(times) / len(times)} if times else None
     return (f"done: {steps} steps, {key} {f(first, key, fmt)} -> {f(last, key, fmt)}, "
             f"mismatch {f(last, 'mismatch', '.2e')}, dw_kept {f(last, 'dw_kept', '.2f')}, |v| {v.norm().item():.3e}, "
             f"{v.numel()} params ({v.numel() * tinylora.V_DTYPES[args.v_dtype].itemsize} bytes), "
-            f"s/step {f(last, 't_step', '.1f')}, adapter {args.run_dir}/adapter.safetensors")
+            f"s/step {f(mean, 't_step', '.1f')}, adapter {args.run_dir}/adapter.safetensors")
 
 
 # -----------------------------------------------------------------------------

@@ -1139,12 +1139,24 @@ def test_interrupted_in_the_baseline_eval_the_resume_writes_it(tiny_dir, data, t
 
 
 def test_the_final_line_of_a_resumed_run_starts_at_the_runs_first_step(tiny_dir, data, tmp_path, capsys):
-    """'reward A -> B' is the run's step 1 to its last, not the resumed session's first step (L08)."""
+    """'reward A -> B' is the run's step 1 to its last, not the resumed session's first step (L08); s/step is
+    the mean over all four steps, not the last step's time."""
     train_grpo.train(args_for(tiny_dir, data, tmp_path, "--steps", "2"), length_reward)
     train_grpo.train(train_grpo.parse_args(["--resume", str(tmp_path), "--steps", "4"]), length_reward)
     m = metrics(tmp_path)
     done = [x for x in capsys.readouterr().out.splitlines() if x.startswith("done:")][-1]
     assert done.startswith(f"done: 4 steps, reward {m[0]['reward']:.3f} -> {m[-1]['reward']:.3f},"), done
+    assert [x["step"] for x in m] == [1, 2, 3, 4]
+    assert f"s/step {sum(x['t_step'] for x in m) / 4:.1f}," in done, done
+
+
+def test_the_final_lines_step_time_is_the_mean_of_the_logged_steps():
+    from machinery import run
+    args = train_grpo.parse_args(["--model", "m", "--data", "d.jsonl"])
+    line = run.final_line(args, 3, {"reward": 0.1}, {"reward": 0.5, "t_step": 9.0}, torch.zeros(13),
+                          [1.0, 2.0, None, 9.0])
+    assert "s/step 4.0," in line and line.startswith("done: 3 steps, reward 0.100 -> 0.500,"), line
+    assert "s/step -," in run.final_line(args, 0, None, None, torch.zeros(13)), "no step logged: no time"
 
 
 @pytest.mark.parametrize("seed", ["2147483647", "20000000", "-1"])
