@@ -120,7 +120,12 @@ case "$1" in
   n=$(cat "$TRIES" 2>/dev/null || echo 0); echo $((n + 1)) > "$TRIES"; echo "try $((n + 1)): $*"
   dir= steps=
   while [ $# -gt 0 ]; do case $1 in --run-dir|--resume) dir=$2 ;; --steps) steps=$2 ;; esac; shift; done
-  if [ "$n" -lt "$FAIL" ]; then
+  if [ -n "${RUNNING:-}" ]; then  # trainers running at once: the most seen goes to $RUNNING/most
+    : > "$RUNNING/$$"; k=$(ls "$RUNNING" | grep -c '^[0-9]')
+    [ "$k" -gt "$(cat "$RUNNING/most" 2>/dev/null || echo 0)" ] && echo "$k" > "$RUNNING/most"
+    sleep 2; rm "$RUNNING/$$"
+  fi
+  if [ "$n" -lt "${FAIL:-0}" ]; then
     [ "$LOGGED" = 0 ] || { mkdir -p "$dir"; : > "$dir/trainer_state.pt"; echo '{"step": 1}' > "$dir/metrics.jsonl"; }
     echo "train_grpo.py: error: the vLLM engine could not start: No available memory for the cache blocks" >&2
     exit 2
@@ -128,9 +133,11 @@ case "$1" in
   mkdir -p "$dir"; : > "$dir/adapter.safetensors"
   for i in $(seq 1 "$steps"); do echo "{\"step\": $i, \"reward\": 0.0}"; done > "$dir/metrics.jsonl" ;;
 *eval_many.py)
-  out=; for a in "$@"; do [ "$prev" = --out-dir ] && out=$a; prev=$a; done
+  out= data=; for a in "$@"; do [ "$prev" = --out-dir ] && out=$a; [ "$prev" = --data ] && data=$a; prev=$a; done
   for a in "$@"; do case $a in *adapter.safetensors)
-    echo "{\"name\": \"$(basename "$(dirname "$a")")\"}" >> "$out/summary.jsonl" ;; esac; done ;;
+    echo "{\"name\": \"$(basename "$(dirname "$a")")\", \"data\": \"$data\", \"strict\": 0.5, \"flexible\": 0.5, \"math_verify\": 0.5}" \
+      >> "$out/summary.jsonl" ;; esac; done ;;
+-c) exec "$REAL_PYTHON" "$@" ;;  # rest.sh's own lines of Python (the protocol's choice)
 *) echo "fake python: $1" >&2; exit 3 ;;
 esac
 '''
@@ -161,6 +168,34 @@ def test_a_run_that_ends_before_its_first_step_is_tried_once_more(tiny_dir, tmp_
         assert last_step(out / "runs" / name) == 2 and names(out / "test" / "summary.jsonl") == [name]
     else:
         assert not (out / "test" / "summary.jsonl").exists()
+
+
+@pytest.mark.parametrize("at_most", [None, "2", "6"])
+def test_grpo_select_runs_at_most_AT_MOST_at_once(tiny_dir, tmp_path, at_most):
+    """grpo-select's six runs (2 budgets x 3 lrs) start AT_MOST at a time (default 4: what fits 80 GB), each
+    next one once a running one ends, and all six finish and are scored (a trainer stand-in holding 2 s)."""
+    data, out, bin_, running = tiny.protocol_data(tmp_path / "data"), tmp_path / "out", tmp_path / "bin", tmp_path / "r"
+    bin_.mkdir(), running.mkdir()
+    (bin_ / "python").write_text(FAKE_PYTHON)
+    (bin_ / "python").chmod(0o755)
+    env = dict(os.environ, PATH=str(bin_) + os.pathsep + os.environ["PATH"], **SMALL, TRIES=str(tmp_path / "tries"),
+               RUNNING=str(running), REAL_PYTHON=sys.executable, AT_MOST=at_most or "")  # "": the default
+    p = subprocess.run(["bash", REST, tiny_dir, str(data), str(out), "grpo-select"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert int((running / "most").read_text()) == int(at_most or 4)
+    runs = [f"grpo-sel-{b}-lr{lr}" for b in ("p13", "p196") for lr in ("5e-5", "1e-4", "2e-4")]
+    assert sorted(names(out / "select" / "summary.jsonl")) == sorted(runs)
+    assert all(last_step(out / "runs" / r) == 1 for r in runs)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "4 "])
+def test_an_at_most_that_is_not_a_whole_number_is_one_line_and_exit_2(tiny_dir, tmp_path, value):
+    data = tiny.protocol_data(tmp_path / "data")
+    p = subprocess.run(["bash", REST, tiny_dir, str(data), str(tmp_path / "out"), "grpo-select"], cwd=tmp_path,
+                       env=dict(os.environ, AT_MOST=value), capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stderr) == (2, f"rest.sh: AT_MOST must be a whole number >= 1, not '{value}'\n")
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ t0=$(date +%s)
 for b in p1 p13 p196 p2548 p12544; do for lr in 1e-5 1e-4 1e-3; do echo "$b $lr"; done; done > $OUT/grid.txt
 while read b lr; do
   sft sel-$b-lr$lr $b $lr 0 "--steps 30" &
-  while [ $(jobs -r | wc -l) -ge 5 ]; do sleep 2; done
+  while [ $(jobs -rp | wc -l) -ge 5 ]; do sleep 2; done
 done < $OUT/grid.txt
 wait
 echo "selection runs done $(( $(date +%s) - t0 )) s" | tee -a $OUT/timeline.txt
@@ -48,7 +48,7 @@ while read b lr; do
   seeds="0 1"; [ $b = p13 ] && seeds="0 1 2"
   for s in $seeds; do
     sft $b-lr$lr-seed$s $b $lr $s "--epochs 1" &
-    while [ $(jobs -r | wc -l) -ge 6 ]; do sleep 2; done
+    while [ $(jobs -rp | wc -l) -ge 6 ]; do sleep 2; done
   done
 done < $OUT/chosen.txt
 wait

@@ -14,8 +14,9 @@
 #                seeds 1-2 at 13 parameters, seed 1 elsewhere (seed 0 is the selection run), 30 steps;
 #                the GSM8K test for every run at the chosen lrs not tested yet
 #   grpo-select  GRPO at 13 and 196 parameters, lr 5e-5 / 1e-4 / 2e-4, seed 0, GSTEPS steps of one epoch's
-#                schedule; the selection set. Where the best is at an edge, run it again with LRS="2e-5" or
-#                LRS="5e-4"
+#                schedule, AT_MOST at once (each takes GPU's share of the GPU and ~2.3 GiB more: two at
+#                GPU=0.2 held 36.5 GiB of an H100 by nvidia-smi); the selection set. Where the best is at an
+#                edge, run it again with LRS="2e-5" or LRS="5e-4"
 #   grpo-seeds   GRPO at 13 parameters at the chosen lr, one epoch (EPOCH steps), seeds 0-2; the GSM8K test
 #                (named grpo-ep1-...: fit set and one-epoch schedule, not the committed runs' recipe)
 #   grpo-more    GRPO with the recipe of results/qwen-coder-1.5b's runs (all 7,473 train rows: fit.jsonl then
@@ -41,6 +42,8 @@ case $STAGE in
 sft-edge|sft-finals|grpo-select|grpo-seeds|grpo-more) ;;
 *) echo "usage: rest.sh MODEL DATA_DIR OUT STAGE (STAGE is $STAGES, not '$STAGE')" >&2; exit 2 ;;
 esac
+AT_MOST=${AT_MOST:-4}  # grpo-select's runs at once
+[[ $AT_MOST =~ ^[1-9][0-9]*$ ]] || { echo "rest.sh: AT_MOST must be a whole number >= 1, not '$AT_MOST'" >&2; exit 2; }
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)  # the trainers and tools, by path
 for f in fit select test; do [ -f "$D/$f.jsonl" ] || { echo "rest.sh: no $D/$f.jsonl (DATA_DIR)" >&2; exit 2; }; done
 mkdir -p "$OUT/runs" "$OUT/select" "$OUT/test" || exit 2
@@ -125,7 +128,7 @@ if not got:
     sys.exit(f'rest.sh: {sys.argv[1]} holds no {sys.argv[2]}<budget>-lr<lr> row: nothing is chosen yet')
 for b, lr in sorted(got.items()): print(b, lr)" "$OUT/select/summary.jsonl" "$1"
 }
-at_most() { while [ $(jobs -r | wc -l) -ge $1 ]; do sleep 2; done; }
+at_most() { while [ $(jobs -rp | wc -l) -ge $1 ]; do sleep 2; done; }  # -p: a job a line (a job's text spans lines)
 
 case $STAGE in
 sft-edge)
@@ -147,7 +150,7 @@ sft-finals)
 grpo-select)
   names=()
   for b in p13 p196; do for lr in $LRS; do
-    names+=(grpo-sel-$b-lr$lr); grpo grpo-sel-$b-lr$lr $b $lr 0 "$GSTEPS" && { sleep "$GAP"; at_most 4; }
+    names+=(grpo-sel-$b-lr$lr); grpo grpo-sel-$b-lr$lr $b $lr 0 "$GSTEPS" && { sleep "$GAP"; at_most "$AT_MOST"; }
   done; done
   finish
   evaluate select "$GSTEPS" "${names[@]}"
