@@ -228,11 +228,14 @@ def save_checkpoint(run_dir, model, state, extra, args=None):
 
 def logged(path):
     """(step, line) for each line of a metrics.jsonl; a line cut off by a kill is skipped."""
-    for line in open(path) if os.path.exists(path) else []:
-        try:
-            yield json.loads(line)["step"], line if line.endswith("\n") else line + "\n"
-        except (ValueError, KeyError):
-            pass
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)["step"], line if line.endswith("\n") else line + "\n"
+            except (ValueError, KeyError):
+                pass
 
 
 def trim_metrics(path, step):
