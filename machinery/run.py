@@ -243,11 +243,11 @@ def final_line(args, steps, first, last, v, times=()):
     f = lambda m, k, fmt: format(m[k], fmt) if m and m.get(k) is not None else "-"
     key, fmt = ("reward", ".3f") if options.is_grpo(args) else ("loss", ".4f")
     times = [t for t in times if t is not None]
-    mean = {"t_step": sum(times) / len(times)} if times else None
+    per_step = f"{sum(times) / len(times):.1f}" if times else "-"
     return (f"done: {steps} steps, {key} {f(first, key, fmt)} -> {f(last, key, fmt)}, "
             f"mismatch {f(last, 'mismatch', '.2e')}, dw_kept {f(last, 'dw_kept', '.2f')}, |v| {v.norm().item():.3e}, "
             f"{v.numel()} params ({v.numel() * tinylora.V_DTYPES[args.v_dtype].itemsize} bytes), "
-            f"s/step {f(mean, 't_step', '.1f')}, adapter {args.run_dir}/adapter.safetensors")
+            f"s/step {per_step}, adapter {args.run_dir}/adapter.safetensors")
 
 
 # -----------------------------------------------------------------------------

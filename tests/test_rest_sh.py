@@ -143,17 +143,23 @@ esac
 '''
 
 
+def fake_python_path(tmp_path):
+    """PATH with FAKE_PYTHON first, as `python`."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python").write_text(FAKE_PYTHON)
+    (bin_ / "python").chmod(0o755)
+    return str(bin_) + os.pathsep + os.environ["PATH"]
+
+
 @pytest.mark.parametrize("fail, logged, tries, ok", [(1, 0, 2, True), (2, 0, 2, False), (1, 1, 1, False)],
                          ids=["once-then-runs", "twice", "after-a-step"])
 def test_a_run_that_ends_before_its_first_step_is_tried_once_more(tiny_dir, tmp_path, fail, logged, tries, ok):
     """A GRPO run whose try ends before it logs a step (vLLM refusing to start beside another run's start
     on one GPU) is started once more, GAP s later, its log appended; a second such end, or a run that ends
     after logging a step, is the one failure line and exit 1 (a trainer stand-in on PATH; no model loads)."""
-    data, out, bin_ = tiny.protocol_data(tmp_path / "data"), tmp_path / "out", tmp_path / "bin"
-    bin_.mkdir()
-    (bin_ / "python").write_text(FAKE_PYTHON)
-    (bin_ / "python").chmod(0o755)
-    env = dict(os.environ, PATH=str(bin_) + os.pathsep + os.environ["PATH"], **SMALL, MORE="p13:1", RSTEPS="2",
+    data, out = tiny.protocol_data(tmp_path / "data"), tmp_path / "out"
+    env = dict(os.environ, PATH=fake_python_path(tmp_path), **SMALL, MORE="p13:1", RSTEPS="2",
                TRIES=str(tmp_path / "tries"), FAIL=str(fail), LOGGED=str(logged))
     p = subprocess.run(["bash", REST, tiny_dir, str(data), str(out), "grpo-more"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=60)
@@ -174,11 +180,9 @@ def test_a_run_that_ends_before_its_first_step_is_tried_once_more(tiny_dir, tmp_
 def test_grpo_select_runs_at_most_AT_MOST_at_once(tiny_dir, tmp_path, at_most):
     """grpo-select's six runs (2 budgets x 3 lrs) start AT_MOST at a time (default 4: what fits 80 GB), each
     next one once a running one ends, and all six finish and are scored (a trainer stand-in holding 2 s)."""
-    data, out, bin_, running = tiny.protocol_data(tmp_path / "data"), tmp_path / "out", tmp_path / "bin", tmp_path / "r"
-    bin_.mkdir(), running.mkdir()
-    (bin_ / "python").write_text(FAKE_PYTHON)
-    (bin_ / "python").chmod(0o755)
-    env = dict(os.environ, PATH=str(bin_) + os.pathsep + os.environ["PATH"], **SMALL, TRIES=str(tmp_path / "tries"),
+    data, out, running = tiny.protocol_data(tmp_path / "data"), tmp_path / "out", tmp_path / "r"
+    running.mkdir()
+    env = dict(os.environ, PATH=fake_python_path(tmp_path), **SMALL, TRIES=str(tmp_path / "tries"),
                RUNNING=str(running), REAL_PYTHON=sys.executable, AT_MOST=at_most or "")  # "": the default
     p = subprocess.run(["bash", REST, tiny_dir, str(data), str(out), "grpo-select"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
