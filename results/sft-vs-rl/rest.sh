@@ -1,27 +1,29 @@
 #!/usr/bin/env bash
-# What the protocol still lacks, in the order the device time should go. On a GPU only grpo-more has
-# run (one H100, 2026-12-07, EVAL_GPU=0.3: GPU=0.15 until two runs were stopped with their state saved,
-# then GPU=0.2, which continued them with --resume; all three runs and their tests). The first four
-# stages ran end to end on a 2-core CPU with the tiny model (tests/tiny.py, its max_position_embeddings
-# raised to 4096; 224 rows to fit, 32 to select), 2026-12-06, in 50 / 47 / 112 / 62 s, with STEPS=2
-# GSTEPS=2 EPOCH=2 GAP=3 GPU=0.05 EVAL_GPU=0.1 SFT_EXTRA="--batch 8" GRPO_EXTRA="--prompts-per-step 4
-# --mini-batch 2 --max-new-tokens 32 --max-model-len 512" EVAL_EXTRA="--max-new-tokens 32"
-# VLLM_ENABLE_V1_MULTIPROCESSING=0 (tests/test_rest_sh.py runs sft-finals so, with STEPS=1, from outside
-# the project, twice, and grpo-more with RSTEPS=2).
+# What the protocol still lacks, in the order the device time should go. On a GPU (one H100, 2026-12-07):
+# grpo-more (EVAL_GPU=0.3: GPU=0.15 until two runs were stopped with their state saved, then GPU=0.2, which
+# continued them with --resume; all three runs and their tests), and grpo-select in part (GPU=0.12, engines
+# then started 45 s apart: the two started first refused twice, beside the others' starts; four runs at once
+# held 60 GiB by nvidia-smi, ~15 GiB a run at 0.12). The first four stages ran end to end on a 2-core CPU
+# with the tiny model (tests/tiny.py, its max_position_embeddings raised to 4096; 224 rows to fit, 32 to
+# select), 2026-12-06, in 50 / 47 / 112 / 62 s, with STEPS=2 GSTEPS=2 EPOCH=2 GAP=3 GPU=0.05 EVAL_GPU=0.1
+# SFT_EXTRA="--batch 8" GRPO_EXTRA="--prompts-per-step 4 --mini-batch 2 --max-new-tokens 32
+# --max-model-len 512" EVAL_EXTRA="--max-new-tokens 32" VLLM_ENABLE_V1_MULTIPROCESSING=0
+# (tests/test_rest_sh.py runs sft-finals so, with STEPS=1, from outside the project, twice, and
+# grpo-more with RSTEPS=2). Runs start one at a time: each once the one before has logged a step.
 #   sft-edge     SFT at lr 1e-2 (the grid's next step: 3e-3 won at every budget), seed 0, 30 steps, five
 #                budgets; the selection set for the five adapters
 #   sft-finals   per budget the lr the selection set chooses among all SFT lrs (strict, then math-verify):
 #                seeds 1-2 at 13 parameters, seed 1 elsewhere (seed 0 is the selection run), 30 steps;
 #                the GSM8K test for every run at the chosen lrs not tested yet
 #   grpo-select  GRPO at 13 and 196 parameters, lr 5e-5 / 1e-4 / 2e-4, seed 0, GSTEPS steps of one epoch's
-#                schedule, AT_MOST at once (each takes GPU's share of the GPU and ~2.3 GiB more: two at
-#                GPU=0.2 held 36.5 GiB of an H100 by nvidia-smi); the selection set. Where the best is at an
+#                schedule, AT_MOST at once (each takes GPU's share of the GPU and ~5.5 GiB more: four at
+#                GPU=0.12 held 60 GiB of an H100 by nvidia-smi); the selection set. Where the best is at an
 #                edge, run it again with LRS="2e-5" or LRS="5e-4"
 #   grpo-seeds   GRPO at 13 parameters at the chosen lr, one epoch (EPOCH steps), seeds 0-2; the GSM8K test
 #                (named grpo-ep1-...: fit set and one-epoch schedule, not the committed runs' recipe)
 #   grpo-more    GRPO with the recipe of results/qwen-coder-1.5b's runs (all 7,473 train rows: fit.jsonl then
 #                select.jsonl, as OUT/train.jsonl; lr 1e-4; `--steps 116` of the default 3-epoch schedule),
-#                MORE="budget:seed ..." (seed 1 at 196 and 2,548, seed 0 at 12,544), GAP s apart; the GSM8K test
+#                MORE="budget:seed ..." (seed 1 at 196 and 2,548, seed 0 at 12,544); the GSM8K test
 # Every selection evaluation is greedy, 512 new tokens, on select.jsonl (GSM8K train's last 500 rows, never
 # trained on); every test evaluation greedy, 1,024 new tokens, all 1,319 rows.
 # It runs from any directory (the trainers and tools by their path here; MODEL, DATA_DIR and OUT as given,
@@ -49,11 +51,11 @@ for f in fit select test; do [ -f "$D/$f.jsonl" ] || { echo "rest.sh: no $D/$f.j
 mkdir -p "$OUT/runs" "$OUT/select" "$OUT/test" || exit 2
 STEPS=${STEPS:-30}; GSTEPS=${GSTEPS:-40}; EPOCH=${EPOCH:-108}; LRS=${LRS:-5e-5 1e-4 2e-4}
 RSTEPS=${RSTEPS:-116}; MORE=${MORE:-p196:1 p2548:1 p12544:0}  # grpo-more: the steps and runs of that recipe
-GPU=${GPU:-0.12}; EVAL_GPU=${EVAL_GPU:-0.5}; GAP=${GAP:-45}  # seconds between starts of vLLM on one GPU
+GPU=${GPU:-0.12}; EVAL_GPU=${EVAL_GPU:-0.5}; GAP=${GAP:-45}  # seconds before a failed start is tried again
 SFT_EXTRA=${SFT_EXTRA:-}; GRPO_EXTRA=${GRPO_EXTRA:-}; EVAL_EXTRA=${EVAL_EXTRA:-}  # more flags (the CPU check's)
 declare -A BUDGET=([p1]="--u 1" [p13]="--u 13" [p196]="--u 1 --n-tie 1" [p2548]="--u 13 --n-tie 1" [p12544]="--u 64 --r 8 --n-tie 1")
 FAILED=0  # a run or an evaluation failed or was refused: the stage exits 1
-PIDS=()   # the runs started in the background
+PIDS=(); RUNS=()  # the runs started in the background, and their names
 
 done_run() {  # name steps: its metrics' last line is step `steps` and its adapter is there
   [ -f "$OUT/runs/$1/adapter.safetensors" ] \
@@ -66,10 +68,12 @@ attempt() {  # name steps python script args...: one try, its output appended to
   [ -f "$OUT/runs/$name/trainer_state.pt" ] && set -- "$1" "$2" --resume "$OUT/runs/$name" --steps "$steps"
   "$@" >> "$OUT/runs/$name.log" 2>&1
 }
-start() {  # name steps python script args...: in the background (attempt); a try that ends before logging a
-           # step (most often vLLM's start beside another run's: its memory was not free yet) is made once
-           # more, GAP s later; 1 if nothing started
-  local name=$1 steps=$2; shift 2
+start() {  # name steps python script args...: the run in the background (attempt), returning once it has
+           # logged a step, so that the next run's vLLM starts only when this one's is up: vLLM sizes its KV
+           # cache by the memory that goes while it starts, and counts what a neighbour takes meanwhile as its
+           # own (engines started 45 s apart on one H100 refused with "No available memory for the cache
+           # blocks"). A try that ends before logging a step is made once more, GAP s later. 1 if none runs
+  local name=$1 steps=$2 before pid try; shift 2
   done_run "$name" "$steps" && return 1
   if [ -f "$OUT/runs/$name/trainer_state.pt" ]; then :  # attempt continues it, its log appended
   elif [ -e "$OUT/runs/$name" ]; then
@@ -77,19 +81,23 @@ start() {  # name steps python script args...: in the background (attempt); a tr
     FAILED=1; return 1
   else : > "$OUT/runs/$name.log"
   fi
-  ( before=$(logged "$name")
-    attempt "$name" "$steps" "$@" && exit 0
-    if [ "$(logged "$name")" = "$before" ]; then
-      echo "rest.sh: $name ended before its first step; once more in $GAP s (its log: $OUT/runs/$name.log)" >&2
-      sleep "$GAP"; attempt "$name" "$steps" "$@" && exit 0
-    fi
-    echo "rest.sh: $name failed (its log: $OUT/runs/$name.log)" >&2; exit 1 ) &
-  PIDS+=($!)
+  before=$(logged "$name")
+  for try in 1 2; do
+    attempt "$name" "$steps" "$@" & pid=$!
+    while kill -0 "$pid" 2> /dev/null && [ "$(logged "$name")" -le "$before" ]; do sleep 1; done
+    if [ "$(logged "$name")" -gt "$before" ]; then PIDS+=("$pid"); RUNS+=("$name"); return 0; fi
+    wait "$pid" && return 0  # ended well without a new step: nothing was left to run
+    [ $try = 2 ] || { echo "rest.sh: $name ended before its first step; once more in $GAP s (its log: $OUT/runs/$name.log)" >&2
+                      sleep "$GAP"; }
+  done
+  echo "rest.sh: $name failed (its log: $OUT/runs/$name.log)" >&2; FAILED=1; return 1
 }
-finish() {  # wait for the runs started; one that failed said so
-  local p
-  for p in "${PIDS[@]}"; do wait "$p" || FAILED=1; done
-  PIDS=()
+finish() {  # wait for the runs started; one that fails is one line
+  local i
+  for i in "${!PIDS[@]}"; do
+    wait "${PIDS[$i]}" || { echo "rest.sh: ${RUNS[$i]} failed (its log: $OUT/runs/${RUNS[$i]}.log)" >&2; FAILED=1; }
+  done
+  PIDS=(); RUNS=()
 }
 sft() {  # name budget lr seed
   start "$1" "$STEPS" python "$ROOT/train_sft.py" --model "$MODEL" --data "$D/fit.jsonl" --batch 64 \
@@ -132,7 +140,7 @@ at_most() { while [ $(jobs -rp | wc -l) -ge $1 ]; do sleep 2; done; }  # -p: a j
 
 case $STAGE in
 sft-edge)
-  names=(); for b in p1 p13 p196 p2548 p12544; do names+=(sel-$b-lr1e-2); sft sel-$b-lr1e-2 $b 1e-2 0 && sleep 3; done
+  names=(); for b in p1 p13 p196 p2548 p12544; do names+=(sel-$b-lr1e-2); sft sel-$b-lr1e-2 $b 1e-2 0; done
   finish
   evaluate select "$STEPS" "${names[@]}" ;;
 sft-finals)
@@ -141,7 +149,7 @@ sft-finals)
   names=()
   while read b lr; do
     seeds=1; [ $b = p13 ] && seeds="1 2"
-    for s in $seeds; do names+=($b-lr$lr-seed$s); sft $b-lr$lr-seed$s $b $lr $s && sleep 3; done
+    for s in $seeds; do names+=($b-lr$lr-seed$s); sft $b-lr$lr-seed$s $b $lr $s; done
     done_run sel-$b-lr$lr "$STEPS" && names+=(sel-$b-lr$lr) \
       || echo "(no finished selection run $OUT/runs/sel-$b-lr$lr: its test is not run)"
   done <<< "$pick"
@@ -150,7 +158,7 @@ sft-finals)
 grpo-select)
   names=()
   for b in p13 p196; do for lr in $LRS; do
-    names+=(grpo-sel-$b-lr$lr); grpo grpo-sel-$b-lr$lr $b $lr 0 "$GSTEPS" && { sleep "$GAP"; at_most "$AT_MOST"; }
+    names+=(grpo-sel-$b-lr$lr); grpo grpo-sel-$b-lr$lr $b $lr 0 "$GSTEPS" && at_most "$AT_MOST"
   done; done
   finish
   evaluate select "$GSTEPS" "${names[@]}"
@@ -160,7 +168,7 @@ grpo-seeds)
   lr=$(awk '$1 == "p13" {print $2}' "$OUT/chosen-grpo.txt" 2>/dev/null)
   [ -n "$lr" ] || { echo "rest.sh: no lr chosen at p13 in $OUT/chosen-grpo.txt: run grpo-select first" >&2; exit 1; }
   names=()
-  for s in 0 1 2; do names+=(grpo-ep1-p13-lr$lr-seed$s); grpo grpo-ep1-p13-lr$lr-seed$s p13 $lr $s "$EPOCH" && sleep "$GAP"; done
+  for s in 0 1 2; do names+=(grpo-ep1-p13-lr$lr-seed$s); grpo grpo-ep1-p13-lr$lr-seed$s p13 $lr $s "$EPOCH"; done
   finish
   evaluate test "$EPOCH" "${names[@]}" ;;
 grpo-more)
@@ -168,7 +176,7 @@ grpo-more)
   names=()
   for x in $MORE; do
     n=grpo-${x%:*}-lr1e-4-seed${x#*:}; names+=($n)
-    grpo $n ${x%:*} 1e-4 ${x#*:} "$RSTEPS" "$OUT/train.jsonl" 3 && sleep "$GAP"
+    grpo $n ${x%:*} 1e-4 ${x#*:} "$RSTEPS" "$OUT/train.jsonl" 3
   done
   finish
   evaluate test "$RSTEPS" "${names[@]}" ;;
