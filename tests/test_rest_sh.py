@@ -136,8 +136,9 @@ case "$1" in
   for i in $(seq 1 "$steps"); do echo "{\"step\": $i, \"reward\": 0.0}"; done > "$dir/metrics.jsonl" ;;
 *eval_many.py)
   out= data=; for a in "$@"; do [ "$prev" = --out-dir ] && out=$a; [ "$prev" = --data ] && data=$a; prev=$a; done
-  for a in "$@"; do case $a in *adapter.safetensors)
-    echo "{\"name\": \"$(basename "$(dirname "$a")")\", \"data\": \"$data\", \"strict\": 0.5, \"flexible\": 0.5, \"math_verify\": 0.5}" \
+  for a in "$@"; do case $a in *adapter.safetensors)  # strict: the name's in $SCORES ("name score" lines), else 0.5
+    n=$(basename "$(dirname "$a")"); x=$(awk -v n="$n" '$1 == n {print $2}' "${SCORES:-/dev/null}")
+    echo "{\"name\": \"$n\", \"data\": \"$data\", \"strict\": ${x:-0.5}, \"flexible\": 0.5, \"math_verify\": 0.5}" \
       >> "$out/summary.jsonl" ;; esac; done ;;
 -c) exec "$REAL_PYTHON" "$@" ;;  # rest.sh's own lines of Python (the protocol's choice)
 *) echo "fake python: $1" >&2; exit 3 ;;
@@ -196,6 +197,33 @@ def test_grpo_select_runs_at_most_AT_MOST_at_once_and_starts_them_one_at_a_time(
     runs = [f"grpo-sel-{b}-lr{lr}" for b in ("p13", "p196") for lr in ("5e-5", "1e-4", "2e-4")]
     assert sorted(names(out / "select" / "summary.jsonl")) == sorted(runs)
     assert all(last_step(out / "runs" / r) == 1 for r in runs)
+
+
+@pytest.mark.parametrize("scores, edge_runs, chosen", [
+    ({"p13-lr2e-4": 0.6, "p196-lr1e-4": 0.6, "p13-lr5e-4": 0.7}, ["p13-lr5e-4"], "p13 5e-4\np196 1e-4\n"),
+    ({"p13-lr1e-4": 0.6}, ["p196-lr2e-5"], "p13 1e-4\np196 5e-5\n")], ids=["above", "below"])
+def test_grpo_edge_runs_the_next_lr_past_a_choice_at_the_grids_edge_and_chooses_again(tiny_dir, tmp_path, scores,
+                                                                                     edge_runs, chosen):
+    """grpo-edge, after grpo-select: a budget whose choice is the highest lr tried (2e-4) gets a run at 5e-4, the
+    lowest (5e-5; equal scores keep the first row) one at 2e-5, a choice inside none; the new runs are scored on
+    the selection set and chosen-grpo.txt is the choice among all rows. A rerun starts nothing; without
+    chosen-grpo.txt it is one line and exit 1 (the trainer stand-in; strict scores from `scores`, else 0.5)."""
+    data, out = tiny.protocol_data(tmp_path / "data"), tmp_path / "out"
+    (tmp_path / "scores").write_text("".join(f"grpo-sel-{n} {x}\n" for n, x in scores.items()))
+    env = dict(os.environ, PATH=fake_python_path(tmp_path), **SMALL, TRIES=str(tmp_path / "tries"),
+               SCORES=str(tmp_path / "scores"), REAL_PYTHON=sys.executable)
+    run = lambda stage: subprocess.run(["bash", REST, tiny_dir, str(data), str(out), stage], cwd=tmp_path, env=env,
+                                       capture_output=True, text=True, timeout=120)
+    p = run("grpo-edge")
+    assert (p.returncode, p.stderr) == (1, f"rest.sh: no {out}/chosen-grpo.txt: run grpo-select first\n")
+    assert run("grpo-select").returncode == 0 and int((tmp_path / "tries").read_text()) == 6
+    p = run("grpo-edge")
+    assert p.returncode == 0, p.stderr
+    assert int((tmp_path / "tries").read_text()) == 6 + len(edge_runs)
+    assert names(out / "select" / "summary.jsonl")[6:] == [f"grpo-sel-{n}" for n in edge_runs]
+    assert (out / "chosen-grpo.txt").read_text() == chosen
+    assert run("grpo-edge").returncode == 0 and int((tmp_path / "tries").read_text()) == 6 + len(edge_runs)
+    assert len(names(out / "select" / "summary.jsonl")) == 6 + len(edge_runs)
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1", "4 "])

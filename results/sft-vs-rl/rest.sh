@@ -17,8 +17,9 @@
 #                the GSM8K test for every run at the chosen lrs not tested yet
 #   grpo-select  GRPO at 13 and 196 parameters, lr 5e-5 / 1e-4 / 2e-4, seed 0, GSTEPS steps of one epoch's
 #                schedule, AT_MOST at once (each takes GPU's share of the GPU and ~5.5 GiB more: four at
-#                GPU=0.12 held 60 GiB of an H100 by nvidia-smi); the selection set. Where the best is at an
-#                edge, run it again with LRS="2e-5" or LRS="5e-4"
+#                GPU=0.12 held 60 GiB of an H100 by nvidia-smi); the selection set; OUT/chosen-grpo.txt
+#   grpo-edge    per budget whose choice is the lowest or highest of LRS: the next lr past it (EDGES: 2e-5
+#                below, 5e-4 above), as grpo-select runs; the selection set; the choice among all, again
 #   grpo-seeds   GRPO at 13 parameters at the chosen lr, one epoch (EPOCH steps), seeds 0-2; the GSM8K test
 #                (named grpo-ep1-...: fit set and one-epoch schedule, not the committed runs' recipe)
 #   grpo-more    GRPO with the recipe of results/qwen-coder-1.5b's runs (all 7,473 train rows: fit.jsonl then
@@ -37,19 +38,19 @@
 # exit 1, before anything starts; bad usage, exit 2.
 # usage: rest.sh MODEL DATA_DIR OUT STAGE   (DATA_DIR and OUT as protocol.sh's; OUT holds runs/, select/, test/)
 set -uo pipefail
-STAGES="sft-edge, sft-finals, grpo-select, grpo-seeds or grpo-more"
+STAGES="sft-edge, sft-finals, grpo-select, grpo-edge, grpo-seeds or grpo-more"
 [ $# = 4 ] || { echo "usage: rest.sh MODEL DATA_DIR OUT STAGE (STAGE: $STAGES)" >&2; exit 2; }
 MODEL=$1; D=$2; OUT=$3; STAGE=$4
 case $STAGE in
-sft-edge|sft-finals|grpo-select|grpo-seeds|grpo-more) ;;
+sft-edge|sft-finals|grpo-select|grpo-edge|grpo-seeds|grpo-more) ;;
 *) echo "usage: rest.sh MODEL DATA_DIR OUT STAGE (STAGE is $STAGES, not '$STAGE')" >&2; exit 2 ;;
 esac
-AT_MOST=${AT_MOST:-4}  # grpo-select's runs at once
+AT_MOST=${AT_MOST:-4}  # grpo-select's and grpo-edge's runs at once
 [[ $AT_MOST =~ ^[1-9][0-9]*$ ]] || { echo "rest.sh: AT_MOST must be a whole number >= 1, not '$AT_MOST'" >&2; exit 2; }
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)  # the trainers and tools, by path
 for f in fit select test; do [ -f "$D/$f.jsonl" ] || { echo "rest.sh: no $D/$f.jsonl (DATA_DIR)" >&2; exit 2; }; done
 mkdir -p "$OUT/runs" "$OUT/select" "$OUT/test" || exit 2
-STEPS=${STEPS:-30}; GSTEPS=${GSTEPS:-40}; EPOCH=${EPOCH:-108}; LRS=${LRS:-5e-5 1e-4 2e-4}
+STEPS=${STEPS:-30}; GSTEPS=${GSTEPS:-40}; EPOCH=${EPOCH:-108}; LRS=${LRS:-5e-5 1e-4 2e-4}; EDGES=${EDGES:-2e-5 5e-4}
 RSTEPS=${RSTEPS:-116}; MORE=${MORE:-p196:1 p2548:1 p12544:0}  # grpo-more: the steps and runs of that recipe
 GPU=${GPU:-0.12}; EVAL_GPU=${EVAL_GPU:-0.5}; GAP=${GAP:-45}  # seconds before a failed start is tried again
 SFT_EXTRA=${SFT_EXTRA:-}; GRPO_EXTRA=${GRPO_EXTRA:-}; EVAL_EXTRA=${EVAL_EXTRA:-}  # more flags (the CPU check's)
@@ -160,6 +161,17 @@ grpo-select)
   for b in p13 p196; do for lr in $LRS; do
     names+=(grpo-sel-$b-lr$lr); grpo grpo-sel-$b-lr$lr $b $lr 0 "$GSTEPS" && at_most "$AT_MOST"
   done; done
+  finish
+  evaluate select "$GSTEPS" "${names[@]}"
+  pick=$(chosen grpo-sel-) || exit 1
+  echo "$pick" | tee "$OUT/chosen-grpo.txt" ;;
+grpo-edge)
+  [ -f "$OUT/chosen-grpo.txt" ] || { echo "rest.sh: no $OUT/chosen-grpo.txt: run grpo-select first" >&2; exit 1; }
+  lrs=($LRS); edges=($EDGES); names=()
+  while read b lr; do  # the lowest lr tried gets the one below it, the highest the one above
+    case $lr in "${lrs[0]}") next=${edges[0]} ;; "${lrs[-1]}") next=${edges[1]} ;; *) continue ;; esac
+    names+=(grpo-sel-$b-lr$next); grpo grpo-sel-$b-lr$next $b $next 0 "$GSTEPS" && at_most "$AT_MOST"
+  done < "$OUT/chosen-grpo.txt"
   finish
   evaluate select "$GSTEPS" "${names[@]}"
   pick=$(chosen grpo-sel-) || exit 1
