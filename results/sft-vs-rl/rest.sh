@@ -137,6 +137,13 @@ if not got:
     sys.exit(f'rest.sh: {sys.argv[1]} holds no {sys.argv[2]}<budget>-lr<lr> row: nothing is chosen yet')
 for b, lr in sorted(got.items()): print(b, lr)" "$OUT/select/summary.jsonl" "$1"
 }
+choose_grpo() {  # names...: once the runs started end, the selection set scores those finished, and
+                 # OUT/chosen-grpo.txt is the choice among every grpo-sel- row; exits 1 if none can be made
+  finish
+  evaluate select "$GSTEPS" "$@"
+  pick=$(chosen grpo-sel-) || exit 1
+  echo "$pick" | tee "$OUT/chosen-grpo.txt"
+}
 at_most() { while [ $(jobs -rp | wc -l) -ge $1 ]; do sleep 2; done; }  # -p: a job a line (a job's text spans lines)
 
 case $STAGE in
@@ -161,10 +168,7 @@ grpo-select)
   for b in p13 p196; do for lr in $LRS; do
     names+=(grpo-sel-$b-lr$lr); grpo grpo-sel-$b-lr$lr $b $lr 0 "$GSTEPS" && at_most "$AT_MOST"
   done; done
-  finish
-  evaluate select "$GSTEPS" "${names[@]}"
-  pick=$(chosen grpo-sel-) || exit 1
-  echo "$pick" | tee "$OUT/chosen-grpo.txt" ;;
+  choose_grpo "${names[@]}" ;;
 grpo-edge)
   [ -f "$OUT/chosen-grpo.txt" ] || { echo "rest.sh: no $OUT/chosen-grpo.txt: run grpo-select first" >&2; exit 1; }
   lrs=($LRS); edges=($EDGES); names=()
@@ -172,10 +176,7 @@ grpo-edge)
     case $lr in "${lrs[0]}") next=${edges[0]} ;; "${lrs[-1]}") next=${edges[1]} ;; *) continue ;; esac
     names+=(grpo-sel-$b-lr$next); grpo grpo-sel-$b-lr$next $b $next 0 "$GSTEPS" && at_most "$AT_MOST"
   done < "$OUT/chosen-grpo.txt"
-  finish
-  evaluate select "$GSTEPS" "${names[@]}"
-  pick=$(chosen grpo-sel-) || exit 1
-  echo "$pick" | tee "$OUT/chosen-grpo.txt" ;;
+  choose_grpo "${names[@]}" ;;
 grpo-seeds)
   lr=$(awk '$1 == "p13" {print $2}' "$OUT/chosen-grpo.txt" 2>/dev/null)
   [ -n "$lr" ] || { echo "rest.sh: no lr chosen at p13 in $OUT/chosen-grpo.txt: run grpo-select first" >&2; exit 1; }
