@@ -188,7 +188,8 @@ def test_grpo_select_runs_at_most_AT_MOST_at_once_and_starts_them_one_at_a_time(
     data, out, running = tiny.protocol_data(tmp_path / "data"), tmp_path / "out", tmp_path / "r"
     running.mkdir()
     env = dict(os.environ, PATH=fake_python_path(tmp_path), **SMALL, TRIES=str(tmp_path / "tries"),
-               RUNNING=str(running), HOLD=str(3 * int(at_most or 4)), REAL_PYTHON=sys.executable, AT_MOST=at_most or "")  # "": the default
+               RUNNING=str(running), HOLD=str(3 * int(at_most or 4)), REAL_PYTHON=sys.executable,
+               AT_MOST=at_most or "")  # "": the default
     p = subprocess.run(["bash", REST, tiny_dir, str(data), str(out), "grpo-select"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

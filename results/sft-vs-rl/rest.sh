@@ -88,8 +88,9 @@ start() {  # name steps python script args...: the run in the background (attemp
     while kill -0 "$pid" 2> /dev/null && [ "$(logged "$name")" -le "$before" ]; do sleep 1; done
     if [ "$(logged "$name")" -gt "$before" ]; then PIDS+=("$pid"); RUNS+=("$name"); return 0; fi
     wait "$pid" && return 0  # ended well without a new step: nothing was left to run
-    [ $try = 2 ] || { echo "rest.sh: $name ended before its first step; once more in $GAP s (its log: $OUT/runs/$name.log)" >&2
-                      sleep "$GAP"; }
+    [ $try = 2 ] && break
+    echo "rest.sh: $name ended before its first step; once more in $GAP s (its log: $OUT/runs/$name.log)" >&2
+    sleep "$GAP"
   done
   echo "rest.sh: $name failed (its log: $OUT/runs/$name.log)" >&2; FAILED=1; return 1
 }
