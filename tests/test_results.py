@@ -124,6 +124,39 @@ def test_grpo_more_runs_have_the_committed_grpo_runs_recipe():
         assert os.path.isfile(os.path.join(HERE, "test", f"{run}.jsonl.gz")), run
 
 
+def test_grpo_selection_runs_are_rest_sh_s_and_choose_what_chosen_grpo_txt_says(tmp_path):
+    """Every grpo-sel- run (rest.sh's grpo-select and grpo-edge): 40 steps of the one-epoch schedule of the fit
+    set, seed 0, its budget's shape and its lr, metrics steps 1..40 once (two were stopped and continued with
+    --resume), scored on the selection set. The grid {5e-5, 1e-4, 2e-4} ran at both budgets; the rule over it
+    chose 2e-4, its top, at both, so the edge stage added 5e-4 at both and no 2e-5; over all rows the rule
+    (and math-verify alone) chooses 5e-4 at both, as chosen-grpo.txt and docs/results.md say."""
+    a = analyze()
+    shape = {"p13": (13, 2, None), "p196": (1, 2, 1)}  # rest.sh's BUDGET: u, r, n_tie
+    rows = summaries("select")
+    runs = sorted(d for d in os.listdir(os.path.join(HERE, "runs")) if d.startswith("grpo-sel-"))
+    assert runs == sorted(f"grpo-sel-{b}-lr{lr}" for b in shape for lr in ("5e-5", "1e-4", "2e-4", "5e-4"))
+    for run in runs:
+        budget, lr = re.fullmatch(r"grpo-sel-(p\d+)-lr(.+)", run).groups()
+        with open(os.path.join(HERE, "runs", run, "args.json")) as f:
+            args = json.load(f)
+        with open(os.path.join(HERE, "runs", run, "metrics.jsonl")) as f:
+            assert [json.loads(line)["step"] for line in f] == list(range(1, 41)), run
+        assert (args["trainer"], os.path.basename(args["data"]), args["epochs"], args["steps"], args["seed"]) == (
+            "train_grpo.py", "fit.jsonl", 1, 40, 0), run
+        assert (args["u"], args["r"], args["n_tie"]) == shape[budget] and float(args["lr"]) == float(lr), run
+        assert (args["max_new_tokens"], args["max_model_len"]) == (1024, 2048), run
+        assert os.path.isfile(os.path.join(HERE, "runs", run, "adapter.safetensors")), run
+        row = rows[run]
+        assert (os.path.basename(row["data"]), row["n"]) == ("select.jsonl", 500), run
+    summary = os.path.join(HERE, "select", "summary.jsonl")
+    grid = tmp_path / "summary.jsonl"  # the rows grpo-select alone had scored
+    grid.write_text("".join(json.dumps(rows[r]) + "\n" for r in runs if not r.endswith("lr5e-4")))
+    assert a.chosen(str(grid), "grpo-sel-") == {"p13": "2e-4", "p196": "2e-4"}
+    with open(os.path.join(HERE, "chosen-grpo.txt")) as f:
+        assert dict(line.split() for line in f) == a.chosen(summary, "grpo-sel-") == {"p13": "5e-4", "p196": "5e-4"}
+    assert a.chosen(summary, "grpo-sel-", "math_verify") == {"p13": "5e-4", "p196": "5e-4"}
+
+
 def test_grpo_runs_named_by_rest_sh_are_read_as_grpo_at_their_lr(tmp_path):
     """rest.sh names GRPO's runs grpo-<budget>-lr<lr>-seed<s> (grpo-more: the committed runs' recipe, read with
     them) and grpo-ep1-<budget>-lr<lr>-seed<s> (grpo-seeds: one epoch of the fit set, a row of its own)."""
@@ -163,6 +196,12 @@ def test_grpo_selection_rows_print_their_own_table_and_mark_the_one_epoch_grpo_r
     with contextlib.redirect_stdout(printed):
         a.selection(str(tmp_path / "select" / "summary.jsonl"), "grpo-sel-")
     assert printed.getvalue().splitlines()[2] == "| 13 | 20.0 / 60.0 | **30.0 / 40.0** | 10.0 / 70.0 |"
+    one = {i: {"strict": 1.0, "flexible": 1.0, "math_verify": 1.0, "formatted": 1.0} for i in range(4)}
+    printed = io.StringIO()  # the GRPO rows' lr (1e-4) was fixed: beside it, the rule's choice where there is one
+    with contextlib.redirect_stdout(printed):
+        a.table({("GRPO", 13, "1e-4"): [one], ("GRPO", 196, "1e-4"): [one]}, one, got)
+    grpo = [line.split(" | ")[:4] for line in printed.getvalue().splitlines() if line.startswith("| GRPO |")]
+    assert grpo == [["| GRPO", "13", "1e-4", "none (the rule: 1e-4)"], ["| GRPO", "196", "1e-4", "none"]]
 
 
 def test_chosen_refuses_rows_of_more_than_one_data_file(tmp_path):

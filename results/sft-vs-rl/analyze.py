@@ -9,7 +9,8 @@ markdown table (mean over seeds, min..max across seeds, and GRPO at 1e-4 - SFT p
 seed-averaged correctness, +- one standard error; beside each row the share of completions that carry
 "#### N" and math-verify's accuracy among them: how much of a strict gap is the format) and the
 selection set's scores per lr (GRPO's too once rest.sh's grpo-select has run: its grpo-sel- runs are
-cut short, so they choose the lr of the grpo-ep1- rows and are never tested themselves), and draws
+cut short, so they choose the lr of the grpo-ep1- rows and are never tested themselves; the GRPO rows'
+lr, 1e-4, was fixed, and their "chosen by" names the rule's choice at their budget), and draws
 budget_curve.png. SFT's runs of one epoch (one_epoch.sh's, named ep1-...) and of 30 steps are
 separate rows. Needs matplotlib. A file it cannot read rightly (a name in test/ other than those
 above and summary.jsonl, grpo-sel- ones included; a cut .gz, a completions file without 1,319 rows
@@ -152,6 +153,13 @@ def choices():
     return out
 
 
+def grpo_rule():
+    """{budget: lr} the protocol's rule chose for GRPO on the selection set (its grpo-sel- rows; {} before
+    rest.sh's grpo-select has run). The GRPO rows' lr, 1e-4, was fixed, not chosen."""
+    summary = os.path.join(HERE, "select", "summary.jsonl")
+    return {BUDGETS[b]: lr for b, lr in chosen(summary, "grpo-sel-").items()}
+
+
 def cell(values):
     """mean (min..max) over seeds; - for none."""
     if not values:
@@ -165,6 +173,7 @@ def table(out, base, chose):
           "math-verify among them | GRPO - SFT, paired: strict / math-verify |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     order = {"GRPO": 0, GRPO_FIT: 1, SFT_EPOCH: 2, SFT_30: 3}
+    rule = grpo_rule()
     for key in sorted(out, key=lambda k: (k[1], order[k[0]], float(k[2]))):
         method, budget, lr = key
         seeds = out[key]
@@ -174,7 +183,10 @@ def table(out, base, chose):
         if method in (SFT_EPOCH, SFT_30) and grpo:
             d = [paired(mean_over_seeds(grpo, c), mean_over_seeds(seeds, c)) for c in ("strict", "math_verify")]
             diff = " / ".join(f"{100 * mu:+.1f} +- {100 * se:.1f}" for mu, se in d)
-        print(f"| {method} | {budget:,} | {lr} | {chose.get(key, '')} | {len(seeds)} | {' | '.join(cells)} | {diff} |")
+        by = chose.get(key, "")
+        if method == "GRPO":  # fixed at 1e-4; where the selection set has scored GRPO, its choice beside it
+            by = f"none (the rule: {rule[budget]})" if budget in rule else "none"
+        print(f"| {method} | {budget:,} | {lr} | {by} | {len(seeds)} | {' | '.join(cells)} | {diff} |")
     row = [cell(accuracy([base], col)) for col in (*COLS, "formatted")] + [cell(among_formatted([base]))]
     print(f"| base | 0 | | | | {' | '.join(row)} | |")
 
@@ -238,7 +250,11 @@ def figure(out, base, chose, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    curves = [("GRPO", "GRPO, lr 1e-4", "o-"), (SFT_EPOCH, "SFT, 1 epoch, lr chosen per budget", "s-"),
+    rule = grpo_rule()
+    picks = "; ".join(f"{lr} at " + ", ".join(f"{b:,}" for b in sorted(rule) if rule[b] == lr)
+                      for lr in sorted(set(rule.values()) - {"1e-4"}, key=float))
+    grpo = "GRPO, lr 1e-4, fixed" + (f" (chosen: {picks})" if picks else "")
+    curves = [("GRPO", grpo, "o-"), (SFT_EPOCH, "SFT, 1 epoch, lr chosen per budget", "s-"),
               (SFT_30, "SFT, 30 steps (0.28 epoch), lr chosen per budget", "^:")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, col, title in zip(axes, ("strict", "math_verify"), ("GSM8K strict (the paper's metric)",
