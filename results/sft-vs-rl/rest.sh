@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # What the protocol still lacks, in the order the device time should go. On a GPU (one H100, 2026-12-07):
 # grpo-more (EVAL_GPU=0.3: GPU=0.15 until two runs were stopped with their state saved, then GPU=0.2, which
-# continued them with --resume; all three runs and their tests), and grpo-select in part (GPU=0.12, engines
-# then started 45 s apart: the two started first refused twice, beside the others' starts; four runs at once
-# held 60 GiB by nvidia-smi, ~15 GiB a run at 0.12). The first four stages ran end to end on a 2-core CPU
-# with the tiny model (tests/tiny.py, its max_position_embeddings raised to 4096; 224 rows to fit, 32 to
-# select), 2026-12-06, in 50 / 47 / 112 / 62 s, with STEPS=2 GSTEPS=2 EPOCH=2 GAP=3 GPU=0.05 EVAL_GPU=0.1
-# SFT_EXTRA="--batch 8" GRPO_EXTRA="--prompts-per-step 4 --mini-batch 2 --max-new-tokens 32
-# --max-model-len 512" EVAL_EXTRA="--max-new-tokens 32" VLLM_ENABLE_V1_MULTIPROCESSING=0
+# continued them with --resume; all three runs and their tests), then grpo-select and grpo-edge over two
+# sessions (GPU=0.12 AT_MOST=4 EVAL_GPU=0.3; in the first, engines started 45 s apart and the two started
+# first refused twice, beside the others' starts; in the second, runs started one at a time; four runs at
+# once held 60 GiB by nvidia-smi, ~15 GiB a run at 0.12; two stopped runs continued). The first four stages
+# ran end to end on a 2-core CPU with the tiny model (tests/tiny.py, its max_position_embeddings raised to
+# 4096; 224 rows to fit, 32 to select), 2026-12-06, in 50 / 47 / 112 / 62 s, with STEPS=2 GSTEPS=2 EPOCH=2
+# GAP=3 GPU=0.05 EVAL_GPU=0.1 SFT_EXTRA="--batch 8" GRPO_EXTRA="--prompts-per-step 4 --mini-batch 2
+# --max-new-tokens 32 --max-model-len 512" EVAL_EXTRA="--max-new-tokens 32" VLLM_ENABLE_V1_MULTIPROCESSING=0
 # (tests/test_rest_sh.py runs sft-finals so, with STEPS=1, from outside the project, twice, and
 # grpo-more with RSTEPS=2). Runs start one at a time: each once the one before has logged a step.
 #   sft-edge     SFT at lr 1e-2 (the grid's next step: 3e-3 won at every budget), seed 0, 30 steps, five
