@@ -204,6 +204,40 @@ def test_grpo_selection_rows_print_their_own_table_and_mark_the_one_epoch_grpo_r
     assert grpo == [["| GRPO", "13", "1e-4", "none (the rule: 1e-4)"], ["| GRPO", "196", "1e-4", "none"]]
 
 
+def test_grpo_one_epoch_seeds_at_the_chosen_lr_meet_sft_in_the_contrast(tmp_path):
+    """Once rest.sh's grpo-seeds has run, its grpo-ep1- seeds at the lr the selection set chose are a curve of
+    their own: the contrast sets them against SFT of one epoch beside GRPO at 1e-4, and the reach table
+    gets their column; a grpo-ep1- row at an lr not chosen is in neither."""
+    a = analyze()
+    (tmp_path / "select").mkdir()
+    (tmp_path / "test").mkdir()
+    sel = [("grpo-sel-p13-lr2e-4", 0.0, 0.4), ("grpo-sel-p13-lr5e-4", 0.0, 0.5), ("ep1-sel-p13-lr3e-3", 0.1, 0.4)]
+    (tmp_path / "select" / "summary.jsonl").write_text("".join(
+        json.dumps({"name": n, "data": "/d/select.jsonl", "strict": s, "flexible": 0, "math_verify": m}) + "\n"
+        for n, s, m in sel))
+    right = [{"id": i, "strict": 1, "flexible": 1, "math_verify": 1, "extracted": "1"} for i in range(1319)]
+    wrong = [{**r, "strict": 0, "math_verify": 0, "extracted": None} for r in right]
+    files = [*((f"grpo-ep1-p13-lr5e-4-seed{s}", right) for s in range(3)), ("grpo-ep1-p13-lr2e-4-seed0", right),
+             ("ep1-sel-p13-lr3e-3", wrong), ("ep1-p13-lr3e-3-seed1", wrong), ("ep1-p13-lr3e-3-seed2", wrong)]
+    for name, rows in files:
+        write_gz(tmp_path / "test" / f"{name}.jsonl.gz", rows)
+    a.HERE = str(tmp_path)
+    out, chose = a.runs(), a.choices()
+    base = a.scores(os.path.join(a.GRPO, "base", "eval_gsm8k.jsonl.gz"))
+    assert a.curve(out, a.GRPO_FIT, chose) == {13: out[(a.GRPO_FIT, 13, "5e-4")]}
+    assert len(out[(a.GRPO_FIT, 13, "5e-4")]) == 3 and len(out[(a.GRPO_FIT, 13, "2e-4")]) == 1
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        a.contrast(out, base, chose)
+    lines = printed.getvalue().splitlines()
+    assert [line for line in lines if line.startswith("| 13 |")] == [
+        "| 13 | lr 1e-4, fixed | SFT, 1 epoch | GRPO | GRPO |",  # the committed runs against all wrong
+        "| 13 | 1 epoch of the fit set, lr 5e-4, chosen | SFT, 1 epoch | GRPO | GRPO |"]
+    head = f"| column | best gain over base (points) | 90 % of it: GRPO | 90 % of it: {a.GRPO_FIT} |"
+    assert lines[-4].startswith(head)
+    assert lines[-2].startswith("| strict | 100.0 |")  # all right at 13 by the fit-set seeds: the best gain
+
+
 def test_chosen_refuses_rows_of_more_than_one_data_file(tmp_path):
     """A test-set line in the selection summary must never choose an lr: one ValueError naming the files."""
     a = analyze()

@@ -192,7 +192,8 @@ def table(out, base, chose):
 
 
 def curve(out, method, chose):
-    """{budget: seeds} of one method's curve: GRPO at lr 1e-4, SFT at the lr strict's rule chose per budget."""
+    """{budget: seeds} of one method's curve: GRPO at lr 1e-4, the others at the lr strict's rule chose per
+    budget."""
     return {k[1]: out[k] for k in out if k[0] == method and (k[2] == "1e-4" if method == "GRPO"
                                                                else chose.get(k) in ("strict", "both"))}
 
@@ -224,17 +225,21 @@ def reach(curves, base, col, share=0.9):
 
 
 def contrast(out, base, chose):
-    """Per budget, GRPO against SFT of each length at its chosen lr: the winner in strict and math-verify;
-    then where each method reaches 90 % of the best gain over the base model."""
-    curves = {m: curve(out, m, chose) for m in ("GRPO", SFT_EPOCH, SFT_30)}
-    print("| params | against | winner, strict | winner, math-verify |")
-    print("|---|---|---|---|")
-    for budget in sorted(curves["GRPO"]):
-        for method in (SFT_EPOCH, SFT_30):
-            if budget in curves[method]:
-                sft = curves[method][budget]
-                print(f"| {budget:,} | {method} | " + " | ".join(winner(curves["GRPO"][budget], sft, c)
-                                                                for c in ("strict", "math_verify")) + " |")
+    """Per budget, GRPO (at 1e-4, and its one-epoch fit-set runs at the chosen lr where they exist) against
+    SFT of each length at its chosen lr: the winner in strict and math-verify; then where each method
+    reaches 90 % of the best gain over the base model."""
+    curves = {m: curve(out, m, chose) for m in ("GRPO", GRPO_FIT, SFT_EPOCH, SFT_30)}
+    curves = {m: c for m, c in curves.items() if c or m != GRPO_FIT}  # the fit-set GRPO only once it has run
+    fit_lr = {k[1]: k[2] for k in out if k[0] == GRPO_FIT and chose.get(k) in ("strict", "both")}
+    print("| params | GRPO | against | winner, strict | winner, math-verify |")
+    print("|---|---|---|---|---|")
+    for budget in sorted({b for m in ("GRPO", GRPO_FIT) for b in curves.get(m, {})}):
+        for grpo in ("GRPO", GRPO_FIT):
+            name = "lr 1e-4, fixed" if grpo == "GRPO" else f"1 epoch of the fit set, lr {fit_lr.get(budget)}, chosen"
+            for method in (SFT_EPOCH, SFT_30):
+                if budget in curves.get(grpo, {}) and budget in curves[method]:
+                    cells = [winner(curves[grpo][budget], curves[method][budget], c) for c in ("strict", "math_verify")]
+                    print(f"| {budget:,} | {name} | {method} | {' | '.join(cells)} |")
     print()
     print("| column | best gain over base (points) | " + " | ".join(f"90 % of it: {m}" for m in curves) + " |")
     print("|---|---|" + "---|" * len(curves))
@@ -245,8 +250,9 @@ def contrast(out, base, chose):
 
 
 def figure(out, base, chose, path):
-    """Strict and math-verify against the budget: GRPO, and SFT of each length at the lr that strict's rule
-    chose per budget on the selection set (bars: the seeds' range)."""
+    """Strict and math-verify against the budget: GRPO (at 1e-4; and one epoch of the fit set at the chosen lr
+    once those runs exist), and SFT of each length at the lr that strict's rule chose per budget on the
+    selection set (bars: the seeds' range)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -254,7 +260,8 @@ def figure(out, base, chose, path):
     picks = "; ".join(f"{lr} at " + ", ".join(f"{b:,}" for b in sorted(rule) if rule[b] == lr)
                       for lr in sorted(set(rule.values()) - {"1e-4"}, key=float))
     grpo = "GRPO, lr 1e-4, fixed" + (f" (chosen: {picks})" if picks else "")
-    curves = [("GRPO", grpo, "o-"), (SFT_EPOCH, "SFT, 1 epoch, lr chosen per budget", "s-"),
+    curves = [("GRPO", grpo, "o-"), (GRPO_FIT, "GRPO, 1 epoch of the fit set, lr chosen per budget", "D-"),
+              (SFT_EPOCH, "SFT, 1 epoch, lr chosen per budget", "s-"),
               (SFT_30, "SFT, 30 steps (0.28 epoch), lr chosen per budget", "^:")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, col, title in zip(axes, ("strict", "math_verify"), ("GSM8K strict (the paper's metric)",
