@@ -153,11 +153,10 @@ def choices():
     return out
 
 
-def grpo_rule():
-    """{budget: lr} the protocol's rule chose for GRPO on the selection set (its grpo-sel- rows; {} before
-    rest.sh's grpo-select has run). The GRPO rows' lr, 1e-4, was fixed, not chosen."""
-    summary = os.path.join(HERE, "select", "summary.jsonl")
-    return {BUDGETS[b]: lr for b, lr in chosen(summary, "grpo-sel-").items()}
+def picked(chose, method):
+    """{budget: lr} strict's rule chose for one method, from choices(): for GRPO_FIT the grpo-sel- rows'
+    choice ({} before rest.sh's grpo-select has run; the GRPO rows' lr, 1e-4, was fixed, not chosen)."""
+    return {k[1]: k[2] for k, by in chose.items() if k[0] == method and by in ("strict", "both")}
 
 
 def cell(values):
@@ -173,7 +172,7 @@ def table(out, base, chose):
           "math-verify among them | GRPO - SFT, paired: strict / math-verify |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     order = {"GRPO": 0, GRPO_FIT: 1, SFT_EPOCH: 2, SFT_30: 3}
-    rule = grpo_rule()
+    rule = picked(chose, GRPO_FIT)
     for key in sorted(out, key=lambda k: (k[1], order[k[0]], float(k[2]))):
         method, budget, lr = key
         seeds = out[key]
@@ -230,7 +229,7 @@ def contrast(out, base, chose):
     reaches 90 % of the best gain over the base model."""
     curves = {m: curve(out, m, chose) for m in ("GRPO", GRPO_FIT, SFT_EPOCH, SFT_30)}
     curves = {m: c for m, c in curves.items() if c or m != GRPO_FIT}  # the fit-set GRPO only once it has run
-    fit_lr = {k[1]: k[2] for k in out if k[0] == GRPO_FIT and chose.get(k) in ("strict", "both")}
+    fit_lr = picked(chose, GRPO_FIT)
     print("| params | GRPO | against | winner, strict | winner, math-verify |")
     print("|---|---|---|---|---|")
     for budget in sorted({b for m in ("GRPO", GRPO_FIT) for b in curves.get(m, {})}):
@@ -256,7 +255,7 @@ def figure(out, base, chose, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rule = grpo_rule()
+    rule = picked(chose, GRPO_FIT)
     picks = "; ".join(f"{lr} at " + ", ".join(f"{b:,}" for b in sorted(rule) if rule[b] == lr)
                       for lr in sorted(set(rule.values()) - {"1e-4"}, key=float))
     grpo = "GRPO, lr 1e-4, fixed" + (f" (chosen: {picks})" if picks else "")
