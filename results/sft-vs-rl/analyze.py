@@ -193,8 +193,8 @@ def table(out, base, chose):
 def curve(out, method, chose):
     """{budget: seeds} of one method's curve: GRPO at lr 1e-4, the others at the lr strict's rule chose per
     budget."""
-    return {k[1]: out[k] for k in out if k[0] == method and (k[2] == "1e-4" if method == "GRPO"
-                                                               else chose.get(k) in ("strict", "both"))}
+    lrs = picked(chose, method)
+    return {k[1]: out[k] for k in out if k[0] == method and k[2] == ("1e-4" if method == "GRPO" else lrs.get(k[1]))}
 
 
 def winner(grpo, sft, col):
