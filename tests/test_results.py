@@ -35,6 +35,20 @@ def summaries(folder):
         return {r["name"]: r for r in map(json.loads, f)}
 
 
+def args_and_steps(run):
+    """A committed run's args.json and the steps its metrics.jsonl logs, in order."""
+    with open(os.path.join(HERE, "runs", run, "args.json")) as f:
+        args = json.load(f)
+    with open(os.path.join(HERE, "runs", run, "metrics.jsonl")) as f:
+        return args, [json.loads(line)["step"] for line in f]
+
+
+def recorded(name):
+    """{budget: lr} of a chosen-*.txt file here ("budget lr" lines)."""
+    with open(os.path.join(HERE, name)) as f:
+        return dict(line.split() for line in f)
+
+
 def test_each_test_completion_file_rescores_to_its_summary_line():
     rows = summaries("test")
     files = sorted(f for f in os.listdir(os.path.join(HERE, "test")) if f.endswith(".jsonl.gz"))
@@ -80,16 +94,12 @@ def test_the_one_epoch_runs_are_what_one_epoch_sh_says_and_their_seeds_at_the_ch
     a = analyze()
     select = os.path.join(HERE, "select", "summary.jsonl")
     for column, name in (("strict", "ep1-chosen.txt"), ("math_verify", "ep1-chosen-math-verify.txt")):
-        with open(os.path.join(HERE, name)) as f:
-            assert dict(line.split() for line in f) == a.chosen(select, "ep1-sel-", column), name
+        assert recorded(name) == a.chosen(select, "ep1-sel-", column), name
     chose = a.chosen(select, "ep1-sel-")
     runs = sorted(d for d in os.listdir(os.path.join(HERE, "runs")) if d.startswith("ep1-"))
     assert len(runs) == 14
     for run in runs:
-        with open(os.path.join(HERE, "runs", run, "args.json")) as f:
-            args = json.load(f)
-        with open(os.path.join(HERE, "runs", run, "metrics.jsonl")) as f:
-            steps = [json.loads(line)["step"] for line in f]
+        args, steps = args_and_steps(run)
         assert steps == list(range(1, 109)), run
         assert (args["trainer"], args["steps"], args["epochs"], args["batch"], os.path.basename(args["data"])) == (
             "train_sft.py", 108, 3, 64, "fit.jsonl"), run
@@ -111,8 +121,7 @@ def test_grpo_more_runs_have_the_committed_grpo_runs_recipe():
     assert {"grpo-p196-lr1e-4-seed1", "grpo-p2548-lr1e-4-seed1", "grpo-p12544-lr1e-4-seed0"} <= set(runs)
     for run in runs:
         budget, seed = re.fullmatch(r"grpo-p(\d+)-lr1e-4-seed(\d)", run).groups()
-        with open(os.path.join(HERE, "runs", run, "args.json")) as f:
-            args = json.load(f)
+        args, steps = args_and_steps(run)
         with open(os.path.join(ROOT, "results", "qwen-coder-1.5b", "p2548" if budget in shape else f"p{budget}",
                                "args.json")) as f:
             first = json.load(f)
@@ -120,8 +129,7 @@ def test_grpo_more_runs_have_the_committed_grpo_runs_recipe():
         assert {k: v for k, v in args.items() if k not in same_but} == {
             k: v for k, v in first.items() if k not in same_but}, run
         assert (args["seed"], first["seed"], os.path.basename(args["data"])) == (int(seed), 0, "train.jsonl"), run
-        with open(os.path.join(HERE, "runs", run, "metrics.jsonl")) as f:
-            assert [json.loads(line)["step"] for line in f] == list(range(1, 117)), run
+        assert steps == list(range(1, 117)), run
         assert os.path.isfile(os.path.join(HERE, "test", f"{run}.jsonl.gz")), run
 
 
@@ -138,10 +146,8 @@ def test_grpo_selection_runs_are_rest_sh_s_and_choose_what_chosen_grpo_txt_says(
     assert runs == sorted(f"grpo-sel-{b}-lr{lr}" for b in shape for lr in ("5e-5", "1e-4", "2e-4", "5e-4"))
     for run in runs:
         budget, lr = re.fullmatch(r"grpo-sel-(p\d+)-lr(.+)", run).groups()
-        with open(os.path.join(HERE, "runs", run, "args.json")) as f:
-            args = json.load(f)
-        with open(os.path.join(HERE, "runs", run, "metrics.jsonl")) as f:
-            assert [json.loads(line)["step"] for line in f] == list(range(1, 41)), run
+        args, steps = args_and_steps(run)
+        assert steps == list(range(1, 41)), run
         assert (args["trainer"], os.path.basename(args["data"]), args["epochs"], args["steps"], args["seed"]) == (
             "train_grpo.py", "fit.jsonl", 1, 40, 0), run
         assert (args["u"], args["r"], args["n_tie"]) == shape[budget] and float(args["lr"]) == float(lr), run
@@ -153,8 +159,7 @@ def test_grpo_selection_runs_are_rest_sh_s_and_choose_what_chosen_grpo_txt_says(
     grid = tmp_path / "summary.jsonl"  # the rows grpo-select alone had scored
     grid.write_text("".join(json.dumps(rows[r]) + "\n" for r in runs if not r.endswith("lr5e-4")))
     assert a.chosen(str(grid), "grpo-sel-") == {"p13": "2e-4", "p196": "2e-4"}
-    with open(os.path.join(HERE, "chosen-grpo.txt")) as f:
-        assert dict(line.split() for line in f) == a.chosen(summary, "grpo-sel-") == {"p13": "5e-4", "p196": "5e-4"}
+    assert recorded("chosen-grpo.txt") == a.chosen(summary, "grpo-sel-") == {"p13": "5e-4", "p196": "5e-4"}
     assert a.chosen(summary, "grpo-sel-", "math_verify") == {"p13": "5e-4", "p196": "5e-4"}
 
 
@@ -244,16 +249,13 @@ def test_grpo_one_epoch_seeds_are_rest_sh_s_at_the_lr_chosen_for_13_parameters()
     chosen-grpo.txt gives p13: one epoch of the fit set (108 steps of 64 prompts), its metrics steps 1..108 once
     (a run stopped and continued with --resume logs each step once), its adapter there and its GSM8K test file
     scored on all 1,319 rows. (Seed 0 is committed; seeds 1 and 2 land when they finish.)"""
-    with open(os.path.join(HERE, "chosen-grpo.txt")) as f:
-        lr = dict(line.split() for line in f)["p13"]
+    lr = recorded("chosen-grpo.txt")["p13"]
     runs = sorted(d for d in os.listdir(os.path.join(HERE, "runs")) if d.startswith("grpo-ep1-"))
     assert runs and set(runs) <= {f"grpo-ep1-p13-lr{lr}-seed{s}" for s in range(3)}, runs
     rows = summaries("test")
     for run in runs:
-        with open(os.path.join(HERE, "runs", run, "args.json")) as f:
-            args = json.load(f)
-        with open(os.path.join(HERE, "runs", run, "metrics.jsonl")) as f:
-            assert [json.loads(line)["step"] for line in f] == list(range(1, 109)), run
+        args, steps = args_and_steps(run)
+        assert steps == list(range(1, 109)), run
         assert (args["trainer"], os.path.basename(args["data"]), args["epochs"], args["steps"]) == (
             "train_grpo.py", "fit.jsonl", 1, 108), run
         assert f"-seed{args['seed']}" == run[run.rindex("-seed"):], run
