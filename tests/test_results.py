@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "results", "sft-vs-rl")
@@ -249,7 +250,7 @@ def test_grpo_one_epoch_seeds_are_rest_sh_s_at_the_lr_chosen_for_13_parameters()
     chosen-grpo.txt gives p13, one epoch of the fit set (108 steps of 64 prompts), its metrics steps 1..k once
     (a run stopped and continued with --resume logs each step once) and its adapter there. Finished (k = 108):
     its GSM8K test file scored on all 1,319 rows. Stopped short (rest.sh continues it with --resume): its
-    trainer_state.pt there and no test yet. Seed 0 is finished."""
+    trainer_state.pt there, saved after its last logged step, and no test yet. Seed 0 is finished."""
     lr = recorded("chosen-grpo.txt")["p13"]
     runs = sorted(d for d in os.listdir(os.path.join(HERE, "runs")) if d.startswith("grpo-ep1-"))
     assert set(runs) <= {f"grpo-ep1-p13-lr{lr}-seed{s}" for s in range(3)}, runs
@@ -268,8 +269,9 @@ def test_grpo_one_epoch_seeds_are_rest_sh_s_at_the_lr_chosen_for_13_parameters()
         if len(steps) == 108:
             assert tested and (os.path.basename(rows[run]["data"]), rows[run]["n"]) == ("test.jsonl", 1319), run
         else:
-            assert os.path.isfile(os.path.join(HERE, "runs", run, "trainer_state.pt")), run
-            assert not tested and run not in rows, run
+            state = torch.load(os.path.join(HERE, "runs", run, "trainer_state.pt"), map_location="cpu",
+                               weights_only=True)
+            assert state["step"] == len(steps) and not tested and run not in rows, run
         assert len(steps) == 108 or not run.endswith("-seed0"), run
 
 
